@@ -1,0 +1,40 @@
+//! Acquisition of compute-driver endpoints.
+//!
+//! A gateway gets every driver endpoint one of two ways and then uses them
+//! all the same way:
+//!
+//! - **managed**: [`ManagedDriverProcess::spawn`] starts the driver binary in
+//!   its own process group with an allowlisted environment and a ready fd,
+//!   waits for the ready line (or polls the socket for drivers that ignore
+//!   the fd), then supervises it: a driver that dies is respawned with capped
+//!   exponential backoff and subscribers see [`DriverHealth`] changes.
+//! - **attached**: the operator runs the driver; [`DriverGuard::Unmanaged`]
+//!   never spawns, signals or unlinks anything.
+//!
+//! Either way the result is a [`DriverEndpoint`] plus a [`DriverGuard`], and
+//! [`connect`] gives a tonic channel over the Unix socket.
+//!
+//! The driver side uses [`serve_uds`] (flags in [`ServeArgs`]) to bind its
+//! socket under the same rules: a private 0700 directory, an exclusive lock
+//! next to the socket, stale sockets removed only when nothing listens, a
+//! `sun_path` length check, a 0600 socket, and peers filtered by uid (and
+//! pid, when the spawner said who it is).
+
+mod endpoint;
+mod error;
+mod guard;
+pub mod proc;
+mod server;
+pub mod socket;
+mod spawn;
+mod sys;
+
+pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_with};
+pub use error::{LifecycleError, Result, StderrTail};
+pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
+pub use server::{PeerPolicy, ServeArgs, ServeExit, ServeOptions, close_inherited_fds, serve_uds};
+pub use spawn::{
+    DEFAULT_ENV_ALLOWLIST, DriverCommand, PARENT_PID_ENV, READY_FD_ENV, READY_LINE_PREFIX,
+    READY_PROTOCOL_VERSION, Readiness, RestartPolicy, SpawnOptions, spawn_lock,
+};
+pub use tokio_util::sync::CancellationToken;

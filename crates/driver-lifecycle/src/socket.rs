@@ -1,0 +1,286 @@
+//! Socket hygiene shared by the gateway (before it spawns a driver) and by
+//! drivers (before they bind): path length, a private run directory, an
+//! exclusive lock next to the socket, and the rules for stale paths.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{LifecycleError, Result};
+
+/// Longest socket path Linux accepts: `sun_path` is 108 bytes including the
+/// terminating NUL.
+pub const SUN_PATH_MAX: usize = 107;
+
+/// Checks that `path` fits in `sun_path`.
+pub fn check_socket_path(path: &Path) -> Result<()> {
+    let len = path.as_os_str().as_bytes().len();
+    if len > SUN_PATH_MAX {
+        return Err(LifecycleError::SocketPathTooLong {
+            path: path.to_owned(),
+            len,
+            max: SUN_PATH_MAX,
+        });
+    }
+    if path.as_os_str().is_empty() {
+        return Err(LifecycleError::EmptySocketPath);
+    }
+    Ok(())
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Creates `dir` (and missing parents) and makes sure it is a private
+/// directory: a real directory, not a symlink, owned by this process's
+/// effective uid, mode 0700.
+pub fn prepare_private_dir(dir: &Path) -> Result<()> {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        // `recursive(true)` reports AlreadyExists when the path is a
+        // non-directory; the lstat below names the problem precisely.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(LifecycleError::io("create directory", dir, e)),
+    }
+    let meta = fs::symlink_metadata(dir).map_err(|e| LifecycleError::io("inspect", dir, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(LifecycleError::SymlinkedDirectory {
+            path: dir.to_owned(),
+        });
+    }
+    if !meta.is_dir() {
+        return Err(LifecycleError::NotADirectory {
+            path: dir.to_owned(),
+        });
+    }
+    if meta.uid() != euid() {
+        return Err(LifecycleError::DirectoryNotOwned {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            euid: euid(),
+        });
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| LifecycleError::io("set mode 0700 on", dir, e))?;
+    }
+    Ok(())
+}
+
+/// The run directory used when none is configured: `$XDG_RUNTIME_DIR/openshell`
+/// when the session has one, else `/tmp/openshell-<uid>`. Either way it is
+/// checked with [`prepare_private_dir`] before use.
+pub fn default_run_dir() -> PathBuf {
+    directories::BaseDirs::new()
+        .and_then(|dirs| dirs.runtime_dir().map(|d| d.join("openshell")))
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("openshell-{}", euid())))
+}
+
+/// The lock file that guards a socket path: `<socket>.lock`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// An exclusive `flock` on `<socket>.lock`, held for as long as this value
+/// lives. Whoever holds it owns the socket path.
+#[derive(Debug)]
+pub struct SocketLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl SocketLock {
+    /// Takes the lock without waiting; fails with
+    /// [`LifecycleError::SocketLocked`] when another process holds it.
+    pub fn acquire(socket: &Path) -> Result<Self> {
+        let path = lock_path(socket);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| LifecycleError::io("open lock file", &path, e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self { _lock: lock, path }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LifecycleError::SocketLocked {
+                path: socket.to_owned(),
+                lock: path,
+            }),
+            Err((_, errno)) => Err(LifecycleError::io("lock", &path, errno.into())),
+        }
+    }
+
+    /// Path of the lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What was found at a socket path before binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPathState {
+    /// Nothing was there.
+    Absent,
+    /// A socket with no listener was there and has been removed.
+    RemovedStale,
+}
+
+/// Makes `path` free for a new listener.
+///
+/// Absent paths are fine. A socket owned by this uid with no live listener is
+/// removed. A live listener, a socket of another uid, a symlink or any other
+/// kind of file is an error naming the path; nothing is removed then.
+pub fn clear_stale_socket(path: &Path) -> Result<SocketPathState> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(SocketPathState::Absent),
+        Err(e) => return Err(LifecycleError::io("inspect", path, e)),
+    };
+    let file_type = meta.file_type();
+    if !file_type.is_socket() {
+        return Err(LifecycleError::NotASocket {
+            path: path.to_owned(),
+            kind: describe_file_type(&file_type),
+        });
+    }
+    if meta.uid() != euid() {
+        return Err(LifecycleError::SocketNotOwned {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            euid: euid(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(LifecycleError::LiveListener {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => match fs::remove_file(path) {
+            Ok(()) => Ok(SocketPathState::RemovedStale),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(SocketPathState::Absent),
+            Err(e) => Err(LifecycleError::io("remove stale socket", path, e)),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(SocketPathState::Absent),
+        Err(e) => Err(LifecycleError::io("probe", path, e)),
+    }
+}
+
+/// Removes `path` if it is still a socket. Used on teardown, after the lock
+/// proved nobody else serves there.
+pub(crate) fn remove_socket_if_socket(path: &Path) {
+    if let Ok(meta) = fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+        && let Err(e) = fs::remove_file(path)
+        && e.kind() != ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %path.display(), error = %e, "could not remove driver socket");
+    }
+}
+
+fn describe_file_type(file_type: &fs::FileType) -> &'static str {
+    if file_type.is_symlink() {
+        "symbolic link"
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_file() {
+        "regular file"
+    } else if file_type.is_fifo() {
+        "named pipe"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
+/// Everything a driver's listener needs before `bind`: a private parent
+/// directory, a valid path length, the lock, and no stale socket in the way.
+/// The returned lock must be kept for as long as the socket is served.
+pub fn prepare_socket_for_bind(socket: &Path) -> Result<SocketLock> {
+    check_socket_path(socket)?;
+    let parent = socket
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    prepare_private_dir(parent)?;
+    let lock = SocketLock::acquire(socket)?;
+    clear_stale_socket(socket)?;
+    Ok(lock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_limit_counts_bytes() {
+        let ok = PathBuf::from(format!("/{}", "a".repeat(SUN_PATH_MAX - 1)));
+        assert!(check_socket_path(&ok).is_ok());
+        let long = PathBuf::from(format!("/{}", "a".repeat(SUN_PATH_MAX)));
+        let err = check_socket_path(&long).unwrap_err().to_string();
+        assert!(
+            err.contains("108 bytes") || err.contains("limited to 107"),
+            "{err}"
+        );
+        assert!(err.contains("shorter"), "{err}");
+    }
+
+    #[test]
+    fn lock_path_appends_suffix() {
+        assert_eq!(
+            lock_path(Path::new("/run/x/d.sock")),
+            PathBuf::from("/run/x/d.sock.lock")
+        );
+    }
+
+    #[test]
+    fn private_dir_is_tightened_to_0700() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_private_dir(&dir).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn private_dir_refuses_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("run");
+        fs::write(&file, b"x").unwrap();
+        let err = prepare_private_dir(&file).unwrap_err();
+        assert!(matches!(err, LifecycleError::NotADirectory { .. }), "{err}");
+    }
+
+    #[test]
+    fn second_lock_on_same_socket_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("d.sock");
+        let _first = SocketLock::acquire(&socket).unwrap();
+        let err = SocketLock::acquire(&socket).unwrap_err();
+        assert!(matches!(err, LifecycleError::SocketLocked { .. }), "{err}");
+        assert!(err.to_string().contains("d.sock.lock"), "{err}");
+    }
+
+    #[test]
+    fn absent_path_is_fine() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            clear_stale_socket(&tmp.path().join("none.sock")).unwrap(),
+            SocketPathState::Absent
+        );
+    }
+}

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "compute_driver.proto",
     "compute_logs.proto",
+    "gateway.proto",
     "options.proto",
 ];
 

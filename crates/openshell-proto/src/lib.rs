@@ -19,6 +19,14 @@ pub mod compute {
     }
 }
 
+/// The gateway's public API, package `openshell.gateway.v1`.
+#[allow(unused_qualifications, clippy::all, clippy::pedantic, rust_2018_idioms)]
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("openshell.gateway.v1");
+    }
+}
+
 /// Descriptor options, package `openshell.options.v1`.
 #[allow(unused_qualifications, clippy::all, clippy::pedantic, rust_2018_idioms)]
 pub mod options {

@@ -1,0 +1,170 @@
+//! Gateway addresses and the connection to the gateway.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openshell_proto::gateway::v1::gateway_client::GatewayClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::CliError;
+
+/// Where the gateway serves its API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Unix(PathBuf),
+    /// `host:port`
+    Tcp(String),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix://{}", path.display()),
+            Self::Tcp(authority) => write!(f, "tcp://{authority}"),
+        }
+    }
+}
+
+/// The address the gateway listens on when started without `--listen`.
+pub fn default_address() -> Address {
+    Address::Unix(driver_lifecycle::socket::default_run_dir().join("gateway.sock"))
+}
+
+const ADDRESS_HINT: &str = "use unix:///path/to/gateway.sock or tcp://HOST:PORT";
+
+/// Parses `unix:///path` or `tcp://host:port`.
+pub fn parse_address(text: &str) -> Result<Address, CliError> {
+    let bad =
+        |why: &str| CliError::Usage(format!("gateway address '{text}' {why}; {ADDRESS_HINT}"));
+    if let Some(path) = text.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(bad("has no socket path"));
+        }
+        if !path.starts_with('/') {
+            return Err(bad(
+                "needs an absolute socket path (three slashes: unix:///...)",
+            ));
+        }
+        return Ok(Address::Unix(PathBuf::from(path)));
+    }
+    if let Some(authority) = text.strip_prefix("tcp://") {
+        let authority = authority.trim_end_matches('/');
+        let Some((host, port)) = authority.rsplit_once(':') else {
+            return Err(bad("has no port"));
+        };
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad("has an invalid port"));
+        }
+        return Ok(Address::Tcp(authority.to_owned()));
+    }
+    Err(bad("has an unknown scheme"))
+}
+
+/// How long to keep trying to reach the gateway before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects to the gateway.
+pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        address: address.to_string(),
+        reason,
+    };
+    let channel = match address {
+        Address::Unix(path) => {
+            if !path.exists() {
+                return Err(unreachable(format!("{} does not exist", path.display())));
+            }
+            let endpoint = driver_lifecycle::DriverEndpoint::new("gateway", path);
+            let policy = driver_lifecycle::DialPolicy {
+                deadline: CONNECT_TIMEOUT,
+                ..driver_lifecycle::DialPolicy::default()
+            };
+            driver_lifecycle::connect_with(&endpoint, policy)
+                .await
+                .map_err(|e| unreachable(root_cause(&e)))?
+        }
+        Address::Tcp(authority) => Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| unreachable(root_cause(&e)))?,
+    };
+    Ok(GatewayClient::new(channel))
+}
+
+/// The innermost cause, which is what a person can act on ("connection
+/// refused", "permission denied").
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_forms() {
+        assert_eq!(
+            parse_address("unix:///run/openshell/gateway.sock").unwrap(),
+            Address::Unix(PathBuf::from("/run/openshell/gateway.sock"))
+        );
+        assert_eq!(
+            parse_address("tcp://127.0.0.1:7070").unwrap(),
+            Address::Tcp("127.0.0.1:7070".to_owned())
+        );
+        assert_eq!(
+            parse_address("tcp://[::1]:7070/").unwrap(),
+            Address::Tcp("[::1]:7070".to_owned())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_addresses_with_a_hint() {
+        for (input, why) in [
+            ("unix://", "has no socket path"),
+            ("unix://relative.sock", "absolute socket path"),
+            ("tcp://localhost", "has no port"),
+            ("tcp://:7070", "has no host"),
+            ("tcp://h:0", "invalid port"),
+            ("tcp://h:99999", "invalid port"),
+            ("http://h:1", "unknown scheme"),
+            ("/run/gateway.sock", "unknown scheme"),
+        ] {
+            let err = parse_address(input).unwrap_err().to_string();
+            assert!(err.contains(why), "{input}: {err}");
+            assert!(err.contains(ADDRESS_HINT), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in ["unix:///a/b.sock", "tcp://127.0.0.1:1"] {
+            assert_eq!(parse_address(text).unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn default_is_the_gateway_socket_in_the_run_dir() {
+        let Address::Unix(path) = default_address() else {
+            panic!("default must be a unix socket");
+        };
+        assert!(path.ends_with("gateway.sock"));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_reported_as_unreachable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let address = Address::Unix(tmp.path().join("gateway.sock"));
+        let err = connect(&address).await.unwrap_err();
+        assert_eq!(err.exit_code(), 3);
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

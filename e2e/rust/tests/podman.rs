@@ -1,0 +1,160 @@
+//! Bucket `podman`: a gateway with the managed Podman driver
+//! (`--drivers podman`) runs a sandbox through its whole lifecycle.
+#![cfg(feature = "podman")]
+
+use std::time::Duration;
+
+use openshell_e2e::{Gateway, GatewayConfig, TEST_IMAGE, TestEnv, require_podman, wait_until};
+
+fn podman_gateway(env: &TestEnv) -> Gateway {
+    let config = GatewayConfig {
+        drivers: Some("podman".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\n"
+        )),
+        ..GatewayConfig::default()
+    };
+    Gateway::start(env, &config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Container ids Podman itself reports for a sandbox name.
+fn containers_named(sandbox: &str) -> Vec<String> {
+    let out = std::process::Command::new("podman")
+        .args(["ps", "-a", "-q", "--filter"])
+        .arg(format!("label=openshell.sandbox.name={sandbox}"))
+        .output()
+        .expect("podman ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn managed_podman_lifecycle() {
+    require_podman!();
+    let env = TestEnv::new();
+    let gateway = podman_gateway(&env);
+
+    let driver = gateway.driver("podman");
+    assert_eq!(driver["managed"], true, "{driver}");
+    assert_eq!(driver["state"], "Ready", "{driver}");
+    assert!(driver["pid"].as_u64().unwrap_or(0) > 0, "{driver}");
+    assert_eq!(
+        driver["capabilities"]["driver_name"], "openshell-driver-podman",
+        "{driver}"
+    );
+
+    let name = env.name("life");
+    let marker = format!("hello-from-{name}");
+    let created = gateway
+        .cli(&[
+            "-o",
+            "json",
+            "sandbox",
+            "create",
+            &name,
+            "--env",
+            "GREETING=hi",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {marker} $GREETING $OPENSHELL_SANDBOX; exec sleep 3600"),
+        ])
+        .ok()
+        .json();
+    assert_eq!(created["phase"], "Ready", "{created}");
+    assert_eq!(created["driver"], "podman");
+    assert_eq!(
+        created["image"], TEST_IMAGE,
+        "the driver's default image is filled in"
+    );
+    assert_eq!(
+        containers_named(&name).len(),
+        1,
+        "exactly one container backs the sandbox"
+    );
+
+    // The main process's output arrives through the driver's log service.
+    wait_until("sandbox output in logs", Duration::from_secs(30), || {
+        gateway
+            .cli(&["sandbox", "logs", &name])
+            .ok()
+            .stdout
+            .contains(&format!("{marker} hi {name}"))
+    });
+
+    let listed = gateway
+        .cli(&["-o", "json", "sandbox", "list", "--driver", "podman"])
+        .ok()
+        .json();
+    assert!(
+        listed.as_array().unwrap().iter().any(|s| s["name"] == name),
+        "{listed}"
+    );
+
+    let stopped = gateway
+        .cli(&["-o", "json", "sandbox", "stop", &name])
+        .ok()
+        .json();
+    assert_eq!(stopped["phase"], "Stopped", "{stopped}");
+    let started = gateway
+        .cli(&["-o", "json", "sandbox", "start", &name])
+        .ok()
+        .json();
+    assert_eq!(started["phase"], "Ready", "{started}");
+
+    gateway.cli(&["sandbox", "delete", &name]).ok();
+    assert_eq!(
+        gateway.phase(&name),
+        None,
+        "deleted sandboxes are gone from the gateway"
+    );
+    wait_until("container removed", Duration::from_secs(30), || {
+        containers_named(&name).is_empty()
+    });
+}
+
+#[test]
+fn bad_requests_are_refused_with_clear_errors() {
+    require_podman!();
+    let env = TestEnv::new();
+    let gateway = podman_gateway(&env);
+
+    let out = gateway
+        .cli(&["sandbox", "create", "Bad_Name", "--", "true"])
+        .fails_with(1);
+    assert!(out.stderr.contains("INVALID_ARGUMENT"), "{}", out.stderr);
+
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("noimg"),
+            "--image",
+            "localhost/does-not-exist:1",
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(out.stderr.contains("does-not-exist"), "{}", out.stderr);
+
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("nodrv"),
+            "--driver",
+            "nope",
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+
+    let out = gateway
+        .cli(&["sandbox", "get", &env.name("missing")])
+        .fails_with(1);
+    assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
+}

@@ -23,6 +23,7 @@ use crate::selection::{self, DriverPlan, ListOrigin, SelectionInput};
 #[command(
     name = "openshell-gateway",
     version,
+    args_override_self = true,
     about = "The OpenShell gateway: runs sandboxes through compute drivers spoken to over gRPC on Unix sockets"
 )]
 pub struct Cli {

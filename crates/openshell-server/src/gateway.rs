@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use futures::StreamExt as _;
 use openshell_proto::compute::logs::v1::StreamLogsRequest;
-use openshell_proto::compute::v1::{DriverPlatformEvent, DriverSandbox};
+use openshell_proto::compute::v1::watch_sandboxes_event::Payload;
+use openshell_proto::compute::v1::{
+    DriverSandbox, WatchSandboxesEvent, WatchSandboxesSandboxEvent,
+};
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use tokio::sync::{OwnedMutexGuard, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -137,6 +140,14 @@ pub fn apply_snapshot_to(row: &mut SandboxRow, driver: &str, sandbox: &DriverSan
         changed = true;
     }
     changed
+}
+
+fn snapshot_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
+    WatchSandboxesEvent {
+        payload: Some(Payload::Sandbox(WatchSandboxesSandboxEvent {
+            sandbox: Some(sandbox),
+        })),
+    }
 }
 
 fn page_token(name: &str) -> String {
@@ -885,43 +896,74 @@ impl Gateway {
 
     /// Applies one driver snapshot to its row.
     pub async fn apply_snapshot(&self, driver: &str, sandbox: DriverSandbox) -> Result<()> {
-        let driver = driver.to_owned();
-        let id = sandbox.id.clone();
-        if let Updated::Changed(row) = self
-            .update(&id, move |row| apply_snapshot_to(row, &driver, &sandbox))
-            .await?
-        {
-            tracing::debug!(sandbox = %row.name, phase = ?row.phase, "applied driver snapshot");
-        }
-        Ok(())
+        self.apply_events(driver, vec![snapshot_event(sandbox)])
+            .await
     }
 
-    /// The driver says a sandbox is gone.
-    pub async fn apply_deleted(&self, driver: &str, id: &str) -> Result<()> {
-        let key = id.to_owned();
-        if let Some(row) = self.db(move |s| s.get(&key)).await?
-            && row.driver == driver
-        {
-            self.remove_row(id).await?;
-        }
-        Ok(())
-    }
-
-    /// A platform event about one sandbox.
-    pub async fn apply_platform_event(
-        &self,
-        driver: &str,
-        id: &str,
-        event: DriverPlatformEvent,
-    ) -> Result<()> {
-        let key = id.to_owned();
-        if let Some(row) = self.db(move |s| s.get(&key)).await?
-            && row.driver == driver
-        {
-            self.publish(BusEvent::Platform {
-                driver: driver.to_owned(),
-                event: translate::platform_event(&row.id, &row.name, event),
-            });
+    /// Applies a batch of a driver's watch events in one transaction, then
+    /// tells public watchers what changed, in order.
+    pub async fn apply_events(&self, driver: &str, events: Vec<WatchSandboxesEvent>) -> Result<()> {
+        let name = driver.to_owned();
+        let outcomes = self
+            .db(move |s| {
+                s.write(|tx| {
+                    let mut out = Vec::new();
+                    for event in events {
+                        match event.payload {
+                            Some(Payload::Sandbox(update)) => {
+                                let Some(sandbox) = update.sandbox else {
+                                    continue;
+                                };
+                                let id = sandbox.id.clone();
+                                if let Updated::Changed(row) =
+                                    tx.update(&id, |row| apply_snapshot_to(row, &name, &sandbox))?
+                                {
+                                    out.push(BusEvent::Changed(Arc::new(row)));
+                                }
+                            }
+                            Some(Payload::Deleted(deleted)) => {
+                                let ours = tx
+                                    .get(&deleted.sandbox_id)?
+                                    .is_some_and(|row| row.driver == name);
+                                if ours && let Some(row) = tx.remove(&deleted.sandbox_id)? {
+                                    out.push(BusEvent::Deleted {
+                                        id: row.id,
+                                        name: row.name,
+                                        driver: row.driver,
+                                    });
+                                }
+                            }
+                            Some(Payload::PlatformEvent(platform)) => {
+                                let Some(event) = platform.event else {
+                                    continue;
+                                };
+                                if let Some(row) =
+                                    tx.get(&platform.sandbox_id)?.filter(|r| r.driver == name)
+                                {
+                                    out.push(BusEvent::Platform {
+                                        driver: name.clone(),
+                                        event: translate::platform_event(&row.id, &row.name, event),
+                                    });
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .await?;
+        for outcome in outcomes {
+            match &outcome {
+                BusEvent::Deleted { id, name, driver } => {
+                    tracing::info!(sandbox = %name, id = %id, driver = %driver, "sandbox deleted");
+                }
+                BusEvent::Changed(row) => {
+                    tracing::debug!(sandbox = %row.name, phase = ?row.phase, "applied driver snapshot");
+                }
+                _ => {}
+            }
+            self.publish(outcome);
         }
         Ok(())
     }
@@ -940,11 +982,22 @@ impl Gateway {
         let mut listed: HashMap<String, DriverSandbox> =
             listed.into_iter().map(|s| (s.id.clone(), s)).collect();
         let grace = i64::try_from(self.timeouts.orphan_grace.as_millis()).unwrap_or(i64::MAX);
+        let mut changed = Vec::new();
+        let mut absent = Vec::new();
         for row in rows {
-            if let Some(snapshot) = listed.remove(&row.id) {
-                self.apply_snapshot(&runtime.name, snapshot).await?;
-                continue;
+            match listed.remove(&row.id) {
+                Some(snapshot) => {
+                    // Most rows are current; only write the ones that change.
+                    let mut probe = row.clone();
+                    if apply_snapshot_to(&mut probe, &runtime.name, &snapshot) {
+                        changed.push(snapshot_event(snapshot));
+                    }
+                }
+                None => absent.push(row),
             }
+        }
+        self.apply_events(&runtime.name, changed).await?;
+        for row in absent {
             if row.phase == SandboxPhase::Error
                 || now_ms().saturating_sub(row.updated_at_ms) < grace
             {

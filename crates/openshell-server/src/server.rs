@@ -254,6 +254,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     let listener = Listener::bind(&settings.listen).await?;
     let address = listener.address();
+    if !settings.listen.is_local() {
+        tracing::warn!(address = %address, "the API listens on an address other machines can reach, and it has no authentication (--allow-remote)");
+    }
 
     let ctx = AcquireContext::new(
         settings.run_dir.clone(),

@@ -315,84 +315,35 @@ impl Store {
         self.get_where("name", name)
     }
 
-    /// Read-modify-write of one row in one transaction. `change` returns
-    /// whether it changed anything; if so the resource version and update
-    /// time are bumped and the row is written.
+    /// Runs `work` in one write transaction: committed if it returns `Ok`,
+    /// rolled back otherwise.
+    pub fn write<T>(&self, work: impl FnOnce(&StoreTx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = lock(&self.inner.writer);
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::store("begin a transaction", e))?;
+        let store_tx = StoreTx { tx };
+        let value = work(&store_tx)?;
+        store_tx
+            .tx
+            .commit()
+            .map_err(|e| Error::store("commit a transaction", e))?;
+        Ok(value)
+    }
+
+    /// Read-modify-write of one row in one transaction (see
+    /// [`StoreTx::update`]).
     pub fn update(
         &self,
         id: &str,
         change: impl FnOnce(&mut SandboxRow) -> bool,
     ) -> Result<Updated> {
-        let mut conn = lock(&self.inner.writer);
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::store("begin a transaction", e))?;
-        let current = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"),
-                [id],
-                decode_row,
-            )
-            .optional()
-            .map_err(|e| Error::store(format!("read sandbox {id}"), e))?;
-        let Some(mut row) = current else {
-            return Ok(Updated::Missing);
-        };
-        let before = row.clone();
-        if !change(&mut row) {
-            return Ok(Updated::Unchanged(before));
-        }
-        // Identity and labels are fixed at creation.
-        row.id = before.id.clone();
-        row.name = before.name.clone();
-        row.driver = before.driver.clone();
-        row.labels = before.labels.clone();
-        row.created_at_ms = before.created_at_ms;
-        row.resource_version = before.resource_version + 1;
-        row.updated_at_ms = now_ms().max(before.updated_at_ms);
-        tx.execute(
-            "UPDATE sandboxes SET spec = ?2, phase = ?3, observed = ?4, gateway_condition = ?5, \
-             instance_id = ?6, resource_version = ?7, updated_at_ms = ?8 WHERE id = ?1",
-            params![
-                row.id,
-                row.spec.encode_to_vec(),
-                phase_name(row.phase),
-                row.observed.as_ref().map(prost::Message::encode_to_vec),
-                row.gateway_condition
-                    .as_ref()
-                    .map(prost::Message::encode_to_vec),
-                row.instance_id,
-                to_i64(row.resource_version),
-                row.updated_at_ms,
-            ],
-        )
-        .map_err(|e| Error::store(format!("update sandbox {}", row.name), e))?;
-        tx.commit()
-            .map_err(|e| Error::store(format!("commit sandbox {}", row.name), e))?;
-        Ok(Updated::Changed(row))
+        self.write(|tx| tx.update(id, change))
     }
 
     /// Deletes a row (and its labels); returns what it was.
     pub fn remove(&self, id: &str) -> Result<Option<SandboxRow>> {
-        let mut conn = lock(&self.inner.writer);
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::store("begin a transaction", e))?;
-        let row = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"),
-                [id],
-                decode_row,
-            )
-            .optional()
-            .map_err(|e| Error::store(format!("read sandbox {id}"), e))?;
-        if row.is_some() {
-            tx.execute("DELETE FROM sandboxes WHERE id = ?1", [id])
-                .map_err(|e| Error::store(format!("delete sandbox {id}"), e))?;
-            tx.commit()
-                .map_err(|e| Error::store(format!("commit the deletion of {id}"), e))?;
-        }
-        Ok(row)
+        self.write(|tx| tx.remove(id))
     }
 
     /// One page of rows matching `query`, ordered by name, and whether more
@@ -411,9 +362,11 @@ impl Store {
         for (key, value) in &query.labels {
             values.push(Value::Text(key.clone()));
             values.push(Value::Text(value.clone()));
+            // Driven from the (key, value) index, so a selective label
+            // does not scan every row.
             sql.push_str(&format!(
-                " AND EXISTS (SELECT 1 FROM sandbox_labels l WHERE l.sandbox_id = s.id \
-                 AND l.key = ?{} AND l.value = ?{})",
+                " AND s.id IN (SELECT l.sandbox_id FROM sandbox_labels l \
+                 WHERE l.key = ?{} AND l.value = ?{})",
                 values.len() - 1,
                 values.len()
             ));
@@ -468,6 +421,82 @@ impl Store {
             })
             .and_then(Iterator::collect)
             .map_err(|e| Error::store("count sandboxes", e))
+    }
+}
+
+/// An open write transaction (see [`Store::write`]).
+pub struct StoreTx<'c> {
+    tx: rusqlite::Transaction<'c>,
+}
+
+impl StoreTx<'_> {
+    pub fn get(&self, id: &str) -> Result<Option<SandboxRow>> {
+        let mut statement = self
+            .tx
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"))
+            .map_err(|e| Error::store("prepare a lookup", e))?;
+        statement
+            .query_row([id], decode_row)
+            .optional()
+            .map_err(|e| Error::store(format!("read sandbox {id}"), e))
+    }
+
+    /// Read-modify-write of one row. `change` returns whether it changed
+    /// anything; if so the resource version and update time are bumped and
+    /// the row is written. Identity, labels and creation time never change.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut SandboxRow) -> bool,
+    ) -> Result<Updated> {
+        let Some(mut row) = self.get(id)? else {
+            return Ok(Updated::Missing);
+        };
+        let before = row.clone();
+        if !change(&mut row) {
+            return Ok(Updated::Unchanged(before));
+        }
+        row.id = before.id.clone();
+        row.name = before.name.clone();
+        row.driver = before.driver.clone();
+        row.labels = before.labels.clone();
+        row.created_at_ms = before.created_at_ms;
+        row.resource_version = before.resource_version + 1;
+        row.updated_at_ms = now_ms().max(before.updated_at_ms);
+        let mut statement = self
+            .tx
+            .prepare_cached(
+                "UPDATE sandboxes SET spec = ?2, phase = ?3, observed = ?4, gateway_condition = ?5, \
+                 instance_id = ?6, resource_version = ?7, updated_at_ms = ?8 WHERE id = ?1",
+            )
+            .map_err(|e| Error::store("prepare an update", e))?;
+        statement
+            .execute(params![
+                row.id,
+                row.spec.encode_to_vec(),
+                phase_name(row.phase),
+                row.observed.as_ref().map(prost::Message::encode_to_vec),
+                row.gateway_condition
+                    .as_ref()
+                    .map(prost::Message::encode_to_vec),
+                row.instance_id,
+                to_i64(row.resource_version),
+                row.updated_at_ms,
+            ])
+            .map_err(|e| Error::store(format!("update sandbox {}", row.name), e))?;
+        Ok(Updated::Changed(row))
+    }
+
+    /// Deletes a row (and its labels); returns what it was.
+    pub fn remove(&self, id: &str) -> Result<Option<SandboxRow>> {
+        let row = self.get(id)?;
+        if row.is_some() {
+            self.tx
+                .prepare_cached("DELETE FROM sandboxes WHERE id = ?1")
+                .and_then(|mut statement| statement.execute([id]))
+                .map_err(|e| Error::store(format!("delete sandbox {id}"), e))?;
+        }
+        Ok(row)
     }
 }
 
@@ -574,6 +603,43 @@ mod tests {
         assert!(store.remove("id-a").unwrap().is_none());
         // The name is free again.
         assert_eq!(store.insert(&other).unwrap(), Inserted::Ok);
+    }
+
+    #[test]
+    fn a_failed_batch_writes_nothing() {
+        let (_dir, store) = store();
+        store.insert(&row("a", "vm")).unwrap();
+        store.insert(&row("b", "vm")).unwrap();
+        let result: Result<()> = store.write(|tx| {
+            tx.update("id-a", |r| {
+                r.phase = SandboxPhase::Ready;
+                true
+            })?;
+            tx.remove("id-b")?;
+            Err(Error::Internal("stop here".into()))
+        });
+        assert!(result.is_err());
+        assert_eq!(
+            store.get("id-a").unwrap().unwrap().phase,
+            SandboxPhase::Provisioning
+        );
+        assert!(store.get("id-b").unwrap().is_some());
+        let changed = store
+            .write(|tx| {
+                let a = tx.update("id-a", |r| {
+                    r.phase = SandboxPhase::Ready;
+                    true
+                })?;
+                let b = tx.remove("id-b")?;
+                Ok((a, b))
+            })
+            .unwrap();
+        assert!(matches!(changed.0, Updated::Changed(ref r) if r.resource_version == 2));
+        assert_eq!(changed.1.unwrap().name, "b");
+        assert_eq!(
+            store.get("id-a").unwrap().unwrap().phase,
+            SandboxPhase::Ready
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driver_lifecycle::DriverHealth;
-use openshell_proto::compute::v1::{WatchSandboxesEvent, watch_sandboxes_event::Payload};
+use futures::FutureExt as _;
+use openshell_proto::compute::v1::WatchSandboxesEvent;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -49,30 +50,37 @@ fn mark(gateway: &Gateway, runtime: &DriverRuntime, connected: bool, message: &s
     }
 }
 
-async fn apply(gateway: &Gateway, runtime: &DriverRuntime, event: WatchSandboxesEvent) {
-    let result = match event.payload {
-        Some(Payload::Sandbox(update)) => match update.sandbox {
-            Some(sandbox) => gateway.apply_snapshot(&runtime.name, sandbox).await,
-            None => Ok(()),
-        },
-        Some(Payload::Deleted(deleted)) => {
-            gateway
-                .apply_deleted(&runtime.name, &deleted.sandbox_id)
-                .await
-        }
-        Some(Payload::PlatformEvent(platform)) => match platform.event {
-            Some(event) => {
-                gateway
-                    .apply_platform_event(&runtime.name, &platform.sandbox_id, event)
-                    .await
+/// Most events one transaction applies.
+const MAX_BATCH: usize = 512;
+
+/// Applies `first` and every event already buffered behind it as one batch.
+/// Returns why the stream ended, if it did while draining.
+async fn apply_buffered(
+    gateway: &Gateway,
+    runtime: &DriverRuntime,
+    stream: &mut Streaming<WatchSandboxesEvent>,
+    first: WatchSandboxesEvent,
+) -> Option<String> {
+    let mut batch = vec![first];
+    let mut ended = None;
+    while batch.len() < MAX_BATCH {
+        match stream.message().now_or_never() {
+            Some(Ok(Some(event))) => batch.push(event),
+            Some(Ok(None)) => {
+                ended = Some("the driver ended its watch stream".to_owned());
+                break;
             }
-            None => Ok(()),
-        },
-        None => Ok(()),
-    };
-    if let Err(error) = result {
-        tracing::warn!(driver = %runtime.name, error = %error, "could not apply a driver event");
+            Some(Err(status)) => {
+                ended = Some(format!("watch stream failed: {}", status.message()));
+                break;
+            }
+            None => break,
+        }
     }
+    if let Err(error) = gateway.apply_events(&runtime.name, batch).await {
+        tracing::warn!(driver = %runtime.name, error = %error, "could not apply driver events");
+    }
+    ended
 }
 
 /// Waits until a supervised driver's process is ready; false if cancelled.
@@ -177,7 +185,11 @@ pub async fn run(
             tokio::select! {
                 () = cancel.cancelled() => return,
                 message = stream.message() => match message {
-                    Ok(Some(event)) => apply(&gateway, &runtime, event).await,
+                    Ok(Some(event)) => {
+                        if let Some(reason) = apply_buffered(&gateway, &runtime, &mut stream, event).await {
+                            break reason;
+                        }
+                    }
                     Ok(None) => break "the driver ended its watch stream".to_owned(),
                     Err(status) => break format!("watch stream failed: {}", status.message()),
                 },

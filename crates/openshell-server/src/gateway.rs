@@ -419,6 +419,9 @@ impl Gateway {
         runtime: Arc<DriverRuntime>,
         row: SandboxRow,
     ) -> Result<gw::Sandbox> {
+        // Held until the driver has answered, so a delete of the new row waits
+        // for the create instead of racing it.
+        let _gate = self.gates.lock(&row.id).await;
         let sandbox = translate::driver_sandbox(&row);
         let validated = runtime.driver.validate(sandbox.clone()).await;
         self.driver_result(&runtime, validated)?;

@@ -408,6 +408,20 @@ fn select_inner(input: &SelectionInput<'_>) -> std::result::Result<Selection, St
             passthrough: table.passthrough,
         });
     }
+    for (i, plan) in plans.iter().enumerate() {
+        if let Acquisition::Attach { socket, .. } = &plan.acquisition
+            && let Some(other) = plans[..i].iter().find(
+                |p| matches!(&p.acquisition, Acquisition::Attach { socket: s, .. } if s == socket),
+            )
+        {
+            warnings.push(format!(
+                "drivers '{}' and '{}' both attach to {}; they are the same driver process",
+                other.name,
+                plan.name,
+                socket.display()
+            ));
+        }
+    }
     Ok(Selection { plans, warnings })
 }
 
@@ -759,6 +773,25 @@ mod tests {
         assert_eq!(selection.warnings.len(), 1, "{:?}", selection.warnings);
         assert!(
             selection.warnings[0].contains("binary, vcpus"),
+            "{:?}",
+            selection.warnings
+        );
+    }
+
+    #[test]
+    fn two_names_on_one_socket_warn() {
+        let selection = select(&SelectionInput {
+            list: Some((
+                vec!["a@/run/x.sock".to_owned(), "b@/run/x.sock".to_owned()],
+                ListOrigin::CommandLine,
+            )),
+            compute_driver_socket: None,
+            tables: &BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(selection.plans.len(), 2);
+        assert!(
+            selection.warnings[0].contains("'a' and 'b' both attach to /run/x.sock"),
             "{:?}",
             selection.warnings
         );

@@ -65,20 +65,29 @@ impl Signals {
     }
 }
 
-/// Refuses to make a shared directory (sticky or world-writable, like
-/// `/tmp`) private: tightening it would break everyone else using it.
-fn refuse_shared_dir(dir: &Path, what: &str) -> Result<()> {
-    if let Ok(meta) = fs::metadata(dir) {
-        let mode = meta.permissions().mode();
-        if mode & 0o1000 != 0 || mode & 0o002 != 0 {
-            return Err(Error::Config(format!(
-                "{what} {} is a shared directory (mode {:o}); the gateway makes its {what} private \
-                 (0700), so give it a directory of its own, e.g. {}",
-                dir.display(),
-                mode & 0o7777,
-                dir.join("openshell").display()
-            )));
-        }
+/// A directory the gateway keeps sockets in must be private (0700). One
+/// that does not exist yet is created that way later; an existing one that
+/// other users can enter is refused rather than tightened, because it may
+/// be a shared or system directory (`/tmp`, `/run`) that others rely on.
+fn check_private_dir(dir: &Path, what: &str) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        return Err(Error::Config(format!(
+            "{what} {} is not a plain directory (it is a symbolic link or a file)",
+            dir.display()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "{what} {} can be entered by other users (mode {mode:o}); the gateway keeps sockets \
+             only in a private directory and does not change the mode of one that exists: \
+             use a directory of its own such as {}, or chmod 700 it",
+            dir.display(),
+            dir.join("openshell").display()
+        )));
     }
     Ok(())
 }
@@ -149,7 +158,7 @@ impl Listener {
         match addr {
             ListenAddr::Unix(path) => {
                 if let Some(parent) = path.parent() {
-                    refuse_shared_dir(parent, "socket directory")?;
+                    check_private_dir(parent, "socket directory")?;
                 }
                 let lock = socket::prepare_socket_for_bind(path)
                     .map_err(|e| Error::lifecycle("gateway", e))?;
@@ -248,7 +257,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let uses_run_dir = settings.drivers.iter().any(|p| p.is_managed())
         || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()));
     if uses_run_dir {
-        refuse_shared_dir(&settings.run_dir, "run directory")?;
+        check_private_dir(&settings.run_dir, "run directory")?;
         socket::prepare_private_dir(&settings.run_dir)
             .map_err(|e| Error::lifecycle("gateway", e))?;
     }

@@ -252,3 +252,31 @@ async fn a_second_gateway_on_the_same_state_dir_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_run_dir_other_users_can_enter_is_refused_and_left_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dirs = Dirs::new();
+    let open_dir = dirs.path("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = write_config(&dirs, "");
+    let open = open_dir.display().to_string();
+    let (status, stderr) = run_gateway(&dirs, &config, &["--drivers", "vm", "--run-dir", &open]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("can be entered by other users (mode 755)"),
+        "{stderr}"
+    );
+    let mode = std::fs::metadata(&open_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "the directory was not touched");
+
+    let listen = format!("unix://{open}/gateway.sock");
+    let (status, stderr) = run_gateway(
+        &dirs,
+        &config,
+        &["--drivers", "k@/nonexistent.sock", "--listen", &listen],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("socket directory"), "{stderr}");
+}

@@ -103,16 +103,22 @@ impl RemoteComputeDriver {
         F: FnOnce(ComputeDriverClient<Channel>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
+        let started = tokio::time::Instant::now();
+        let timeout = || Error::DriverTimeout {
+            driver: self.name.clone(),
+            rpc,
+            timeout: self.call_timeout,
+        };
         match tokio::time::timeout(self.call_timeout, call(self.client.clone())).await {
-            Err(_) => Err((
-                Error::DriverTimeout {
-                    driver: self.name.clone(),
-                    rpc,
-                    timeout: self.call_timeout,
-                },
-                None,
-            )),
+            Err(_) => Err((timeout(), None)),
             Ok(Ok(response)) => Ok(response.into_inner()),
+            // A tonic server enforces the grpc-timeout we send and answers
+            // CANCELLED when it expires.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && started.elapsed() >= self.call_timeout =>
+            {
+                Err((timeout(), Some(status)))
+            }
             Ok(Err(status)) => Err((self.status_error(rpc, &status), Some(status))),
         }
     }

@@ -985,3 +985,187 @@ async fn followed_logs_end_when_the_gateway_stops() {
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
     assert!(gateway.wait_exit().success(), "{}", gateway.log_text());
 }
+
+/// Driver calls carry deadlines: a stalled StopSandbox fails with
+/// DEADLINE_EXCEEDED naming the driver and the call, and the sandbox is put
+/// back as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_driver_calls_hit_their_deadline() {
+    let dirs = Dirs::new();
+    let driver = AttachedDriver::start(
+        &dirs.path("slow.sock"),
+        &dirs.path("calls"),
+        &["--stall", "StopSandbox"],
+    );
+    let config = write_config(
+        &dirs,
+        &toml_attached("slow", &driver.socket, "driver_call_timeout_secs = 0.3\n"),
+    );
+    let gateway = Gateway::start(&dirs, &config, &[]).await;
+    let mut client = gateway.client().await;
+    create(&mut client, "stuck", "").await;
+    wait_phase(&mut client, "stuck", SandboxPhase::Ready).await;
+    assert_status(
+        client
+            .stop_sandbox(gw::StopSandboxRequest {
+                sandbox: by_name("stuck"),
+            })
+            .await,
+        Code::DeadlineExceeded,
+        &["driver 'slow' did not answer StopSandbox within 300ms"],
+    );
+    let after = get(&mut client, "stuck").await.unwrap();
+    assert_eq!(after.phase, SandboxPhase::Ready as i32, "{after:?}");
+    // The driver is still fine for everything else.
+    assert_eq!(
+        driver_info(&mut client, "slow").await.state,
+        DriverState::Ready as i32
+    );
+}
+
+/// A managed driver that keeps dying is given up on: the gateway says so in
+/// its info and in every call for its sandboxes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_driver_that_keeps_dying_is_reported_failed() {
+    let dirs = Dirs::new();
+    let marker = dirs.path("started-once");
+    let config = managed_config(
+        &dirs,
+        &format!("only_first_start = \"{}\"\n", marker.display()),
+    );
+    let gateway = Gateway::start(&dirs, &config, &[]).await;
+    let mut client = gateway.client().await;
+    create(&mut client, "doomed", "").await;
+    let pid = driver_info(&mut client, "podman").await.pid;
+    kill(pid, Signal::SIGKILL);
+    wait_until("the driver to be given up on", || {
+        let mut client = client.clone();
+        async move { driver_info(&mut client, "podman").await.state == DriverState::Failed as i32 }
+    })
+    .await;
+    let info = driver_info(&mut client, "podman").await;
+    assert!(
+        info.state_message
+            .contains("gave up after 5 restart attempt(s)"),
+        "{info:?}"
+    );
+    assert_eq!(info.pid, 0);
+    assert_status(
+        client
+            .stop_sandbox(gw::StopSandboxRequest {
+                sandbox: by_name("doomed"),
+            })
+            .await,
+        Code::Unavailable,
+        &["driver 'podman' is unavailable: failed: gave up"],
+    );
+    let doomed = get(&mut client, "doomed").await.unwrap();
+    let condition = doomed
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "DriverAvailable")
+        .unwrap();
+    assert_eq!(condition.reason, "DriverFailed");
+}
+
+/// WatchSandboxes filters by driver and by name, and re-sends a driver's
+/// sandboxes when its availability changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_filters_and_availability_updates() {
+    let dirs = Dirs::new();
+    let mut a = AttachedDriver::start(&dirs.path("a.sock"), &dirs.path("a-calls"), &[]);
+    let b = AttachedDriver::start(&dirs.path("b.sock"), &dirs.path("b-calls"), &[]);
+    let config = write_config(
+        &dirs,
+        &format!(
+            "[openshell.gateway]\ncompute_drivers = [\"a@{}\", \"b@{}\"]\n",
+            a.socket.display(),
+            b.socket.display()
+        ),
+    );
+    let gateway = Gateway::start(&dirs, &config, &[]).await;
+    let mut client = gateway.client().await;
+    create(&mut client, "a1", "a").await;
+    create(&mut client, "b1", "b").await;
+    create(&mut client, "b2", "b").await;
+
+    let mut only_b = client
+        .watch_sandboxes(gw::WatchSandboxesRequest {
+            driver: "b".into(),
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut only_a1 = client
+        .watch_sandboxes(gw::WatchSandboxesRequest {
+            driver: String::new(),
+            name: "a1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let initial = |events: Vec<gw::WatchSandboxesEvent>| -> Vec<String> {
+        events
+            .into_iter()
+            .filter_map(|e| match e.payload {
+                Some(gw::watch_sandboxes_event::Payload::Sandbox(s)) => Some(s.name),
+                _ => None,
+            })
+            .collect()
+    };
+    let until_synced = async |stream: &mut tonic::Streaming<gw::WatchSandboxesEvent>| {
+        let mut events = Vec::new();
+        loop {
+            let event = stream.message().await.unwrap().unwrap();
+            if matches!(
+                event.payload,
+                Some(gw::watch_sandboxes_event::Payload::Synced(_))
+            ) {
+                return events;
+            }
+            events.push(event);
+        }
+    };
+    assert_eq!(initial(until_synced(&mut only_b).await), ["b1", "b2"]);
+    assert_eq!(initial(until_synced(&mut only_a1).await), ["a1"]);
+
+    // Driver a goes down: a1's watcher hears about it, b's does not.
+    a.kill();
+    loop {
+        let event = tokio::time::timeout(PATIENCE, only_a1.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(gw::watch_sandboxes_event::Payload::Sandbox(s)) = event.payload {
+            assert_eq!(s.name, "a1");
+            if s.conditions.iter().any(|c| c.reason == "DriverUnavailable") {
+                break;
+            }
+        }
+    }
+    client
+        .delete_sandbox(gw::DeleteSandboxRequest {
+            sandbox: by_name("b2"),
+        })
+        .await
+        .unwrap();
+    loop {
+        let event = tokio::time::timeout(PATIENCE, only_b.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match event.payload {
+            Some(gw::watch_sandboxes_event::Payload::Sandbox(s)) => {
+                assert!(s.name.starts_with('b'), "{s:?}");
+            }
+            Some(gw::watch_sandboxes_event::Payload::Deleted(d)) => {
+                assert_eq!(d.name, "b2");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

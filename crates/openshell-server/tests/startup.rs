@@ -280,3 +280,31 @@ fn a_run_dir_other_users_can_enter_is_refused_and_left_alone() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("socket directory"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let dirs = Dirs::new();
+    let driver = AttachedDriver::start(&dirs.path("kyma.sock"), &dirs.path("calls"), &[]);
+    let config = write_config(
+        &dirs,
+        &format!(
+            "[openshell.gateway]\ncompute_drivers = [\"kyma@{}\"]\nlog_format = \"json\"\n",
+            driver.socket.display()
+        ),
+    );
+    let mut gateway = Gateway::start(&dirs, &config, &[]).await;
+    assert!(gateway.stop().success());
+    let log = gateway.log_text();
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        messages.push(value["message"].as_str().unwrap_or_default().to_owned());
+    }
+    for expected in ["driver ready", "listening", "stopped"] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "{expected:?} not in {messages:?}"
+        );
+    }
+}

@@ -317,3 +317,43 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
     eprintln!("{label}: stopped ({exit:?})");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = BehaviourArgs {
+            driver_name: Some("from-file".into()),
+            provision_delay_ms: Some(7),
+            minimal: true,
+            stall: vec!["GetSandbox".into()],
+            ..BehaviourArgs::default()
+        };
+        let flags = BehaviourArgs {
+            driver_name: Some("from-flag".into()),
+            ..BehaviourArgs::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.driver_name.as_deref(), Some("from-flag"));
+        assert_eq!(merged.provision_delay_ms, Some(7));
+        assert!(merged.minimal);
+        assert_eq!(merged.stall, ["GetSandbox"]);
+    }
+
+    #[test]
+    fn the_file_names_unknown_keys() {
+        let path =
+            std::env::temp_dir().join(format!("test-driver-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "name = \"podman\"\nstate_dir = \"/tmp/x\"\nbogus_key = 1\n",
+        )
+        .unwrap();
+        let error = BehaviourArgs::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(error.contains("bogus_key"), "{error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+}

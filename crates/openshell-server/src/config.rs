@@ -552,7 +552,16 @@ pub fn resolve(cli: &Cli, sources: CliSources) -> Result<Settings> {
 pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result<Settings> {
     let gw = &file.gateway;
 
-    let list = if let Some(source) = sources.drivers.filter(|_| !cli.drivers.is_empty()) {
+    // An environment variable that is set but empty counts as unset; an
+    // empty flag is a mistake worth an error.
+    let blank_env = |source: Option<FlagSource>, values: &[&str]| {
+        source == Some(FlagSource::Env) && values.iter().all(|v| v.trim().is_empty())
+    };
+    let drivers: Vec<&str> = cli.drivers.iter().map(String::as_str).collect();
+    let drivers_source = sources
+        .drivers
+        .filter(|_| !drivers.is_empty() && !blank_env(sources.drivers, &drivers));
+    let list = if let Some(source) = drivers_source {
         let origin = match source {
             FlagSource::CommandLine => ListOrigin::CommandLine,
             FlagSource::Env => ListOrigin::Env,
@@ -569,12 +578,16 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             .clone()
             .map(|entries| (entries, ListOrigin::File(file.path.clone())))
     };
-    let socket_flag = cli.compute_driver_socket.as_deref().map(|path| {
-        let source = sources
-            .compute_driver_socket
-            .unwrap_or(FlagSource::CommandLine);
-        (path, source)
-    });
+    let socket_flag = cli
+        .compute_driver_socket
+        .as_deref()
+        .filter(|path| !blank_env(sources.compute_driver_socket, &[path]))
+        .map(|path| {
+            let source = sources
+                .compute_driver_socket
+                .unwrap_or(FlagSource::CommandLine);
+            (path, source)
+        });
     let selection = selection::select(&SelectionInput {
         list,
         compute_driver_socket: socket_flag,
@@ -909,6 +922,28 @@ mod tests {
             settings.listen,
             ListenAddr::Tcp("127.0.0.1:7000".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn empty_environment_values_count_as_unset() {
+        let file = parse("[openshell.gateway]\ncompute_drivers = [\"podman\"]\n").unwrap();
+        let (mut args, _) = cli(&[]);
+        args.drivers = vec![" ".to_owned()];
+        args.compute_driver_socket = Some(String::new());
+        let env = CliSources {
+            drivers: Some(FlagSource::Env),
+            compute_driver_socket: Some(FlagSource::Env),
+        };
+        let settings = resolve_with(&args, env, &file).unwrap();
+        assert_eq!(settings.drivers[0].name, "podman");
+        assert!(settings.drivers[0].is_managed());
+        // The same values given as flags are mistakes.
+        let flags = CliSources {
+            drivers: Some(FlagSource::CommandLine),
+            compute_driver_socket: Some(FlagSource::CommandLine),
+        };
+        let message = resolve_with(&args, flags, &file).unwrap_err().to_string();
+        assert!(message.contains("--drivers: entry 1"), "{message}");
     }
 
     #[test]

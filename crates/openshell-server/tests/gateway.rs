@@ -1169,3 +1169,87 @@ async fn watch_filters_and_availability_updates() {
         }
     }
 }
+
+/// A sandbox whose driver is dropped from the configuration is kept, shown
+/// with DriverNotConfigured, refused changes, and usable again once the
+/// driver is configured again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_of_an_unconfigured_driver_are_kept() {
+    let dirs = Dirs::new();
+    let a = AttachedDriver::start(&dirs.path("a.sock"), &dirs.path("a-calls"), &[]);
+    let b = AttachedDriver::start(
+        &dirs.path("b.sock"),
+        &dirs.path("b-calls"),
+        &["--state-file", &dirs.path("b.pb").display().to_string()],
+    );
+    let both = format!(
+        "[openshell.gateway]\ncompute_drivers = [\"a@{}\", \"b@{}\"]\n",
+        a.socket.display(),
+        b.socket.display()
+    );
+    let config = write_config(&dirs, &both);
+    let mut gateway = Gateway::start(&dirs, &config, &[]).await;
+    let mut client = gateway.client().await;
+    let kept = create(&mut client, "on-b", "b").await;
+    wait_phase(&mut client, "on-b", SandboxPhase::Ready).await;
+    drop(client);
+    assert!(gateway.stop().success());
+
+    write_config(&dirs, &toml_attached("a", &a.socket, ""));
+    gateway.restart().await;
+    assert!(
+        gateway
+            .log_text()
+            .contains("belong to a driver that is not configured")
+    );
+    let mut client = gateway.client().await;
+    let shown = get(&mut client, "on-b").await.unwrap();
+    assert_eq!(shown.id, kept.id);
+    let condition = shown
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "DriverAvailable")
+        .unwrap();
+    assert_eq!(condition.reason, "DriverNotConfigured");
+    assert_status(
+        client
+            .stop_sandbox(gw::StopSandboxRequest {
+                sandbox: by_name("on-b"),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "belongs to driver 'b', which is not configured",
+            "configured: a",
+        ],
+    );
+    let listed = client
+        .list_sandboxes(gw::ListSandboxesRequest {
+            driver: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.sandboxes.len(),
+        1,
+        "rows of an unconfigured driver can still be listed"
+    );
+    drop(client);
+    assert!(gateway.stop().success());
+
+    write_config(&dirs, &both);
+    gateway.restart().await;
+    let mut client = gateway.client().await;
+    let stopped = client
+        .stop_sandbox(gw::StopSandboxRequest {
+            sandbox: by_name("on-b"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap();
+    assert_eq!(stopped.phase, SandboxPhase::Stopped as i32);
+}

@@ -1196,8 +1196,8 @@ struct PublicWatch<'a> {
     tx: mpsc::Sender<std::result::Result<gw::WatchSandboxesEvent, Status>>,
     driver: Option<String>,
     name: Option<String>,
-    /// Resource version last sent per sandbox id.
-    sent: HashMap<String, u64>,
+    /// Resource version and name last sent, per sandbox id.
+    sent: HashMap<String, (u64, String)>,
 }
 
 fn event(payload: gw::watch_sandboxes_event::Payload) -> gw::WatchSandboxesEvent {
@@ -1220,11 +1220,12 @@ impl PublicWatch<'_> {
         if self
             .sent
             .get(&row.id)
-            .is_some_and(|v| *v > row.resource_version)
+            .is_some_and(|(version, _)| *version > row.resource_version)
         {
             return true;
         }
-        self.sent.insert(row.id.clone(), row.resource_version);
+        self.sent
+            .insert(row.id.clone(), (row.resource_version, row.name.clone()));
         let sandbox = self.gateway.view(row);
         self.send(gw::watch_sandboxes_event::Payload::Sandbox(sandbox))
             .await
@@ -1255,18 +1256,15 @@ impl PublicWatch<'_> {
             }
         }
         if filter == self.driver {
-            let gone: Vec<String> = self
+            let gone: Vec<(String, String)> = self
                 .sent
-                .keys()
-                .filter(|id| !present.contains(*id))
-                .cloned()
+                .iter()
+                .filter(|(id, _)| !present.contains(*id))
+                .map(|(id, (_, name))| (id.clone(), name.clone()))
                 .collect();
-            for id in gone {
+            for (id, name) in gone {
                 self.sent.remove(&id);
-                let deleted = gw::SandboxDeleted {
-                    id,
-                    name: String::new(),
-                };
+                let deleted = gw::SandboxDeleted { id, name };
                 if !self
                     .send(gw::watch_sandboxes_event::Payload::Deleted(deleted))
                     .await

@@ -1,7 +1,7 @@
 //! `openshell-test-driver`: the in-memory compute driver as a process.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -22,6 +22,11 @@ struct Cli {
     command: Option<Tool>,
     #[command(flatten)]
     serve: Option<ServeArgs>,
+    /// TOML file with the same settings as the flags below (keys spelled with
+    /// '_', e.g. `provision_delay_ms = 5`), plus `name` and `state_dir` as a
+    /// gateway passes them. Flags given on the command line win.
+    #[arg(long, value_name = "PATH")]
+    driver_config: Option<PathBuf>,
     #[command(flatten)]
     behaviour: BehaviourArgs,
 }
@@ -36,24 +41,45 @@ enum Tool {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BehaviourArgs {
-    #[arg(long, default_value = "openshell-test-driver")]
-    driver_name: String,
-    #[arg(long, default_value = "test/busybox:latest")]
-    default_image: String,
+    /// The name the gateway configured for this driver (used in log lines).
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory for the driver's own state; sandboxes are kept in
+    /// `<state_dir>/sandboxes.pb` unless --state-file says otherwise.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Driver name reported by GetCapabilities [default: openshell-test-driver].
+    #[arg(long)]
+    driver_name: Option<String>,
+    /// Default image reported by GetCapabilities [default: test/busybox:latest].
+    #[arg(long)]
+    default_image: Option<String>,
     /// Report gateway_manages_lifecycle = true.
     #[arg(long)]
+    #[serde(default)]
     gateway_manages_lifecycle: bool,
-    /// Milliseconds between accepting a create/start and reporting Ready.
-    #[arg(long, default_value_t = 20)]
-    provision_delay_ms: u64,
+    /// Milliseconds between accepting a create/start and reporting Ready
+    /// [default: 20].
+    #[arg(long)]
+    provision_delay_ms: Option<u64>,
     /// Answer UNIMPLEMENTED for the optional RPCs and the log service.
     #[arg(long)]
+    #[serde(default)]
     minimal: bool,
     /// Keep sandboxes in this file across restarts.
     #[arg(long)]
     state_file: Option<PathBuf>,
+    /// Send platform events (Scheduled, Started, Stopped) on the watch stream.
+    #[arg(long)]
+    #[serde(default)]
+    platform_events: bool,
+    /// Append one line per RPC received (`<Rpc> <sandbox id or name>`) to
+    /// this file, so tests can see what a gateway forwarded.
+    #[arg(long, value_name = "PATH")]
+    call_log: Option<PathBuf>,
 
     /// Misbehave: write a few stderr lines and exit with this code before
     /// binding.
@@ -61,25 +87,30 @@ struct BehaviourArgs {
     exit_early: Option<u8>,
     /// Misbehave: never bind the socket.
     #[arg(long)]
+    #[serde(default)]
     never_ready: bool,
     /// Misbehave: bind and serve but never write the ready line (the fd stays
     /// open, as with a driver that does not know about it).
     #[arg(long)]
+    #[serde(default)]
     ignore_ready_fd: bool,
     /// Wait this long before binding.
-    #[arg(long, default_value_t = 0)]
-    startup_delay_ms: u64,
+    #[arg(long)]
+    startup_delay_ms: Option<u64>,
     /// Misbehave: abort the process on the call after this many calls.
     #[arg(long, value_name = "N")]
     crash_after_calls: Option<u64>,
     /// Misbehave: this RPC (proto name, e.g. GetSandbox) never answers.
     #[arg(long, value_name = "RPC")]
+    #[serde(default)]
     stall: Vec<String>,
     /// Misbehave: do not stop on SIGTERM.
     #[arg(long)]
+    #[serde(default)]
     ignore_sigterm: bool,
     /// Start a `sleep` child in the driver's process group.
     #[arg(long)]
+    #[serde(default)]
     spawn_grandchild: bool,
     /// Misbehave: exit with code 3 this many milliseconds after becoming ready.
     #[arg(long, value_name = "MS")]
@@ -88,6 +119,47 @@ struct BehaviourArgs {
     /// create it and run normally (so only the first start succeeds).
     #[arg(long, value_name = "PATH")]
     only_first_start: Option<PathBuf>,
+}
+
+impl BehaviourArgs {
+    /// Reads `path`; unknown keys are an error naming the key and the file.
+    fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read driver config {}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid driver config {}: {e}", path.display()))
+    }
+
+    /// Values given on the command line win over the file's.
+    fn over(self, file: Self) -> Self {
+        Self {
+            name: self.name.or(file.name),
+            state_dir: self.state_dir.or(file.state_dir),
+            driver_name: self.driver_name.or(file.driver_name),
+            default_image: self.default_image.or(file.default_image),
+            gateway_manages_lifecycle: self.gateway_manages_lifecycle
+                || file.gateway_manages_lifecycle,
+            provision_delay_ms: self.provision_delay_ms.or(file.provision_delay_ms),
+            minimal: self.minimal || file.minimal,
+            state_file: self.state_file.or(file.state_file),
+            platform_events: self.platform_events || file.platform_events,
+            call_log: self.call_log.or(file.call_log),
+            exit_early: self.exit_early.or(file.exit_early),
+            never_ready: self.never_ready || file.never_ready,
+            ignore_ready_fd: self.ignore_ready_fd || file.ignore_ready_fd,
+            startup_delay_ms: self.startup_delay_ms.or(file.startup_delay_ms),
+            crash_after_calls: self.crash_after_calls.or(file.crash_after_calls),
+            stall: if self.stall.is_empty() {
+                file.stall
+            } else {
+                self.stall
+            },
+            ignore_sigterm: self.ignore_sigterm || file.ignore_sigterm,
+            spawn_grandchild: self.spawn_grandchild || file.spawn_grandchild,
+            exit_after_ready_ms: self.exit_after_ready_ms.or(file.exit_after_ready_ms),
+            only_first_start: self.only_first_start.or(file.only_first_start),
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,6 +175,10 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     driver_lifecycle::close_inherited_fds()?;
     let cli = Cli::parse();
+    let behaviour = match &cli.driver_config {
+        Some(path) => cli.behaviour.over(BehaviourArgs::from_file(path)?),
+        None => cli.behaviour,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -111,7 +187,7 @@ fn run() -> anyhow::Result<()> {
         Some(Tool::Probe { socket }) => runtime.block_on(probe(socket)),
         None => {
             let serve = cli.serve.context("--bind-socket is required")?;
-            runtime.block_on(serve_driver(&serve, cli.behaviour))
+            runtime.block_on(serve_driver(&serve, behaviour))
         }
     }
 }
@@ -130,6 +206,16 @@ async fn probe(socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (mode 0700) if needed.
+fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("could not create state directory {}", dir.display()))
+}
+
 // Exiting abruptly is the point of the misbehaviour switches.
 #[allow(clippy::exit)]
 async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<()> {
@@ -140,11 +226,15 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
         )
         .init();
     let mut options = serve.options()?;
+    let label = args
+        .name
+        .clone()
+        .unwrap_or_else(|| "test driver".to_owned());
 
     if let Some(marker) = &args.only_first_start {
         if marker.exists() {
             eprintln!(
-                "test driver: {} exists; refusing to start again",
+                "{label}: {} exists; refusing to start again",
                 marker.display()
             );
             std::process::exit(4);
@@ -152,21 +242,21 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
         std::fs::write(marker, b"started\n")?;
     }
     if let Some(code) = args.exit_early {
-        eprintln!("test driver: starting");
-        eprintln!("test driver: configuration looks wrong");
-        eprintln!("test driver: exiting early with code {code} as configured");
+        eprintln!("{label}: starting");
+        eprintln!("{label}: configuration looks wrong");
+        eprintln!("{label}: exiting early with code {code} as configured");
         std::process::exit(i32::from(code));
     }
     if args.never_ready {
-        eprintln!("test driver: never becoming ready, as configured");
+        eprintln!("{label}: never becoming ready, as configured");
         std::future::pending::<()>().await;
     }
-    if args.startup_delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(args.startup_delay_ms)).await;
+    if let Some(ms) = args.startup_delay_ms.filter(|ms| *ms > 0) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if args.spawn_grandchild {
         let child = std::process::Command::new("sleep").arg("3600").spawn()?;
-        eprintln!("test driver: grandchild pid {}", child.id());
+        eprintln!("{label}: grandchild pid {}", child.id());
     }
     if args.ignore_ready_fd {
         options.ready_fd = None;
@@ -180,17 +270,30 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
             tokio::signal::unix::SignalKind::terminate(),
         )?);
     }
+    let state_file = match (&args.state_file, &args.state_dir) {
+        (Some(file), _) => Some(file.clone()),
+        (None, Some(dir)) => {
+            ensure_dir(dir)?;
+            Some(dir.join("sandboxes.pb"))
+        }
+        (None, None) => None,
+    };
 
+    let defaults = Behaviour::default();
     let driver = TestDriver::new(Behaviour {
-        driver_name: args.driver_name,
-        default_image: args.default_image,
+        driver_name: args.driver_name.unwrap_or(defaults.driver_name),
+        default_image: args.default_image.unwrap_or(defaults.default_image),
         gateway_manages_lifecycle: args.gateway_manages_lifecycle,
-        provision_delay: Duration::from_millis(args.provision_delay_ms),
+        provision_delay: args
+            .provision_delay_ms
+            .map_or(defaults.provision_delay, Duration::from_millis),
         crash_after_calls: args.crash_after_calls,
         stall: args.stall.into_iter().collect::<BTreeSet<_>>(),
         minimal: args.minimal,
-        state_file: args.state_file,
-        ..Behaviour::default()
+        state_file,
+        platform_events: args.platform_events,
+        call_log: args.call_log,
+        ..defaults
     });
 
     let mut builder = tonic::transport::Server::builder();
@@ -203,13 +306,54 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
     };
     let cancel = CancellationToken::new();
     if let Some(ms) = args.exit_after_ready_ms {
+        let label = label.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            eprintln!("test driver: exiting {ms} ms after ready, as configured");
+            eprintln!("{label}: exiting {ms} ms after ready, as configured");
             std::process::exit(3);
         });
     }
     let exit = driver_lifecycle::serve_uds(options, router, cancel).await?;
-    eprintln!("test driver: stopped ({exit:?})");
+    eprintln!("{label}: stopped ({exit:?})");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = BehaviourArgs {
+            driver_name: Some("from-file".into()),
+            provision_delay_ms: Some(7),
+            minimal: true,
+            stall: vec!["GetSandbox".into()],
+            ..BehaviourArgs::default()
+        };
+        let flags = BehaviourArgs {
+            driver_name: Some("from-flag".into()),
+            ..BehaviourArgs::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.driver_name.as_deref(), Some("from-flag"));
+        assert_eq!(merged.provision_delay_ms, Some(7));
+        assert!(merged.minimal);
+        assert_eq!(merged.stall, ["GetSandbox"]);
+    }
+
+    #[test]
+    fn the_file_names_unknown_keys() {
+        let path =
+            std::env::temp_dir().join(format!("test-driver-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "name = \"podman\"\nstate_dir = \"/tmp/x\"\nbogus_key = 1\n",
+        )
+        .unwrap();
+        let error = BehaviourArgs::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(error.contains("bogus_key"), "{error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
 }

@@ -12,14 +12,15 @@ use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest}
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
-    DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverCondition, DriverSandbox,
-    DriverSandboxStatus, EnsureWorkspaceRequest, EnsureWorkspaceResponse, GetCapabilitiesRequest,
-    GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
+    DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverCondition, DriverPlatformEvent,
+    DriverSandbox, DriverSandboxStatus, EnsureWorkspaceRequest, EnsureWorkspaceResponse,
+    GetCapabilitiesRequest, GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
     GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
     ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
     StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
     ValidateSandboxCreateResponse, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
-    WatchSandboxesRequest, WatchSandboxesSandboxEvent, watch_sandboxes_event,
+    WatchSandboxesPlatformEvent, WatchSandboxesRequest, WatchSandboxesSandboxEvent,
+    watch_sandboxes_event,
 };
 use prost::Message as _;
 use tokio::sync::broadcast;
@@ -44,6 +45,10 @@ pub struct Behaviour {
     pub minimal: bool,
     /// Persist sandboxes here and load them at start.
     pub state_file: Option<PathBuf>,
+    /// Send platform events (Scheduled, Started, Stopped) on watch streams.
+    pub platform_events: bool,
+    /// Append `<Rpc> <sandbox>` for every call received to this file.
+    pub call_log: Option<PathBuf>,
 }
 
 impl Default for Behaviour {
@@ -58,6 +63,8 @@ impl Default for Behaviour {
             stall: BTreeSet::new(),
             minimal: false,
             state_file: None,
+            platform_events: false,
+            call_log: None,
         }
     }
 }
@@ -201,9 +208,22 @@ impl TestDriver {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts the call and applies the crash and stall switches.
-    async fn enter(&self, method: &str) {
+    /// Counts the call, records it in the call log, and applies the crash
+    /// and stall switches. `sandbox` is the id (or name) the call is about.
+    async fn enter(&self, method: &str, sandbox: &str) {
         let n = self.inner.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(path) = &self.inner.behaviour.call_log {
+            use std::io::Write as _;
+            let line = format!("{method} {sandbox}\n");
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut file| file.write_all(line.as_bytes()));
+            if let Err(e) = written {
+                eprintln!("test driver: could not append to {}: {e}", path.display());
+            }
+        }
         if let Some(limit) = self.inner.behaviour.crash_after_calls
             && n > limit
         {
@@ -279,6 +299,41 @@ impl TestDriver {
             .inner
             .updates
             .send(Update::Watch(Box::new(sandbox_event(sandbox))));
+    }
+
+    /// Sends a platform event about `id` when the switch is on.
+    fn platform_event(&self, id: &str, kind: &str, reason: &str, message: &str) {
+        if !self.inner.behaviour.platform_events {
+            return;
+        }
+        let timestamp_ms = i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(0);
+        let event = WatchSandboxesEvent {
+            payload: Some(watch_sandboxes_event::Payload::PlatformEvent(
+                WatchSandboxesPlatformEvent {
+                    sandbox_id: id.to_owned(),
+                    event: Some(DriverPlatformEvent {
+                        timestamp_ms,
+                        source: "test".to_owned(),
+                        r#type: kind.to_owned(),
+                        reason: reason.to_owned(),
+                        message: message.to_owned(),
+                        metadata: [(
+                            "driver".to_owned(),
+                            self.inner.behaviour.driver_name.clone(),
+                        )]
+                        .into_iter()
+                        .collect(),
+                    }),
+                },
+            )),
+        };
+        let _ = self.inner.updates.send(Update::Watch(Box::new(event)));
     }
 
     fn log(&self, entry: &mut Entry, line: String) {
@@ -369,6 +424,7 @@ impl TestDriver {
         entry.generation += 1;
         entry.sandbox.status = Some(status_for(&entry.sandbox.name, Phase::Provisioning, false));
         self.publish(&entry.sandbox);
+        self.platform_event(id, "Normal", "Scheduled", "sandbox accepted; starting it");
         let generation = entry.generation;
         let driver = self.clone();
         let id = id.to_owned();
@@ -395,6 +451,7 @@ impl TestDriver {
                 driver.log(entry, command[1..].join(" "));
             }
             driver.publish(&entry.sandbox);
+            driver.platform_event(&id, "Normal", "Started", "sandbox is running");
             driver.persist(&state);
         });
     }
@@ -415,6 +472,11 @@ impl TestDriver {
     }
 }
 
+/// What a call is about, for the call log: the id, else the name.
+fn target<'a>(id: &'a str, name: &'a str) -> &'a str {
+    if id.is_empty() { name } else { id }
+}
+
 fn sandbox_event(sandbox: &DriverSandbox) -> WatchSandboxesEvent {
     WatchSandboxesEvent {
         payload: Some(watch_sandboxes_event::Payload::Sandbox(
@@ -431,7 +493,7 @@ impl ComputeDriver for TestDriver {
         &self,
         _request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        self.enter("GetCapabilities").await;
+        self.enter("GetCapabilities", "").await;
         let b = &self.inner.behaviour;
         Ok(Response::new(GetCapabilitiesResponse {
             driver_name: b.driver_name.clone(),
@@ -445,7 +507,7 @@ impl ComputeDriver for TestDriver {
         &self,
         _request: Request<GetGatewayListenerRequirementsRequest>,
     ) -> Result<Response<GetGatewayListenerRequirementsResponse>, Status> {
-        self.enter("GetGatewayListenerRequirements").await;
+        self.enter("GetGatewayListenerRequirements", "").await;
         self.unimplemented_if_minimal("GetGatewayListenerRequirements")?;
         Ok(Response::new(
             GetGatewayListenerRequirementsResponse::default(),
@@ -456,7 +518,9 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<ValidateSandboxCreateRequest>,
     ) -> Result<Response<ValidateSandboxCreateResponse>, Status> {
-        self.enter("ValidateSandboxCreate").await;
+        let id = request.get_ref().sandbox.as_ref().map(|s| s.id.as_str());
+        self.enter("ValidateSandboxCreate", id.unwrap_or_default())
+            .await;
         self.validate(request.get_ref().sandbox.as_ref())?;
         Ok(Response::new(ValidateSandboxCreateResponse {}))
     }
@@ -465,8 +529,12 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<GetSandboxRequest>,
     ) -> Result<Response<GetSandboxResponse>, Status> {
-        self.enter("GetSandbox").await;
         let request = request.into_inner();
+        self.enter(
+            "GetSandbox",
+            target(&request.sandbox_id, &request.sandbox_name),
+        )
+        .await;
         let state = self.state();
         let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
         Ok(Response::new(GetSandboxResponse {
@@ -478,7 +546,7 @@ impl ComputeDriver for TestDriver {
         &self,
         _request: Request<ListSandboxesRequest>,
     ) -> Result<Response<ListSandboxesResponse>, Status> {
-        self.enter("ListSandboxes").await;
+        self.enter("ListSandboxes", "").await;
         Ok(Response::new(ListSandboxesResponse {
             sandboxes: Self::snapshot(&self.state()),
         }))
@@ -488,7 +556,8 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
-        self.enter("CreateSandbox").await;
+        let id = request.get_ref().sandbox.as_ref().map(|s| s.id.as_str());
+        self.enter("CreateSandbox", id.unwrap_or_default()).await;
         let mut sandbox = self.validate(request.get_ref().sandbox.as_ref())?;
         let mut state = self.state();
         if state.contains_key(&sandbox.id) {
@@ -526,8 +595,12 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<StopSandboxRequest>,
     ) -> Result<Response<StopSandboxResponse>, Status> {
-        self.enter("StopSandbox").await;
         let request = request.into_inner();
+        self.enter(
+            "StopSandbox",
+            target(&request.sandbox_id, &request.sandbox_name),
+        )
+        .await;
         let mut state = self.state();
         let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
         if let Some(entry) = state.get_mut(&key)
@@ -538,6 +611,7 @@ impl ComputeDriver for TestDriver {
             entry.sandbox.status = Some(status_for(&entry.sandbox.name, Phase::Stopped, false));
             self.log(entry, "stopped".to_owned());
             self.publish(&entry.sandbox);
+            self.platform_event(&key, "Normal", "Stopped", "sandbox stopped; state kept");
         }
         self.persist(&state);
         Ok(Response::new(StopSandboxResponse {}))
@@ -547,8 +621,12 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<StartSandboxRequest>,
     ) -> Result<Response<StartSandboxResponse>, Status> {
-        self.enter("StartSandbox").await;
         let request = request.into_inner();
+        self.enter(
+            "StartSandbox",
+            target(&request.sandbox_id, &request.sandbox_name),
+        )
+        .await;
         let mut state = self.state();
         let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
         if state.get(&key).is_some_and(|e| e.phase == Phase::Stopped) {
@@ -562,8 +640,12 @@ impl ComputeDriver for TestDriver {
         &self,
         request: Request<DeleteSandboxRequest>,
     ) -> Result<Response<DeleteSandboxResponse>, Status> {
-        self.enter("DeleteSandbox").await;
         let request = request.into_inner();
+        self.enter(
+            "DeleteSandbox",
+            target(&request.sandbox_id, &request.sandbox_name),
+        )
+        .await;
         let mut state = self.state();
         let key = match Self::find(&state, &request.sandbox_id, &request.sandbox_name) {
             Ok(key) => key,
@@ -597,7 +679,7 @@ impl ComputeDriver for TestDriver {
         &self,
         _request: Request<WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
-        self.enter("WatchSandboxes").await;
+        self.enter("WatchSandboxes", "").await;
         // Subscribe before taking the snapshot so nothing falls in between.
         let mut updates = self.inner.updates.subscribe();
         let initial = Self::snapshot(&self.state());
@@ -637,18 +719,20 @@ impl ComputeDriver for TestDriver {
 
     async fn ensure_workspace(
         &self,
-        _request: Request<EnsureWorkspaceRequest>,
+        request: Request<EnsureWorkspaceRequest>,
     ) -> Result<Response<EnsureWorkspaceResponse>, Status> {
-        self.enter("EnsureWorkspace").await;
+        self.enter("EnsureWorkspace", &request.get_ref().workspace)
+            .await;
         self.unimplemented_if_minimal("EnsureWorkspace")?;
         Ok(Response::new(EnsureWorkspaceResponse {}))
     }
 
     async fn delete_workspace(
         &self,
-        _request: Request<DeleteWorkspaceRequest>,
+        request: Request<DeleteWorkspaceRequest>,
     ) -> Result<Response<DeleteWorkspaceResponse>, Status> {
-        self.enter("DeleteWorkspace").await;
+        self.enter("DeleteWorkspace", &request.get_ref().workspace)
+            .await;
         self.unimplemented_if_minimal("DeleteWorkspace")?;
         Ok(Response::new(DeleteWorkspaceResponse {}))
     }
@@ -676,8 +760,12 @@ impl SandboxLogs for TestDriver {
         &self,
         request: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        self.enter("StreamLogs").await;
         let request = request.into_inner();
+        self.enter(
+            "StreamLogs",
+            target(&request.sandbox_id, &request.sandbox_name),
+        )
+        .await;
         let mut updates = self.inner.updates.subscribe();
         let (id, retained) = {
             let state = self.state();

@@ -1,0 +1,72 @@
+//! `openshell-gateway`: parse the configuration, set up logging, run.
+//!
+//! Exit status: 0 after a clean stop, 2 for configuration errors (nothing was
+//! started), 1 for any other failure.
+
+use std::process::ExitCode;
+
+use openshell_server::config::{self, LogFormat, Settings};
+use openshell_server::error::error_chain;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(settings: &Settings) -> Result<(), String> {
+    let filter = match &settings.log_level {
+        Some(level) => EnvFilter::try_new(level)
+            .map_err(|e| format!("log level {level:?} is not a valid filter: {e}"))?,
+        None => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let (cli, sources) = match config::parse_cli(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(error) => error.exit(),
+    };
+    let settings = match config::resolve(&cli, sources) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        print!("{}", settings.describe());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(message) = init_logging(&settings) {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: could not start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(openshell_server::server::run(settings));
+    // Driver log pumps and other detached tasks end with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            if error.is_config() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

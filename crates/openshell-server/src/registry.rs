@@ -1,0 +1,391 @@
+//! The registry of named driver runtimes. A runtime is an acquired endpoint
+//! turned into a [`RemoteComputeDriver`] with its capabilities snapshot,
+//! its health, and the guard that is stopped at the very end.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use driver_lifecycle::{DriverGuard, DriverHealth};
+use openshell_proto::gateway::v1::{self as gw, DriverState};
+use tokio::sync::{Notify, watch};
+
+use crate::acquire::Acquired;
+use crate::driver::{Capabilities, RemoteComputeDriver};
+use crate::error::{Error, Result};
+use crate::selection::DriverPlan;
+use crate::translate::WORKSPACE;
+
+/// A driver's health as the gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverStatus {
+    pub state: DriverState,
+    /// Why the driver is not ready, when it is not.
+    pub message: String,
+    /// Current process of a managed driver.
+    pub pid: u32,
+    pub restarts: u32,
+}
+
+impl DriverStatus {
+    fn ready(pid: u32, restarts: u32) -> Self {
+        Self {
+            state: DriverState::Ready,
+            message: String::new(),
+            pid,
+            restarts,
+        }
+    }
+
+    fn from_health(health: &DriverHealth, previous: &Self) -> Self {
+        match health {
+            DriverHealth::Starting { attempt } => Self {
+                state: DriverState::Starting,
+                message: format!("starting again (attempt {attempt})"),
+                pid: 0,
+                restarts: previous.restarts,
+            },
+            DriverHealth::Ready { pid, incarnation } => {
+                Self::ready(*pid, incarnation.saturating_sub(1))
+            }
+            DriverHealth::Restarting { attempt, reason } => Self {
+                state: DriverState::Restarting,
+                message: format!("restart attempt {attempt} after: {reason}"),
+                pid: 0,
+                restarts: previous.restarts,
+            },
+            DriverHealth::Failed { reason } => Self {
+                state: DriverState::Failed,
+                message: reason.clone(),
+                pid: 0,
+                restarts: previous.restarts,
+            },
+        }
+    }
+}
+
+/// One configured driver, ready to take calls.
+#[derive(Debug)]
+pub struct DriverRuntime {
+    pub name: String,
+    pub socket: PathBuf,
+    pub managed: bool,
+    pub is_default: bool,
+    pub driver: RemoteComputeDriver,
+    pub capabilities: Capabilities,
+    status: watch::Sender<DriverStatus>,
+    health: Option<watch::Receiver<DriverHealth>>,
+    guard: Mutex<Option<DriverGuard>>,
+    /// Wakes the watch task to reconnect now (a call just got through).
+    pub(crate) wake: Notify,
+}
+
+impl DriverRuntime {
+    /// Asks a freshly acquired driver for its capabilities and the optional
+    /// bits, checks `expect_driver_name`, and builds the runtime. On failure
+    /// the guard is shut down before the error is returned.
+    pub async fn initialize(
+        plan: &DriverPlan,
+        acquired: Acquired,
+        call_timeout: std::time::Duration,
+        is_default: bool,
+    ) -> Result<Self> {
+        let Acquired {
+            endpoint,
+            guard,
+            channel,
+        } = acquired;
+        let driver = RemoteComputeDriver::new(&plan.name, channel, call_timeout);
+        match Self::probe(plan, &driver, &endpoint.socket).await {
+            Ok(capabilities) => {
+                let managed = guard.is_managed();
+                let health = guard.health();
+                let status = DriverStatus::ready(guard.pid().unwrap_or(0), 0);
+                let (status, _) = watch::channel(status);
+                tracing::info!(
+                    driver = %plan.name,
+                    managed,
+                    socket = %endpoint.socket.display(),
+                    pid = guard.pid(),
+                    driver_name = %capabilities.driver_name,
+                    driver_version = %capabilities.driver_version,
+                    default_image = %capabilities.default_image,
+                    gateway_manages_lifecycle = capabilities.gateway_manages_lifecycle,
+                    logs = capabilities.logs,
+                    is_default,
+                    "driver ready"
+                );
+                Ok(Self {
+                    name: plan.name.clone(),
+                    socket: endpoint.socket,
+                    managed,
+                    is_default,
+                    driver,
+                    capabilities,
+                    status,
+                    health,
+                    guard: Mutex::new(Some(guard)),
+                    wake: Notify::new(),
+                })
+            }
+            Err(error) => {
+                if let Err(stop) = guard.shutdown().await {
+                    tracing::warn!(driver = %plan.name, error = %stop, "could not stop the driver after a failed start");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn probe(
+        plan: &DriverPlan,
+        driver: &RemoteComputeDriver,
+        socket: &std::path::Path,
+    ) -> Result<Capabilities> {
+        let init_error = |rpc: &'static str, error: Error| match error {
+            Error::DriverCall { code, message, .. } => Error::DriverInit {
+                driver: plan.name.clone(),
+                rpc,
+                code,
+                message,
+            },
+            other => other,
+        };
+        let response = driver
+            .capabilities()
+            .await
+            .map_err(|e| init_error("GetCapabilities", e))?;
+        if let Some(expected) = &plan.expect_driver_name
+            && *expected != response.driver_name
+        {
+            return Err(Error::DriverNameMismatch {
+                driver: plan.name.clone(),
+                socket: socket.to_owned(),
+                expected: expected.clone(),
+                actual: response.driver_name,
+            });
+        }
+        let requirements = driver
+            .listener_requirements()
+            .await
+            .map_err(|e| init_error("GetGatewayListenerRequirements", e))?;
+        for requirement in &requirements {
+            tracing::warn!(driver = %plan.name, reason = %requirement.reason, selector = ?requirement.selector, "driver asks for an extra gateway listener; this gateway serves only its own API and ignores it");
+        }
+        driver
+            .ensure_workspace(WORKSPACE)
+            .await
+            .map_err(|e| init_error("EnsureWorkspace", e))?;
+        let logs = driver
+            .probe_logs()
+            .await
+            .map_err(|e| init_error("StreamLogs", e))?;
+        Ok(Capabilities::from_response(response, logs))
+    }
+
+    pub fn status(&self) -> DriverStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<DriverStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.status.borrow().state == DriverState::Ready
+    }
+
+    /// The error calls get while the driver is down.
+    pub fn unavailable(&self) -> Error {
+        let status = self.status();
+        let state = match status.state {
+            DriverState::Starting => "starting",
+            DriverState::Restarting => "restarting",
+            DriverState::Failed => "failed",
+            _ => "not reachable",
+        };
+        Error::DriverUnavailable {
+            driver: self.name.clone(),
+            reason: if status.message.is_empty() {
+                state.to_owned()
+            } else {
+                format!("{state}: {}", status.message)
+            },
+        }
+    }
+
+    /// Health updates of a driver whose process the gateway can see.
+    pub fn health(&self) -> Option<watch::Receiver<DriverHealth>> {
+        self.health.clone()
+    }
+
+    /// Mirrors process health into the reported status (managed drivers).
+    pub(crate) fn apply_health(&self, health: &DriverHealth) -> bool {
+        self.status.send_if_modified(|status| {
+            let next = DriverStatus::from_health(health, status);
+            let changed = *status != next;
+            *status = next;
+            changed
+        })
+    }
+
+    /// Records whether the watch stream is connected (drivers without
+    /// process health). Returns whether availability changed.
+    pub(crate) fn set_connected(&self, connected: bool, message: &str) -> bool {
+        if self.health.is_some() {
+            return false;
+        }
+        self.status.send_if_modified(|status| {
+            let next = if connected {
+                DriverStatus::ready(0, 0)
+            } else {
+                DriverStatus {
+                    state: DriverState::Unavailable,
+                    message: message.to_owned(),
+                    pid: 0,
+                    restarts: 0,
+                }
+            };
+            let changed = status.state != next.state;
+            *status = next;
+            changed
+        })
+    }
+
+    /// Takes the guard for shutdown (once).
+    pub fn take_guard(&self) -> Option<DriverGuard> {
+        self.guard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    pub fn info(&self) -> gw::DriverInfo {
+        let status = self.status();
+        let caps = &self.capabilities;
+        gw::DriverInfo {
+            name: self.name.clone(),
+            managed: self.managed,
+            socket: self.socket.display().to_string(),
+            capabilities: Some(gw::DriverCapabilities {
+                driver_name: caps.driver_name.clone(),
+                driver_version: caps.driver_version.clone(),
+                default_image: caps.default_image.clone(),
+                gateway_manages_lifecycle: caps.gateway_manages_lifecycle,
+                logs: caps.logs,
+            }),
+            state: status.state.into(),
+            state_message: status.message,
+            pid: status.pid,
+            restarts: status.restarts,
+            is_default: self.is_default,
+        }
+    }
+
+    /// The condition shown on this driver's sandboxes while it is down.
+    pub fn availability_condition(&self) -> Option<gw::Condition> {
+        let status = self.status();
+        let reason = match status.state {
+            DriverState::Ready => return None,
+            DriverState::Starting => "DriverStarting",
+            DriverState::Restarting => "DriverRestarting",
+            DriverState::Failed => "DriverFailed",
+            DriverState::Unavailable | DriverState::Unspecified => "DriverUnavailable",
+        };
+        Some(gw::Condition {
+            r#type: "DriverAvailable".to_owned(),
+            status: "False".to_owned(),
+            reason: reason.to_owned(),
+            message: format!("driver '{}': {}", self.name, status.message),
+            last_transition_time: String::new(),
+        })
+    }
+}
+
+/// Every configured driver, in configuration order; the first is the
+/// default for creates that name none.
+#[derive(Debug, Default)]
+pub struct Registry {
+    runtimes: Vec<Arc<DriverRuntime>>,
+}
+
+impl Registry {
+    pub fn new(runtimes: Vec<Arc<DriverRuntime>>) -> Self {
+        Self { runtimes }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<DriverRuntime>> {
+        self.runtimes.iter().find(|r| r.name == name)
+    }
+
+    pub fn default_driver(&self) -> Option<&Arc<DriverRuntime>> {
+        self.runtimes.first()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<DriverRuntime>> {
+        self.runtimes.iter()
+    }
+
+    /// `a, b, c`, for messages.
+    pub fn names(&self) -> String {
+        self.runtimes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The condition for a sandbox whose driver is `name`.
+    pub fn condition_for(&self, name: &str) -> Option<gw::Condition> {
+        match self.get(name) {
+            Some(runtime) => runtime.availability_condition(),
+            None => Some(gw::Condition {
+                r#type: "DriverAvailable".to_owned(),
+                status: "False".to_owned(),
+                reason: "DriverNotConfigured".to_owned(),
+                message: format!(
+                    "driver '{name}' is not configured in this gateway (configured: {})",
+                    self.names()
+                ),
+                last_transition_time: String::new(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_maps_to_status() {
+        let previous = DriverStatus::ready(10, 2);
+        let s = DriverStatus::from_health(
+            &DriverHealth::Ready {
+                pid: 7,
+                incarnation: 3,
+            },
+            &previous,
+        );
+        assert_eq!((s.state, s.pid, s.restarts), (DriverState::Ready, 7, 2));
+        let s = DriverStatus::from_health(
+            &DriverHealth::Restarting {
+                attempt: 1,
+                reason: "exited (signal 9)".into(),
+            },
+            &previous,
+        );
+        assert_eq!(s.state, DriverState::Restarting);
+        assert!(s.message.contains("exited (signal 9)"));
+        assert_eq!(s.restarts, 2);
+        let s = DriverStatus::from_health(
+            &DriverHealth::Failed {
+                reason: "gave up".into(),
+            },
+            &previous,
+        );
+        assert_eq!(
+            (s.state, s.message.as_str()),
+            (DriverState::Failed, "gave up")
+        );
+    }
+}

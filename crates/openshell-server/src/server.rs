@@ -1,0 +1,433 @@
+//! Startup and shutdown ordering.
+//!
+//! Startup: lock and open the state directory, bind the API listener, acquire
+//! every driver (spawn or dial), snapshot capabilities, resume sandboxes,
+//! reconcile each driver's list and start its watch, then serve.
+//!
+//! Shutdown (SIGTERM or SIGINT): stop serving and end open streams, stop
+//! the watch tasks, stop running sandboxes of drivers whose lifecycle the
+//! gateway manages (16 at a time, intent kept), then stop managed drivers.
+//! A second signal skips the sandbox sweep.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use driver_lifecycle::socket::{self, SocketLock};
+use futures::future::join_all;
+use nix::fcntl::{Flock, FlockArg};
+use openshell_proto::gateway::v1::gateway_server::GatewayServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::acquire::{self, AcquireContext};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::gateway::Gateway;
+use crate::listen::ListenAddr;
+use crate::registry::{DriverRuntime, Registry};
+use crate::service::GatewayService;
+use crate::store::Store;
+use crate::watcher;
+
+/// How long in-flight requests may run after a stop signal.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Stop requests: the first signal cancels `stop`, the second `force`.
+struct Signals {
+    stop: CancellationToken,
+    force: CancellationToken,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Error::io("install a handler for", "SIGTERM", e))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| Error::io("install a handler for", "SIGINT", e))?;
+        let stop = CancellationToken::new();
+        let force = CancellationToken::new();
+        let (s, f) = (stop.clone(), force.clone());
+        tokio::spawn(async move {
+            for token in [s, f] {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                token.cancel();
+            }
+        });
+        Ok(Self { stop, force })
+    }
+}
+
+/// A directory the gateway keeps sockets in must be private (0700). One
+/// that does not exist yet is created that way later; an existing one that
+/// other users can enter is refused rather than tightened, because it may
+/// be a shared or system directory (`/tmp`, `/run`) that others rely on.
+fn check_private_dir(dir: &Path, what: &str) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        return Err(Error::Config(format!(
+            "{what} {} is not a plain directory (it is a symbolic link or a file)",
+            dir.display()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "{what} {} can be entered by other users (mode {mode:o}); the gateway keeps sockets \
+             only in a private directory and does not change the mode of one that exists: \
+             use a directory of its own such as {}, or chmod 700 it",
+            dir.display(),
+            dir.join("openshell").display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the state directory (0700 when new) and takes its lock.
+fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create the state directory", dir, e))?;
+    let meta = fs::metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
+    if !meta.is_dir() {
+        return Err(Error::Config(format!(
+            "state directory {} is not a directory",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "the state directory is readable by other users; sandbox specs (including env) are stored there");
+    }
+    let lock = dir.join("gateway.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|e| Error::io("open", &lock, e))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            Error::StateDirLocked {
+                path: dir.to_owned(),
+                lock: lock.clone(),
+            }
+        } else {
+            Error::io("lock", &lock, errno.into())
+        }
+    })
+}
+
+/// The API socket file this process bound, with its lock. Dropping it
+/// removes the file if it is still the one bound here.
+struct SocketFile {
+    path: PathBuf,
+    identity: (u64, u64),
+    _lock: SocketLock,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(meta) = fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.identity
+            && let Err(e) = fs::remove_file(&self.path)
+        {
+            tracing::warn!(socket = %self.path.display(), error = %e, "could not remove the API socket");
+        }
+    }
+}
+
+/// The bound API listener.
+enum Listener {
+    Unix(UnixListener, SocketFile),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    async fn bind(addr: &ListenAddr) -> Result<Self> {
+        match addr {
+            ListenAddr::Unix(path) => {
+                if let Some(parent) = path.parent() {
+                    check_private_dir(parent, "socket directory")?;
+                }
+                let lock = socket::prepare_socket_for_bind(path)
+                    .map_err(|e| Error::lifecycle("gateway", e))?;
+                let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
+                let meta = fs::symlink_metadata(path).map_err(|e| Error::io("inspect", path, e))?;
+                let file = SocketFile {
+                    path: path.clone(),
+                    identity: (meta.dev(), meta.ino()),
+                    _lock: lock,
+                };
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                    .map_err(|e| Error::io("set mode 0600 on", path, e))?;
+                Ok(Self::Unix(listener, file))
+            }
+            ListenAddr::Tcp(addr) => TcpListener::bind(addr)
+                .await
+                .map(Self::Tcp)
+                .map_err(|e| Error::io("listen on", addr.to_string(), e)),
+        }
+    }
+
+    fn address(&self) -> String {
+        match self {
+            Self::Unix(_, file) => format!("unix://{}", file.path.display()),
+            Self::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "tcp://?".to_owned(), |a| format!("tcp://{a}")),
+        }
+    }
+}
+
+/// Acquires and initialises every driver, concurrently. If any fails, the
+/// ones that worked are stopped and the first error is returned.
+async fn start_drivers(
+    settings: &Settings,
+    ctx: &AcquireContext,
+) -> Result<Vec<Arc<DriverRuntime>>> {
+    let attempts = settings
+        .drivers
+        .iter()
+        .enumerate()
+        .map(|(index, plan)| async move {
+            let acquired = acquire::acquire(plan, ctx).await?;
+            DriverRuntime::initialize(plan, acquired, settings.timeouts.driver_call, index == 0)
+                .await
+        });
+    let results = join_all(attempts).await;
+    let mut runtimes = Vec::new();
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok(runtime) => runtimes.push(Arc::new(runtime)),
+            Err(error) => {
+                if first_error.is_some() {
+                    tracing::error!(error = %crate::error::error_chain(&error), "another driver failed to start");
+                } else {
+                    first_error = Some(error);
+                }
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        stop_drivers(&runtimes).await;
+        return Err(error);
+    }
+    Ok(runtimes)
+}
+
+/// Stops every managed driver; returns the failures.
+async fn stop_drivers(runtimes: &[Arc<DriverRuntime>]) -> Vec<String> {
+    let stops = runtimes.iter().filter_map(|runtime| {
+        let guard = runtime.take_guard()?;
+        let name = runtime.name.clone();
+        Some(async move {
+            guard
+                .shutdown()
+                .await
+                .map_err(|e| format!("driver '{name}': {e}"))
+        })
+    });
+    join_all(stops)
+        .await
+        .into_iter()
+        .filter_map(std::result::Result::err)
+        .collect()
+}
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<()> {
+    let signals = Signals::install()?;
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+    let _state_lock = lock_state_dir(&settings.state_dir)?;
+    let store = Store::open(&settings.state_dir.join("gateway.db"))?;
+    let uses_run_dir = settings.drivers.iter().any(|p| p.is_managed())
+        || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()));
+    if uses_run_dir {
+        check_private_dir(&settings.run_dir, "run directory")?;
+        socket::prepare_private_dir(&settings.run_dir)
+            .map_err(|e| Error::lifecycle("gateway", e))?;
+    }
+    let listener = Listener::bind(&settings.listen).await?;
+    let address = listener.address();
+    if !settings.listen.is_local() {
+        tracing::warn!(address = %address, "the API listens on an address other machines can reach, and it has no authentication (--allow-remote)");
+    }
+
+    let ctx = AcquireContext::new(
+        settings.run_dir.clone(),
+        settings.state_dir.clone(),
+        settings.timeouts.driver_connect,
+    );
+    let runtimes = tokio::select! {
+        started = start_drivers(&settings, &ctx) => started?,
+        () = signals.stop.cancelled() => {
+            tracing::info!("stop requested during startup");
+            return Ok(());
+        }
+    };
+    let gateway = Arc::new(Gateway::new(
+        store,
+        Registry::new(runtimes.clone()),
+        settings.timeouts,
+        address.clone(),
+    ));
+    let watch_cancel = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let startup = async {
+        gateway.report_orphaned_drivers().await?;
+        for runtime in &runtimes {
+            tasks.spawn(watcher::follow_health(
+                Arc::clone(&gateway),
+                Arc::clone(runtime),
+                watch_cancel.clone(),
+            ));
+        }
+        for runtime in &runtimes {
+            gateway.startup_sweep(runtime).await?;
+        }
+        for runtime in &runtimes {
+            let first = match watcher::connect(&gateway, runtime).await {
+                Ok(stream) => Some(stream),
+                Err(error) => {
+                    tracing::warn!(driver = %runtime.name, error = %error, "could not watch the driver at startup; retrying in the background");
+                    None
+                }
+            };
+            tasks.spawn(watcher::run(
+                Arc::clone(&gateway),
+                Arc::clone(runtime),
+                first,
+                watch_cancel.clone(),
+            ));
+        }
+        Ok::<(), Error>(())
+    };
+    let started = tokio::select! {
+        result = startup => result.map(|()| true),
+        () = signals.stop.cancelled() => Ok(false),
+    };
+    if !matches!(started, Ok(true)) {
+        watch_cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+        let failures = stop_drivers(&runtimes).await;
+        for failure in failures {
+            tracing::warn!("{failure}");
+        }
+        return started.map(drop);
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GatewayServer<GatewayService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let service = GatewayServer::new(GatewayService::new(Arc::clone(&gateway)));
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service);
+    let stopping = {
+        let stop = signals.stop.clone();
+        let gateway = Arc::clone(&gateway);
+        let health = health.clone();
+        async move {
+            stop.cancelled().await;
+            tracing::info!("stop requested; shutting down");
+            health
+                .set_not_serving::<GatewayServer<GatewayService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            gateway.shutdown.cancel();
+        }
+    };
+    tracing::info!(address = %address, drivers = %gateway.registry.names(), "listening");
+    let (serve, socket_file) = match listener {
+        Listener::Unix(listener, file) => (
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping),
+            ),
+            Some(file),
+        ),
+        Listener::Tcp(listener) => (
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping),
+            ),
+            None,
+        ),
+    };
+    let served = serve_until_stopped(serve, &signals).await;
+
+    // Shutdown, in order.
+    watch_cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let mut failures = Vec::new();
+    if let Err(error) = served {
+        failures.push(crate::error::error_chain(&error));
+    }
+    let sweep = tokio::select! {
+        failed = gateway.shutdown_sweep() => failed,
+        () = signals.force.cancelled() => {
+            tracing::warn!("second stop signal; skipping the sandbox stop sweep");
+            Vec::new()
+        }
+    };
+    if !sweep.is_empty() {
+        failures.push(format!(
+            "{} sandbox(es) could not be stopped: {}",
+            sweep.len(),
+            sweep.join("; ")
+        ));
+    }
+    failures.extend(stop_drivers(&runtimes).await);
+    drop(socket_file);
+    if failures.is_empty() {
+        tracing::info!("stopped");
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "gateway shutdown cleanup failed: {}",
+            failures.join("; ")
+        )))
+    }
+}
+
+/// Waits for the server to finish after a stop signal, giving open
+/// requests [`DRAIN_GRACE`].
+async fn serve_until_stopped(
+    mut serve: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    signals: &Signals,
+) -> Result<()> {
+    let result = tokio::select! {
+        result = &mut serve => result,
+        () = async { signals.stop.cancelled().await; tokio::time::sleep(DRAIN_GRACE).await } => {
+            tracing::warn!(grace = ?DRAIN_GRACE, "requests still open after the grace period; closing them");
+            serve.abort();
+            return Ok(());
+        }
+    };
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(Error::Internal(format!(
+            "serving the API failed: {}",
+            crate::error::error_chain(&error)
+        ))),
+        Err(join) => Err(Error::Internal(format!(
+            "the API server task failed: {join}"
+        ))),
+    }
+}

@@ -1,0 +1,235 @@
+//! One watch task per driver: consume the driver's WatchSandboxes stream,
+//! reconnect with backoff when it breaks, re-list and reconcile after every
+//! (re)connect and periodically, and follow a managed driver's restarts.
+//!
+//! A driver whose process the gateway supervises is available while its
+//! process is ready; the task waits for readiness before reconnecting and
+//! drops the stream as soon as the process is replaced. An attached
+//! driver is available exactly while its stream is connected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use driver_lifecycle::DriverHealth;
+use futures::FutureExt as _;
+use openshell_proto::compute::v1::WatchSandboxesEvent;
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+use crate::error::Result;
+use crate::gateway::{BusEvent, Gateway};
+use crate::registry::DriverRuntime;
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Opens the driver's watch stream, then lists and reconciles, so that
+/// nothing that happens between the two is missed.
+pub async fn connect(
+    gateway: &Gateway,
+    runtime: &DriverRuntime,
+) -> Result<Streaming<WatchSandboxesEvent>> {
+    let stream = runtime.driver.watch().await?;
+    let listed = runtime.driver.list().await?;
+    gateway.reconcile(runtime, listed).await?;
+    Ok(stream)
+}
+
+fn mark(gateway: &Gateway, runtime: &DriverRuntime, connected: bool, message: &str) {
+    if runtime.set_connected(connected, message) {
+        if connected {
+            tracing::info!(driver = %runtime.name, "driver reachable again");
+        } else {
+            tracing::warn!(driver = %runtime.name, reason = %message, "driver unreachable; reconnecting");
+        }
+        gateway.publish(BusEvent::DriverState {
+            driver: runtime.name.clone(),
+        });
+    }
+}
+
+/// Most events one transaction applies.
+const MAX_BATCH: usize = 512;
+
+/// Applies `first` and every event already buffered behind it as one batch.
+/// Returns why the stream ended, if it did while draining.
+async fn apply_buffered(
+    gateway: &Gateway,
+    runtime: &DriverRuntime,
+    stream: &mut Streaming<WatchSandboxesEvent>,
+    first: WatchSandboxesEvent,
+) -> Option<String> {
+    let mut batch = vec![first];
+    let mut ended = None;
+    while batch.len() < MAX_BATCH {
+        match stream.message().now_or_never() {
+            Some(Ok(Some(event))) => batch.push(event),
+            Some(Ok(None)) => {
+                ended = Some("the driver ended its watch stream".to_owned());
+                break;
+            }
+            Some(Err(status)) => {
+                ended = Some(format!("watch stream failed: {}", status.message()));
+                break;
+            }
+            None => break,
+        }
+    }
+    if let Err(error) = gateway.apply_events(&runtime.name, batch).await {
+        tracing::warn!(driver = %runtime.name, error = %error, "could not apply driver events");
+    }
+    ended
+}
+
+/// Waits until a supervised driver's process is ready; false if cancelled.
+async fn wait_ready(
+    health: &mut watch::Receiver<DriverHealth>,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        ready = health.wait_for(DriverHealth::is_ready) => ready.is_ok(),
+    }
+}
+
+fn incarnation(health: &DriverHealth) -> Option<u32> {
+    match health {
+        DriverHealth::Ready { incarnation, .. } => Some(*incarnation),
+        _ => None,
+    }
+}
+
+/// Mirrors a supervised driver's health into its status until cancelled.
+pub async fn follow_health(
+    gateway: Arc<Gateway>,
+    runtime: Arc<DriverRuntime>,
+    cancel: CancellationToken,
+) {
+    let Some(mut health) = runtime.health() else {
+        return;
+    };
+    loop {
+        let current = health.borrow_and_update().clone();
+        let was_available = runtime.is_available();
+        if runtime.apply_health(&current) {
+            if runtime.is_available() != was_available {
+                gateway.publish(BusEvent::DriverState {
+                    driver: runtime.name.clone(),
+                });
+            }
+            match &current {
+                DriverHealth::Ready { pid, .. } => {
+                    tracing::info!(driver = %runtime.name, pid, "driver ready again");
+                }
+                other => {
+                    tracing::warn!(driver = %runtime.name, health = ?other, "driver not ready");
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = health.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The watch loop of one driver. `first` is the stream opened during
+/// startup, if that worked.
+pub async fn run(
+    gateway: Arc<Gateway>,
+    runtime: Arc<DriverRuntime>,
+    first: Option<Streaming<WatchSandboxesEvent>>,
+    cancel: CancellationToken,
+) {
+    let mut health = runtime.health();
+    let mut pending = first;
+    let mut backoff = INITIAL_BACKOFF;
+    let mut reconcile = tokio::time::interval(gateway.timeouts.reconcile_interval);
+    reconcile.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    reconcile.tick().await;
+    loop {
+        if let Some(health) = health.as_mut()
+            && !wait_ready(health, &cancel).await
+        {
+            return;
+        }
+        let connected_to = health.as_ref().and_then(|h| incarnation(&h.borrow()));
+        let stream = match pending.take() {
+            Some(stream) => Ok(stream),
+            None => tokio::select! {
+                () = cancel.cancelled() => return,
+                opened = connect(&gateway, &runtime) => opened,
+            },
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                mark(&gateway, &runtime, false, &error.to_string());
+                tracing::debug!(driver = %runtime.name, error = %error, backoff = ?backoff, "watch connect failed");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                    () = runtime.wake.notified() => {}
+                    () = restarted(health.as_mut(), connected_to) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        mark(&gateway, &runtime, true, "");
+        backoff = INITIAL_BACKOFF;
+        reconcile.reset();
+        let reason = loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                message = stream.message() => match message {
+                    Ok(Some(event)) => {
+                        if let Some(reason) = apply_buffered(&gateway, &runtime, &mut stream, event).await {
+                            break reason;
+                        }
+                    }
+                    Ok(None) => break "the driver ended its watch stream".to_owned(),
+                    Err(status) => break format!("watch stream failed: {}", status.message()),
+                },
+                _ = reconcile.tick() => {
+                    match runtime.driver.list().await {
+                        Ok(listed) => {
+                            if let Err(error) = gateway.reconcile(&runtime, listed).await {
+                                tracing::warn!(driver = %runtime.name, error = %error, "periodic reconcile failed");
+                            }
+                        }
+                        Err(error) => tracing::warn!(driver = %runtime.name, error = %error, "periodic list failed"),
+                    }
+                }
+                () = restarted(health.as_mut(), connected_to) => break "the driver process was replaced".to_owned(),
+            }
+        };
+        mark(&gateway, &runtime, false, &reason);
+        tracing::debug!(driver = %runtime.name, reason = %reason, "watch stream lost");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+            () = runtime.wake.notified() => {}
+            () = restarted(health.as_mut(), connected_to) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Resolves when a supervised driver is no longer the process that was
+/// ready at `connected_to` (it died, or a new one is up). Never resolves
+/// for drivers without process health.
+async fn restarted(health: Option<&mut watch::Receiver<DriverHealth>>, connected_to: Option<u32>) {
+    let Some(health) = health else {
+        return std::future::pending().await;
+    };
+    if health
+        .wait_for(|h| incarnation(h) != connected_to)
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
+    }
+}

@@ -47,6 +47,13 @@ pub enum LifecycleError {
     NotADirectory { path: PathBuf },
 
     #[error(
+        "directory {path:?} can be entered by other users (mode {mode:o}); sockets are kept only \
+         in a private directory, and an existing one is never changed: use a directory of its \
+         own (for example a new subdirectory) or chmod 700 it"
+    )]
+    DirectoryNotPrivate { path: PathBuf, mode: u32 },
+
+    #[error(
         "directory {path:?} is owned by uid {owner}, not by this process (uid {euid}); \
          remove it or choose another directory"
     )]

@@ -4,8 +4,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::os::fd::RawFd;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::Stream;
@@ -14,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 
 use crate::error::{LifecycleError, Result};
-use crate::socket::{self, SocketLock};
+use crate::socket;
 use crate::spawn::{PARENT_PID_ENV, READY_FD_ENV, READY_LINE_PREFIX, READY_PROTOCOL_VERSION};
 
 /// Which peers may talk to the driver.
@@ -181,7 +180,7 @@ pub async fn serve_uds(
     }
     drop(reason_tx);
 
-    let (listener, bound) = bind(&options.socket)?;
+    let (listener, bound) = socket::bind_unix_listener(&options.socket)?;
     if let Some(ready) = ready {
         let mut file = fs::File::from(ready);
         let line = format!(
@@ -210,48 +209,13 @@ pub async fn serve_uds(
         }
     };
     let exit = reason_rx.try_recv().unwrap_or(ServeExit::Cancelled);
-    bound.remove();
+    drop(bound);
     served.map_err(|source| LifecycleError::Serve {
         path: options.socket.clone(),
         source,
     })?;
     tracing::info!(?exit, "driver stopped");
     Ok(exit)
-}
-
-/// The socket file this process bound: its lock, and the identity of the
-/// file so only this very file is removed later.
-struct BoundSocket {
-    path: PathBuf,
-    identity: (u64, u64),
-    _lock: SocketLock,
-}
-
-impl BoundSocket {
-    /// Removes the socket file if it is still the one we bound.
-    fn remove(&self) {
-        if let Ok(meta) = fs::symlink_metadata(&self.path)
-            && (meta.dev(), meta.ino()) == self.identity
-        {
-            socket::remove_socket_if_socket(&self.path);
-        }
-    }
-}
-
-fn bind(path: &Path) -> Result<(UnixListener, BoundSocket)> {
-    let lock = socket::prepare_socket_for_bind(path)?;
-    let listener = UnixListener::bind(path).map_err(|e| LifecycleError::io("bind", path, e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| LifecycleError::io("set mode 0600 on", path, e))?;
-    let meta = fs::symlink_metadata(path).map_err(|e| LifecycleError::io("inspect", path, e))?;
-    Ok((
-        listener,
-        BoundSocket {
-            path: path.to_owned(),
-            identity: (meta.dev(), meta.ino()),
-            _lock: lock,
-        },
-    ))
 }
 
 /// Accepted connections whose peers pass `peers`; others are dropped with a

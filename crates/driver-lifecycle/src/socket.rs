@@ -36,20 +36,25 @@ fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
-/// Creates `dir` (and missing parents) and makes sure it is a private
-/// directory: a real directory, not a symlink, owned by this process's
-/// effective uid, mode 0700.
+/// Makes sure `dir` is a private directory: a real directory (not a
+/// symlink), owned by this process's effective uid, that no other user can
+/// enter. A missing directory is created (with missing parents) mode 0700.
+/// An existing one is never changed: one that others can enter is refused,
+/// because it may be a shared or system directory (`/tmp`, `/run`) that
+/// others rely on.
 pub fn prepare_private_dir(dir: &Path) -> Result<()> {
-    match fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
-        Ok(()) => {}
-        // `recursive(true)` reports AlreadyExists when the path is a
-        // non-directory; the lstat below names the problem precisely.
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(LifecycleError::io("create directory", dir, e)),
+    let existed = fs::symlink_metadata(dir).is_ok();
+    if !existed {
+        match fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            Ok(()) => {}
+            // Lost a race with someone creating it; the checks below decide.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(LifecycleError::io("create directory", dir, e)),
+        }
     }
     let meta = fs::symlink_metadata(dir).map_err(|e| LifecycleError::io("inspect", dir, e))?;
     if meta.file_type().is_symlink() {
@@ -69,9 +74,12 @@ pub fn prepare_private_dir(dir: &Path) -> Result<()> {
             euid: euid(),
         });
     }
-    if meta.mode() & 0o7777 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| LifecycleError::io("set mode 0700 on", dir, e))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(LifecycleError::DirectoryNotPrivate {
+            path: dir.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -221,6 +229,52 @@ pub fn prepare_socket_for_bind(socket: &Path) -> Result<SocketLock> {
     Ok(lock)
 }
 
+/// A socket file this process bound: it holds the path's lock, and on drop
+/// removes the file if it is still the very file that was bound (same
+/// device and inode), so a successor's socket is never unlinked.
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: PathBuf,
+    identity: (u64, u64),
+    _lock: SocketLock,
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if let Ok(meta) = fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.identity
+        {
+            remove_socket_if_socket(&self.path);
+        }
+    }
+}
+
+/// Binds a listener at `path` under every rule of this module (private
+/// directory, length, lock, stale-socket checks) and makes the socket 0600.
+/// Keep the returned [`BoundSocket`] for as long as the listener serves.
+pub fn bind_unix_listener(path: &Path) -> Result<(tokio::net::UnixListener, BoundSocket)> {
+    let lock = prepare_socket_for_bind(path)?;
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| LifecycleError::io("bind", path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| LifecycleError::io("set mode 0600 on", path, e))?;
+    let meta = fs::symlink_metadata(path).map_err(|e| LifecycleError::io("inspect", path, e))?;
+    Ok((
+        listener,
+        BoundSocket {
+            path: path.to_owned(),
+            identity: (meta.dev(), meta.ino()),
+            _lock: lock,
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,13 +301,30 @@ mod tests {
     }
 
     #[test]
-    fn private_dir_is_tightened_to_0700() {
+    fn missing_private_dir_is_created_0700() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a").join("run");
+        prepare_private_dir(&dir).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn existing_shared_dir_is_refused_and_left_alone() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("run");
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_private_dir(&dir).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let err = prepare_private_dir(&dir).unwrap_err();
+        assert!(
+            matches!(err, LifecycleError::DirectoryNotPrivate { mode: 0o755, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 700"), "{err}");
+        assert_eq!(
+            fs::metadata(&dir).unwrap().mode() & 0o777,
+            0o755,
+            "mode untouched"
+        );
     }
 
     #[test]

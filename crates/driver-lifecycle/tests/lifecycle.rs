@@ -487,7 +487,7 @@ async fn driver_exits_when_its_parent_is_sigkilled() {
 async fn stale_socket_is_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let endpoint = endpoint(tmp.path());
-    std::fs::create_dir_all(endpoint.socket.parent().unwrap()).unwrap();
+    driver_lifecycle::socket::prepare_private_dir(endpoint.socket.parent().unwrap()).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&endpoint.socket).unwrap());
     assert!(
         endpoint.socket.exists(),
@@ -504,7 +504,7 @@ async fn stale_socket_is_removed() {
 async fn live_listener_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let endpoint = endpoint(tmp.path());
-    std::fs::create_dir_all(endpoint.socket.parent().unwrap()).unwrap();
+    driver_lifecycle::socket::prepare_private_dir(endpoint.socket.parent().unwrap()).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind(&endpoint.socket).unwrap();
     let err = ManagedDriverProcess::spawn(&endpoint, driver_command(&[]), quiet(Readiness::Auto))
         .await
@@ -527,7 +527,7 @@ async fn live_listener_is_refused() {
 async fn regular_file_is_refused_and_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let endpoint = endpoint(tmp.path());
-    std::fs::create_dir_all(endpoint.socket.parent().unwrap()).unwrap();
+    driver_lifecycle::socket::prepare_private_dir(endpoint.socket.parent().unwrap()).unwrap();
     std::fs::write(&endpoint.socket, b"precious").unwrap();
     let err = ManagedDriverProcess::spawn(&endpoint, driver_command(&[]), quiet(Readiness::Auto))
         .await

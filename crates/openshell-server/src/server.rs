@@ -10,12 +10,12 @@
 //! A second signal skips the sandbox sweep.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use driver_lifecycle::socket::{self, SocketLock};
+use driver_lifecycle::socket;
 use futures::future::join_all;
 use nix::fcntl::{Flock, FlockArg};
 use openshell_proto::gateway::v1::gateway_server::GatewayServer;
@@ -65,33 +65,6 @@ impl Signals {
     }
 }
 
-/// A directory the gateway keeps sockets in must be private (0700). One
-/// that does not exist yet is created that way later; an existing one that
-/// other users can enter is refused rather than tightened, because it may
-/// be a shared or system directory (`/tmp`, `/run`) that others rely on.
-fn check_private_dir(dir: &Path, what: &str) -> Result<()> {
-    let Ok(meta) = fs::symlink_metadata(dir) else {
-        return Ok(());
-    };
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        return Err(Error::Config(format!(
-            "{what} {} is not a plain directory (it is a symbolic link or a file)",
-            dir.display()
-        )));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "{what} {} can be entered by other users (mode {mode:o}); the gateway keeps sockets \
-             only in a private directory and does not change the mode of one that exists: \
-             use a directory of its own such as {}, or chmod 700 it",
-            dir.display(),
-            dir.join("openshell").display()
-        )));
-    }
-    Ok(())
-}
-
 /// Creates the state directory (0700 when new) and takes its lock.
 fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
     fs::DirBuilder::new()
@@ -128,28 +101,9 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
     })
 }
 
-/// The API socket file this process bound, with its lock. Dropping it
-/// removes the file if it is still the one bound here.
-struct SocketFile {
-    path: PathBuf,
-    identity: (u64, u64),
-    _lock: SocketLock,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if let Ok(meta) = fs::symlink_metadata(&self.path)
-            && (meta.dev(), meta.ino()) == self.identity
-            && let Err(e) = fs::remove_file(&self.path)
-        {
-            tracing::warn!(socket = %self.path.display(), error = %e, "could not remove the API socket");
-        }
-    }
-}
-
 /// The bound API listener.
 enum Listener {
-    Unix(UnixListener, SocketFile),
+    Unix(UnixListener, socket::BoundSocket),
     Tcp(TcpListener),
 }
 
@@ -157,20 +111,8 @@ impl Listener {
     async fn bind(addr: &ListenAddr) -> Result<Self> {
         match addr {
             ListenAddr::Unix(path) => {
-                if let Some(parent) = path.parent() {
-                    check_private_dir(parent, "socket directory")?;
-                }
-                let lock = socket::prepare_socket_for_bind(path)
-                    .map_err(|e| Error::lifecycle("gateway", e))?;
-                let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
-                let meta = fs::symlink_metadata(path).map_err(|e| Error::io("inspect", path, e))?;
-                let file = SocketFile {
-                    path: path.clone(),
-                    identity: (meta.dev(), meta.ino()),
-                    _lock: lock,
-                };
-                fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                    .map_err(|e| Error::io("set mode 0600 on", path, e))?;
+                let (listener, file) =
+                    socket::bind_unix_listener(path).map_err(|e| Error::lifecycle("gateway", e))?;
                 Ok(Self::Unix(listener, file))
             }
             ListenAddr::Tcp(addr) => TcpListener::bind(addr)
@@ -182,7 +124,7 @@ impl Listener {
 
     fn address(&self) -> String {
         match self {
-            Self::Unix(_, file) => format!("unix://{}", file.path.display()),
+            Self::Unix(_, file) => format!("unix://{}", file.path().display()),
             Self::Tcp(listener) => listener
                 .local_addr()
                 .map_or_else(|_| "tcp://?".to_owned(), |a| format!("tcp://{a}")),
@@ -257,7 +199,6 @@ pub async fn run(settings: Settings) -> Result<()> {
     let uses_run_dir = settings.drivers.iter().any(|p| p.is_managed())
         || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()));
     if uses_run_dir {
-        check_private_dir(&settings.run_dir, "run directory")?;
         socket::prepare_private_dir(&settings.run_dir)
             .map_err(|e| Error::lifecycle("gateway", e))?;
     }

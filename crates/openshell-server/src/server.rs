@@ -111,8 +111,9 @@ impl Listener {
     async fn bind(addr: &ListenAddr) -> Result<Self> {
         match addr {
             ListenAddr::Unix(path) => {
-                let (listener, file) =
-                    socket::bind_unix_listener(path).map_err(|e| Error::lifecycle("gateway", e))?;
+                let (listener, file) = socket::bind_unix_listener(path).map_err(|e| {
+                    Error::Config(format!("cannot listen on {}: {e}", path.display()))
+                })?;
                 Ok(Self::Unix(listener, file))
             }
             ListenAddr::Tcp(addr) => TcpListener::bind(addr)
@@ -200,7 +201,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()));
     if uses_run_dir {
         socket::prepare_private_dir(&settings.run_dir)
-            .map_err(|e| Error::lifecycle("gateway", e))?;
+            .map_err(|e| Error::Config(format!("run directory: {e}")))?;
     }
     let listener = Listener::bind(&settings.listen).await?;
     let address = listener.address();

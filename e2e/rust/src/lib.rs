@@ -192,8 +192,10 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new() -> Self {
+        // Private (0700): sockets are placed directly in it.
         let dir = tempfile::Builder::new()
             .prefix("ose2e.")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in("/tmp")
             .expect("temp dir");
         let suffix = dir

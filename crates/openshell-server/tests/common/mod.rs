@@ -60,8 +60,10 @@ pub struct Dirs {
 impl Dirs {
     pub fn new() -> Self {
         Self {
+            // Private (0700), as every socket directory must be.
             tmp: tempfile::Builder::new()
                 .prefix("gw")
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .tempdir_in("/tmp")
                 .expect("temp dir"),
         }

@@ -239,15 +239,16 @@ async fn locate(
         )));
     }
 
-    let tried = if tried.is_empty() {
-        "socket discovery is off (discover_podman_socket = false)".to_owned()
+    let what = if tried.is_empty() {
+        "no Podman engine to use: socket discovery is off (discover_podman_socket = false) and \
+         starting a service is off"
+            .to_owned()
     } else {
-        format!("tried {}", tried.join(", "))
+        format!("no Podman engine answered (tried {})", tried.join(", "))
     };
     Err(Error::FailedPrecondition(format!(
-        "no Podman engine answered ({tried}). Start one (`podman system service --time=0 \
-         unix://{ROOTFUL_SOCKET}`), point --podman-socket at one, or pass \
-         --start-podman-service to let the driver run its own"
+        "{what}. Start one (`podman system service --time=0 unix://{ROOTFUL_SOCKET}`), point \
+         --podman-socket at one, or pass --start-podman-service to let the driver run its own"
     )))
 }
 

@@ -270,8 +270,7 @@ impl Observer {
                 return;
             }
             match outcome {
-                Ok(true) => backoff = Duration::from_millis(20),
-                Ok(false) => {}
+                Ok(()) => backoff = Duration::from_millis(20),
                 Err(error) => {
                     tracing::debug!(error = %error, "podman event session ended");
                     if error.is_engine_unavailable() {
@@ -294,8 +293,9 @@ impl Observer {
         }
     }
 
-    /// One session. `Ok(true)` when it synced and then lost the stream.
-    async fn session(&self, cancel: &CancellationToken) -> Result<bool> {
+    /// One session: subscribe, list, then follow events. `Ok` when it
+    /// synced and later lost the stream (or was cancelled).
+    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
         let mut events = self.core.client.events().await?;
         let current = self.core.observe_all().await?;
         self.engine_up();
@@ -304,7 +304,7 @@ impl Observer {
         loop {
             let line = tokio::select! {
                 line = events.next_line() => line,
-                () = cancel.cancelled() => return Ok(true),
+                () = cancel.cancelled() => return Ok(()),
             };
             match line {
                 Ok(Some(line)) => {
@@ -320,11 +320,11 @@ impl Observer {
                 }
                 Ok(None) => {
                     tracing::debug!("podman event stream ended; reconnecting");
-                    return Ok(true);
+                    return Ok(());
                 }
                 Err(error) => {
                     tracing::debug!(error = %error, "podman event stream failed; reconnecting");
-                    return Ok(true);
+                    return Ok(());
                 }
             }
         }

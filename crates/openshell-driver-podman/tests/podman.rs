@@ -435,6 +435,35 @@ async fn stop_start_and_delete_are_idempotent() {
         assert!(ready_true(&running), "{running:?}");
     }
 
+    // Paused behind the driver's back: reported as suspended; both stop and
+    // start still work.
+    let container = get(&mut client, &id)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .instance_id;
+    let pause = |engine: &common::TestEngine| {
+        let output = engine
+            .remote()
+            .args(["pause", &container])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    pause(&engine);
+    let paused = wait_for(&mut client, &id, "paused", is_suspended).await;
+    assert_eq!(ready_condition(&paused).unwrap().1, "ContainerPaused");
+    start(&mut client, &id).await.expect("start unpauses");
+    assert!(ready_true(&get(&mut client, &id).await.unwrap()));
+    pause(&engine);
+    wait_for(&mut client, &id, "paused again", is_suspended).await;
+    stop(&mut client, &id)
+        .await
+        .expect("stop of a paused sandbox");
+    let stopped = get(&mut client, &id).await.unwrap();
+    assert_eq!(ready_condition(&stopped).unwrap().1, "ContainerStopped");
+
     assert!(delete(&mut client, &id).await.unwrap());
     assert!(
         !delete(&mut client, &id).await.unwrap(),

@@ -41,6 +41,20 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+impl Answer {
+    /// The status, with "no such container" answers (which Podman sometimes
+    /// sends as 500 while a container is being removed) counted as 404.
+    pub fn status(&self) -> StatusCode {
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR
+            && String::from_utf8_lossy(&self.body).contains("no such container")
+        {
+            StatusCode::NOT_FOUND
+        } else {
+            self.status
+        }
+    }
+}
+
 /// Client for one engine socket. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Podman {
@@ -185,8 +199,8 @@ impl Podman {
         body: Option<Vec<u8>>,
     ) -> Result<T> {
         let answer = self.call(action, method, path, body, CALL_TIMEOUT).await?;
-        if !answer.status.is_success() {
-            return Err(engine_error(action, answer.status, &answer.body));
+        if !answer.status().is_success() {
+            return Err(engine_error(action, answer.status(), &answer.body));
         }
         decode(action, &answer.body)
     }
@@ -246,7 +260,7 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => decode(action, &answer.body).map(Some),
             s => Err(engine_error(action, s, &answer.body)),
@@ -264,7 +278,7 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),
             s => Err(engine_error(action, s, &answer.body)),
@@ -298,7 +312,7 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_MODIFIED => Ok(false),
             s if s.is_success() => Ok(true),
             s => Err(engine_error(action, s, &answer.body)),
@@ -322,7 +336,7 @@ impl Podman {
                 timeout + CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_MODIFIED => Ok(false),
             s if s.is_success() => Ok(true),
             s => Err(engine_error(action, s, &answer.body)),
@@ -340,10 +354,10 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        if answer.status.is_success() {
+        if answer.status().is_success() {
             Ok(())
         } else {
-            Err(engine_error(action, answer.status, &answer.body))
+            Err(engine_error(action, answer.status(), &answer.body))
         }
     }
 
@@ -360,7 +374,7 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),
             s => Err(engine_error(action, s, &answer.body)),
@@ -379,7 +393,7 @@ impl Podman {
                 CALL_TIMEOUT,
             )
             .await?;
-        match answer.status {
+        match answer.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => decode(action, &answer.body).map(Some),
             s => Err(engine_error(action, s, &answer.body)),
@@ -480,6 +494,22 @@ mod tests {
             encode("localhost/openshell-busybox:latest"),
             "localhost%2Fopenshell%2Dbusybox%3Alatest"
         );
+    }
+
+    #[test]
+    fn no_such_container_counts_as_not_found() {
+        let answer = Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            body: Bytes::from_static(
+                br#"{"cause":"no such container","message":"container x does not exist in database: no such container","response":500}"#,
+            ),
+        };
+        assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+        let other = Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            body: Bytes::from_static(b"boom"),
+        };
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The `ComputeDriver` service on top of Podman.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
@@ -32,12 +34,61 @@ pub const DRIVER_NAME: &str = "openshell-driver-podman";
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
+/// One async lock per sandbox id, so changes to one sandbox happen one at
+/// a time and in the order they arrived. Entries go away when unused.
+#[derive(Debug, Default)]
+pub(crate) struct Gates {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds a sandbox's gate; dropping it lets the next change in.
+pub(crate) struct Gate {
+    gates: Arc<Gates>,
+    id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Gates {
+    pub(crate) async fn enter(self: &Arc<Self>, id: &str) -> Gate {
+        let lock = Arc::clone(
+            self.locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(id.to_owned())
+                .or_default(),
+        );
+        Gate {
+            gates: Arc::clone(self),
+            id: id.to_owned(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .gates
+            .locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if locks
+            .get(&self.id)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            locks.remove(&self.id);
+        }
+    }
+}
+
 /// The driver. Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct PodmanDriver {
     pub(crate) core: Arc<Core>,
     pub(crate) observer: Arc<Observer>,
     pub(crate) cancel: CancellationToken,
+    pub(crate) gates: Arc<Gates>,
 }
 
 impl PodmanDriver {
@@ -63,6 +114,7 @@ impl PodmanDriver {
             core,
             observer,
             cancel,
+            gates: Arc::default(),
         };
         driver.forget_orphaned_state().await;
         Ok(driver)
@@ -81,6 +133,26 @@ impl PodmanDriver {
                 tracing::warn!(sandbox_id = %id, error = %error, "could not remove leftover sandbox state");
             }
         }
+    }
+
+    /// Runs a change to sandbox `id` in its own task, behind the sandbox's
+    /// gate: a caller that goes away (a cancelled RPC) cannot leave it half
+    /// done, and changes to one sandbox do not interleave.
+    async fn owned<T, F, Fut>(&self, id: &str, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Self) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let driver = self.clone();
+        let gates = Arc::clone(&self.gates);
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _gate = gates.enter(&id).await;
+            work(driver).await
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a sandbox operation task failed: {e}")))?
     }
 
     pub fn capabilities(&self) -> GetCapabilitiesResponse {
@@ -421,7 +493,11 @@ impl ComputeDriver for PodmanDriver {
         request: Request<CreateSandboxRequest>,
     ) -> std::result::Result<Response<CreateSandboxResponse>, Status> {
         let sandbox = field(request.into_inner().sandbox, "sandbox")?;
-        self.create(Some(&sandbox)).await?;
+        let id = sandbox.id.clone();
+        self.owned(&id, move |driver| async move {
+            driver.create(Some(&sandbox)).await
+        })
+        .await?;
         Ok(Response::new(CreateSandboxResponse {}))
     }
 
@@ -429,7 +505,12 @@ impl ComputeDriver for PodmanDriver {
         &self,
         request: Request<StopSandboxRequest>,
     ) -> std::result::Result<Response<StopSandboxResponse>, Status> {
-        self.stop(&request.get_ref().sandbox_id).await?;
+        let id = request.into_inner().sandbox_id;
+        self.owned(
+            &id.clone(),
+            move |driver| async move { driver.stop(&id).await },
+        )
+        .await?;
         Ok(Response::new(StopSandboxResponse {}))
     }
 
@@ -437,7 +518,12 @@ impl ComputeDriver for PodmanDriver {
         &self,
         request: Request<StartSandboxRequest>,
     ) -> std::result::Result<Response<StartSandboxResponse>, Status> {
-        self.start(&request.get_ref().sandbox_id).await?;
+        let id = request.into_inner().sandbox_id;
+        self.owned(
+            &id.clone(),
+            move |driver| async move { driver.start(&id).await },
+        )
+        .await?;
         Ok(Response::new(StartSandboxResponse {}))
     }
 
@@ -445,7 +531,12 @@ impl ComputeDriver for PodmanDriver {
         &self,
         request: Request<DeleteSandboxRequest>,
     ) -> std::result::Result<Response<DeleteSandboxResponse>, Status> {
-        let deleted = self.delete(&request.get_ref().sandbox_id).await?;
+        let id = request.into_inner().sandbox_id;
+        let deleted = self
+            .owned(&id.clone(), move |driver| async move {
+                driver.delete(&id).await
+            })
+            .await?;
         Ok(Response::new(DeleteSandboxResponse { deleted }))
     }
 
@@ -472,5 +563,38 @@ impl ComputeDriver for PodmanDriver {
         _request: Request<DeleteWorkspaceRequest>,
     ) -> std::result::Result<Response<DeleteWorkspaceResponse>, Status> {
         Ok(Response::new(DeleteWorkspaceResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn gates_serialise_one_sandbox_and_clean_up() {
+        let gates = Arc::new(Gates::default());
+        let first = gates.enter("a").await;
+        // Another sandbox is not held up.
+        let other = tokio::time::timeout(std::time::Duration::from_secs(5), gates.enter("b"))
+            .await
+            .expect("a different sandbox enters at once");
+        // The same sandbox waits for the first to leave.
+        let waiting = tokio::spawn({
+            let gates = Arc::clone(&gates);
+            async move { gates.enter("a").await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        let second = waiting.await.expect("the waiter enters");
+        drop(second);
+        drop(other);
+        assert!(
+            gates
+                .locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
     }
 }

@@ -59,6 +59,10 @@ pub enum Error {
 
     #[error(transparent)]
     Lifecycle(#[from] driver_lifecycle::LifecycleError),
+
+    /// A bug or a crash inside the driver.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -119,7 +123,8 @@ impl From<Error> for tonic::Status {
             Error::Engine { .. }
             | Error::Protocol { .. }
             | Error::Io { .. }
-            | Error::Lifecycle(_) => Self::internal(message),
+            | Error::Lifecycle(_)
+            | Error::Internal(_) => Self::internal(message),
         }
     }
 }

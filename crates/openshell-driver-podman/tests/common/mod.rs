@@ -54,7 +54,13 @@ fn podman_works() -> Result<(), String> {
     }
 }
 
+/// Builds the test image once per test process.
 fn ensure_image() -> Result<(), String> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_image).clone()
+}
+
+fn build_image() -> Result<(), String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/podman-test-image.sh");
     let output = Command::new("bash")
         .arg(&script)

@@ -27,7 +27,15 @@ pub struct Core {
     pub client: Podman,
     pub ulimits: BTreeMap<String, Ulimit>,
     pub state: StateDir,
+    /// How often the observer lists everything again, as a safety net for
+    /// events the engine did not deliver.
+    pub resync_every: Duration,
 }
+
+/// Full re-list interval while events flow.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
+/// Full re-list interval for an engine that records no events.
+pub const RESYNC_WITHOUT_EVENTS: Duration = Duration::from_secs(2);
 
 impl Core {
     pub fn instance(&self) -> &str {

@@ -101,14 +101,25 @@ impl PodmanDriver {
         cancel: CancellationToken,
     ) -> Result<Self> {
         let state = StateDir::open(&settings.state_dir)?;
+        let resync_every = if engine.info.host.event_logger == "none" {
+            tracing::warn!(
+                "the Podman engine records no events (events_logger = \"none\"); sandbox \
+                 changes are noticed by polling every {:?}",
+                crate::core::RESYNC_WITHOUT_EVENTS
+            );
+            crate::core::RESYNC_WITHOUT_EVENTS
+        } else {
+            crate::core::RESYNC_EVERY
+        };
         let core = Arc::new(Core {
             settings,
             client: engine.client.clone(),
             ulimits: engine.ulimits.clone(),
             state,
+            resync_every,
         });
-        let observer = Observer::new(Arc::clone(&core));
-        tokio::spawn(Arc::clone(&observer).run(cancel.clone()));
+        let (observer, commands) = Observer::new(Arc::clone(&core));
+        tokio::spawn(Arc::clone(&observer).run(commands, cancel.clone()));
         observer.wait_synced().await;
         let driver = Self {
             core,
@@ -240,7 +251,7 @@ impl PodmanDriver {
             return Err(error);
         }
         tracing::info!(sandbox_id = %plan.id, sandbox = %plan.name, container = %created.id, image = %plan.image, "sandbox created");
-        self.observer.refresh(&plan.id, &created.id).await;
+        self.observer.refresh(&plan.id, &created.id);
         Ok(())
     }
 
@@ -306,7 +317,7 @@ impl PodmanDriver {
         }
         self.core.wait_stopped(&container.id).await?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox stopped");
-        self.observer.refresh(id, &container.id).await;
+        self.observer.refresh(id, &container.id);
         Ok(())
     }
 
@@ -337,7 +348,7 @@ impl PodmanDriver {
                     if let Err(record) = self.core.state.record_start_failure(id, &failure) {
                         tracing::warn!(sandbox_id = %id, error = %record, "could not record a start failure");
                     }
-                    self.observer.refresh(id, &container.id).await;
+                    self.observer.refresh(id, &container.id);
                     return Err(error);
                 }
             }
@@ -345,7 +356,7 @@ impl PodmanDriver {
         self.core.state.clear_stopped(id)?;
         self.core.state.clear_start_failure(id)?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
-        self.observer.refresh(id, &container.id).await;
+        self.observer.refresh(id, &container.id);
         Ok(())
     }
 
@@ -358,7 +369,7 @@ impl PodmanDriver {
         };
         let removed = self.core.client.remove(&container.id).await?;
         self.core.state.forget(id)?;
-        self.observer.apply_removed(id, Some(&container.id));
+        self.observer.removed(id, &container.id);
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox deleted");
         Ok(removed)
     }

@@ -12,6 +12,12 @@
 //!
 //! A client stream takes the current picture and a subscription under the
 //! same lock, so it sees every sandbox once and then every change after it.
+//!
+//! Only the observer's own task changes the picture. The RPCs that change
+//! a sandbox ask it to re-inspect (or forget) that sandbox through a
+//! channel, so all inspections happen one after another and a later
+//! observation can never be overwritten by an earlier one, and a full list
+//! is applied without anything interleaving.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -75,23 +81,60 @@ fn rfc3339(at: SystemTime) -> String {
         .unwrap_or_default()
 }
 
+/// What the RPCs ask the observer to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Inspect this container again.
+    Refresh {
+        sandbox_id: String,
+        container_id: String,
+    },
+    /// This container was removed.
+    Removed {
+        sandbox_id: String,
+        container_id: String,
+    },
+}
+
 #[derive(Debug)]
 pub struct Observer {
     core: Arc<Core>,
     shared: Mutex<Shared>,
     tx: broadcast::Sender<WatchSandboxesEvent>,
     synced: watch::Sender<bool>,
+    commands: mpsc::UnboundedSender<Command>,
 }
 
 impl Observer {
-    pub fn new(core: Arc<Core>) -> Arc<Self> {
+    /// The observer and the receiving end of its command channel, for
+    /// [`Observer::run`].
+    pub fn new(core: Arc<Core>) -> (Arc<Self>, mpsc::UnboundedReceiver<Command>) {
         let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
-        Arc::new(Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let observer = Arc::new(Self {
             core,
             shared: Mutex::new(Shared::default()),
             tx,
             synced: watch::channel(false).0,
-        })
+            commands,
+        });
+        (observer, receiver)
+    }
+
+    /// Asks the observer to inspect a sandbox's container again.
+    pub fn refresh(&self, sandbox_id: &str, container_id: &str) {
+        let _ = self.commands.send(Command::Refresh {
+            sandbox_id: sandbox_id.to_owned(),
+            container_id: container_id.to_owned(),
+        });
+    }
+
+    /// Tells the observer a sandbox's container was removed.
+    pub fn removed(&self, sandbox_id: &str, container_id: &str) {
+        let _ = self.commands.send(Command::Removed {
+            sandbox_id: sandbox_id.to_owned(),
+            container_id: container_id.to_owned(),
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -99,7 +142,7 @@ impl Observer {
     }
 
     /// Records an observation; broadcasts it when it changed.
-    pub fn apply(&self, sandbox: DriverSandbox) {
+    fn apply(&self, sandbox: DriverSandbox) {
         let container_id = sandbox
             .status
             .as_ref()
@@ -125,7 +168,7 @@ impl Observer {
 
     /// Records that a sandbox is gone. With `container_id`, only when the
     /// known sandbox is that container.
-    pub fn apply_removed(&self, sandbox_id: &str, container_id: Option<&str>) {
+    fn apply_removed(&self, sandbox_id: &str, container_id: Option<&str>) {
         let mut shared = self.lock();
         let matches = shared.sandboxes.get(sandbox_id).is_some_and(|known| {
             container_id.is_none_or(|c| known.container_id.is_empty() || known.container_id == c)
@@ -172,7 +215,7 @@ impl Observer {
     }
 
     /// Re-inspects one container and records what it shows now.
-    pub async fn refresh(&self, sandbox_id: &str, container_id: &str) {
+    async fn inspect_again(&self, sandbox_id: &str, container_id: &str) {
         match self.core.observe_container(container_id).await {
             Ok(Some(sandbox)) => self.apply(sandbox),
             Ok(None) => self.apply_removed(sandbox_id, Some(container_id)),
@@ -262,10 +305,14 @@ impl Observer {
     }
 
     /// Runs sessions until `cancel` fires, reconnecting with backoff.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        cancel: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let outcome = self.session(&cancel).await;
+            let outcome = self.session(&mut commands, &cancel).await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -295,15 +342,41 @@ impl Observer {
 
     /// One session: subscribe, list, then follow events. `Ok` when it
     /// synced and later lost the stream (or was cancelled).
-    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+    async fn session(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
         let mut events = self.core.client.events().await?;
+        // Whatever was asked before this point is covered by the list.
+        while commands.try_recv().is_ok() {}
         let current = self.core.observe_all().await?;
         self.engine_up();
         self.resync(current);
         self.synced.send_replace(true);
+        let mut resync = tokio::time::interval(self.core.resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
         loop {
             let line = tokio::select! {
                 line = events.next_line() => line,
+                _ = resync.tick() => {
+                    // A safety net for events the engine did not deliver.
+                    let current = self.core.observe_all().await?;
+                    self.resync(current);
+                    continue;
+                }
+                Some(command) = commands.recv() => {
+                    match command {
+                        Command::Refresh { sandbox_id, container_id } => {
+                            self.inspect_again(&sandbox_id, &container_id).await;
+                        }
+                        Command::Removed { sandbox_id, container_id } => {
+                            self.apply_removed(&sandbox_id, Some(&container_id));
+                        }
+                    }
+                    continue;
+                }
                 () = cancel.cancelled() => return Ok(()),
             };
             match line {
@@ -346,7 +419,7 @@ impl Observer {
             self.apply_removed(sandbox_id, Some(&event.actor.id));
             return;
         }
-        self.refresh(sandbox_id, &event.actor.id).await;
+        self.inspect_again(sandbox_id, &event.actor.id).await;
         if let Some(platform) = platform_event(event, self.core.state.is_stopped(sandbox_id)) {
             self.platform(sandbox_id, platform);
         }

@@ -26,6 +26,8 @@ pub struct Info {
 #[serde(default, rename_all = "camelCase")]
 pub struct HostInfo {
     pub cgroup_manager: String,
+    /// Where the engine records events; "none" means it records none.
+    pub event_logger: String,
     pub cgroup_version: String,
     pub oci_runtime: OciRuntimeInfo,
     pub network_backend: String,

@@ -110,11 +110,6 @@ impl Engine {
             stop_service(service).await;
         }
     }
-
-    /// Pid of the engine service this driver started.
-    pub fn service_pid(&self) -> Option<u32> {
-        self.service.as_ref().and_then(ManagedDriverProcess::pid)
-    }
 }
 
 async fn stop_service(service: ManagedDriverProcess) {

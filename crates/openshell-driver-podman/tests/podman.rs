@@ -901,3 +901,64 @@ async fn memory_limits_apply_and_oom_kills_are_reported() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_is_reported_until_a_start_succeeds() {
+    let engine = engine_or_skip!();
+    let instance = unique("refu");
+    engine.clean_up_instance(&instance);
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Standalone::start(
+        dir.path(),
+        &base_args(&engine, &instance, &dir.path().join("state")),
+    )
+    .await;
+    let mut client = driver.client().await;
+    let request = sandbox("refused", &["/bin/sleep", "100000"]);
+    create(&mut client, &request).await.unwrap();
+    stop(&mut client, &request.id).await.unwrap();
+    let container = get(&mut client, &request.id)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .instance_id;
+
+    // Take the program away inside the stopped container's filesystem.
+    let mounted = std::process::Command::new("podman")
+        .args(["mount", &container])
+        .output()
+        .unwrap();
+    if !mounted.status.success() {
+        eprintln!(
+            "skipped: `podman mount` is not available here ({})",
+            String::from_utf8_lossy(&mounted.stderr).trim()
+        );
+        return;
+    }
+    let root = std::path::PathBuf::from(String::from_utf8_lossy(&mounted.stdout).trim());
+    let program = root.join("bin/sleep");
+    std::fs::remove_file(&program).unwrap();
+
+    let status = start(&mut client, &request.id).await.unwrap_err();
+    invalid(&status, tonic::Code::FailedPrecondition, "spec.command");
+    let refused = get(&mut client, &request.id).await.unwrap();
+    assert!(is_suspended(&refused), "still stopped: {refused:?}");
+    let (state, reason, message) = ready_condition(&refused).unwrap();
+    assert_eq!(
+        (state.as_str(), reason.as_str()),
+        ("False", "CommandNotFound")
+    );
+    assert!(message.contains("spec.command"), "{message}");
+
+    std::os::unix::fs::symlink("busybox", &program).unwrap();
+    let _ = std::process::Command::new("podman")
+        .args(["umount", &container])
+        .output();
+    start(&mut client, &request.id)
+        .await
+        .expect("start after the fix");
+    let running = get(&mut client, &request.id).await.unwrap();
+    assert!(ready_true(&running), "{running:?}");
+    assert!(!is_suspended(&running));
+}

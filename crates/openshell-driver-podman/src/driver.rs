@@ -31,6 +31,9 @@ use crate::watch::{Observer, feed_client};
 /// Name the driver reports for itself.
 pub const DRIVER_NAME: &str = "openshell-driver-podman";
 
+/// How long the first full list of sandboxes may take at startup.
+const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
@@ -120,7 +123,20 @@ impl PodmanDriver {
         });
         let (observer, commands) = Observer::new(Arc::clone(&core));
         tokio::spawn(Arc::clone(&observer).run(commands, cancel.clone()));
-        observer.wait_synced().await;
+        if tokio::time::timeout(FIRST_SYNC_TIMEOUT, observer.wait_synced())
+            .await
+            .is_err()
+        {
+            cancel.cancel();
+            return Err(Error::Timeout {
+                what: format!(
+                    "listing the sandboxes of driver '{}' on the Podman engine at {}",
+                    core.settings.name,
+                    core.client.socket().display()
+                ),
+                timeout: FIRST_SYNC_TIMEOUT,
+            });
+        }
         let driver = Self {
             core,
             observer,

@@ -407,6 +407,17 @@ fn default_state_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Makes a path absolute against the current directory, so it keeps its
+/// meaning after the driver changes directory (see `crate::run`).
+pub fn absolute(key: &str, path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| {
+        Error::Config(format!(
+            "{key} {}: cannot make the path absolute: {e}",
+            path.display()
+        ))
+    })
+}
+
 fn strip_unix_scheme(path: PathBuf) -> PathBuf {
     match path.to_str().and_then(|s| s.strip_prefix("unix://")) {
         Some(rest) => PathBuf::from(rest),
@@ -448,6 +459,7 @@ impl Settings {
             .or(file.state_dir)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| default_state_dir(&name));
+        let state_dir = absolute("state_dir", &state_dir)?;
 
         let podman_socket = args
             .podman_socket
@@ -463,6 +475,9 @@ impl Settings {
                     .to_owned(),
             ));
         }
+        let podman_socket = podman_socket
+            .map(|p| absolute("podman_socket", &p))
+            .transpose()?;
 
         let runtime = args
             .runtime
@@ -547,6 +562,18 @@ impl Settings {
             .or(file.engine_unavailable_after)
             .map_or(DEFAULT_ENGINE_UNAVAILABLE_AFTER, Duration::from_secs);
 
+        let podman_binary = args
+            .podman_binary
+            .clone()
+            .or(file.podman_binary)
+            .unwrap_or_else(|| PathBuf::from("podman"));
+        // A bare name is looked up on PATH; a relative path is made absolute.
+        let podman_binary = if podman_binary.components().count() > 1 {
+            absolute("podman_binary", &podman_binary)?
+        } else {
+            podman_binary
+        };
+
         Ok(Self {
             name,
             state_dir,
@@ -559,11 +586,7 @@ impl Settings {
                 .discover_podman_socket
                 .or(file.discover_podman_socket)
                 .unwrap_or(true),
-            podman_binary: args
-                .podman_binary
-                .clone()
-                .or(file.podman_binary)
-                .unwrap_or_else(|| PathBuf::from("podman")),
+            podman_binary,
             runtime,
             cgroup_manager,
             ulimits,
@@ -708,6 +731,21 @@ mod tests {
                 hard: 512
             })
         );
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let args = SettingsArgs {
+            state_dir: Some("state".into()),
+            podman_socket: Some("unix://run/podman.sock".into()),
+            podman_binary: Some("bin/podman".into()),
+            ..SettingsArgs::default()
+        };
+        let s = Settings::merge(&args, FileConfig::default(), false).expect("valid");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(s.state_dir, cwd.join("state"));
+        assert_eq!(s.podman_socket, Some(cwd.join("run/podman.sock")));
+        assert_eq!(s.podman_binary, cwd.join("bin/podman"));
     }
 
     #[test]

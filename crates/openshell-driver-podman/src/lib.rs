@@ -52,9 +52,17 @@ pub struct Cli {
 /// list of sandboxes, then bind the socket and serve. A Podman service the
 /// driver started is stopped on the way out.
 pub async fn run(cli: &Cli, cancel: CancellationToken) -> Result<ServeExit> {
-    let options = cli.serve.options()?;
+    let mut options = cli.serve.options()?;
+    options.socket = config::absolute("--bind-socket", &options.socket)?;
     let managed = cli.serve.expected_peer_pid.is_some();
     let settings = config::Settings::resolve(&cli.settings, managed)?;
+    // Work from the state directory: a Podman service started here, and
+    // the conmon processes it starts, inherit it, and conmon 2.1 writes
+    // its OOM marker file ("oom") into its working directory. That file
+    // belongs in our state, not wherever the driver was started.
+    state::StateDir::open(&settings.state_dir)?;
+    std::env::set_current_dir(&settings.state_dir)
+        .map_err(|e| Error::io("change directory to", &settings.state_dir, e))?;
     let engine = engine::Engine::connect(&settings, &options.socket).await?;
     let served = async {
         let driver = PodmanDriver::open(settings, &engine, cancel.clone()).await?;

@@ -125,6 +125,8 @@ impl TestEngine {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // conmon writes OOM marker files into its working directory.
+            .current_dir(self.dir.path())
             .process_group(0)
             .spawn()
             .map_err(|e| format!("could not start podman system service: {e}"))?;

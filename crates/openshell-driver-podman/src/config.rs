@@ -1,0 +1,837 @@
+//! Driver settings: the `--driver-config` TOML file, the flags that override
+//! it, and the defaults that make a fresh Debian 12 host work.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default driver name, used in labels, container names and the service
+/// socket name when the config names none.
+pub const DEFAULT_NAME: &str = "podman";
+/// Default OCI runtime for a Podman service this driver starts.
+pub const DEFAULT_RUNTIME: &str = "runc";
+/// Default cgroup manager for a Podman service this driver starts.
+pub const DEFAULT_CGROUP_MANAGER: CgroupManager = CgroupManager::Cgroupfs;
+/// Default time a stopped sandbox's main process gets between SIGTERM and
+/// SIGKILL.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time the engine may be unreachable before sandboxes are reported
+/// with the `EngineUnavailable` condition.
+pub const DEFAULT_ENGINE_UNAVAILABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Settings flags. Each one overrides the key of the same name in the
+/// driver config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SettingsArgs {
+    /// Driver config file (TOML; the gateway writes one for drivers it
+    /// spawns). Unknown keys are an error. Flags override its values.
+    #[arg(long, value_name = "PATH")]
+    pub driver_config: Option<PathBuf>,
+
+    /// Driver instance name: labels the containers this driver owns
+    /// (`openshell.driver.instance`) and prefixes their names [default: podman].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Directory for the driver's own state (stop markers, sandbox tokens)
+    /// [default: $XDG_STATE_HOME/openshell/drivers/NAME].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Podman API socket to use (a path or unix://PATH). When given, no
+    /// other socket is tried.
+    #[arg(long, value_name = "PATH")]
+    pub podman_socket: Option<PathBuf>,
+
+    /// When no Podman socket answers, start `podman system service` on a
+    /// private socket next to --bind-socket and stop it on exit [default:
+    /// true when spawned by a gateway (--expected-peer-pid), else false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub start_podman_service: Option<bool>,
+
+    /// Look for a running Podman service (CONTAINER_HOST, the rootful and
+    /// rootless default sockets) before starting one [default: true].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub discover_podman_socket: Option<bool>,
+
+    /// The podman program used to start a service [default: podman, from PATH].
+    #[arg(long, value_name = "PATH")]
+    pub podman_binary: Option<PathBuf>,
+
+    /// OCI runtime of a Podman service this driver starts: runc or crun
+    /// [default: runc].
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<String>,
+
+    /// Cgroup manager of a Podman service this driver starts: cgroupfs or
+    /// systemd [default: cgroupfs].
+    #[arg(long, value_name = "MANAGER")]
+    pub cgroup_manager: Option<String>,
+
+    /// A resource limit for every sandbox, like podman's --ulimit:
+    /// NAME=SOFT[:HARD], e.g. nofile=20000:20000. Repeatable; overrides the
+    /// config file per NAME [default: nofile and nproc set explicitly, under
+    /// the hard limits of this driver and of the engine].
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    pub ulimits: Vec<String>,
+
+    /// Network of sandbox containers: bridge, host, none, slirp4netns,
+    /// private, or the name of a Podman network [default: bridge].
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+
+    /// Image for create requests that name none. There is no built-in
+    /// default; the image must exist in the engine's local store.
+    #[arg(long, value_name = "IMAGE")]
+    pub default_image: Option<String>,
+
+    /// Seconds a sandbox gets to exit after SIGTERM on StopSandbox before
+    /// it is killed [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub stop_timeout: Option<u64>,
+
+    /// Seconds the engine may be unreachable before sandboxes are reported
+    /// with the EngineUnavailable condition [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub engine_unavailable_after: Option<u64>,
+}
+
+/// The `--driver-config` file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub podman_socket: Option<PathBuf>,
+    pub start_podman_service: Option<bool>,
+    pub discover_podman_socket: Option<bool>,
+    pub podman_binary: Option<PathBuf>,
+    pub runtime: Option<String>,
+    pub cgroup_manager: Option<String>,
+    pub ulimits: Option<UlimitsConfig>,
+    pub network: Option<String>,
+    pub default_image: Option<String>,
+    pub stop_timeout: Option<u64>,
+    pub engine_unavailable_after: Option<u64>,
+}
+
+/// `ulimits = { nofile = "20000:20000", nproc = 4096 }` or
+/// `ulimits = ["nofile=20000:20000", "nproc=4096"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UlimitsConfig {
+    Table(BTreeMap<String, UlimitValue>),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UlimitValue {
+    Number(i64),
+    Text(String),
+}
+
+impl FileConfig {
+    /// Reads and parses `path`. Errors name the file, the line and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("read driver config", path, e))?;
+        Self::parse(&text).map_err(|message| Error::ConfigFile {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error is one line (with the line number).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().trim().replace('\n', " ");
+            match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            }
+        })
+    }
+}
+
+/// Cgroup manager of a Podman service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupManager {
+    Cgroupfs,
+    Systemd,
+}
+
+impl CgroupManager {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cgroupfs => "cgroupfs",
+            Self::Systemd => "systemd",
+        }
+    }
+
+    fn parse(value: &str) -> Result<Self> {
+        match value {
+            "cgroupfs" => Ok(Self::Cgroupfs),
+            "systemd" => Ok(Self::Systemd),
+            other => Err(Error::Config(format!(
+                "cgroup_manager {other:?} is not valid; use \"cgroupfs\" or \"systemd\""
+            ))),
+        }
+    }
+}
+
+/// One resource limit, as podman's `--ulimit NAME=SOFT:HARD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ulimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// `u64::MAX` is how Podman spells "unlimited".
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// Resource names Podman accepts in `--ulimit`.
+pub const ULIMIT_NAMES: &[&str] = &[
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
+impl Ulimit {
+    /// Parses `SOFT[:HARD]`, where each side is a number, `-1` or
+    /// `unlimited`. A single number sets both.
+    pub fn parse(name: &str, value: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::Config(format!(
+                "ulimits.{name} = {value:?} is not valid ({why}); use SOFT[:HARD], e.g. \"20000:20000\""
+            ))
+        };
+        let one = |text: &str| -> Result<u64> {
+            let text = text.trim();
+            if text == "unlimited" || text == "-1" {
+                return Ok(UNLIMITED);
+            }
+            text.parse::<u64>()
+                .map_err(|_| bad(&format!("{text:?} is not a number")))
+        };
+        let (soft, hard) = match value.split_once(':') {
+            Some((soft, hard)) => (one(soft)?, one(hard)?),
+            None => {
+                let both = one(value)?;
+                (both, both)
+            }
+        };
+        if soft > hard {
+            return Err(bad("the soft limit is above the hard limit"));
+        }
+        Ok(Self { soft, hard })
+    }
+
+    fn render(value: u64) -> String {
+        if value == UNLIMITED {
+            "unlimited".to_owned()
+        } else {
+            value.to_string()
+        }
+    }
+}
+
+impl std::fmt::Display for Ulimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", Self::render(self.soft), Self::render(self.hard))
+    }
+}
+
+fn check_ulimit_name(name: &str) -> Result<()> {
+    if ULIMIT_NAMES.contains(&name) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "ulimits: {name:?} is not a resource limit Podman knows; use one of {}",
+            ULIMIT_NAMES.join(", ")
+        )))
+    }
+}
+
+/// Parses `NAME=SOFT[:HARD]`.
+pub fn parse_ulimit_entry(entry: &str) -> Result<(String, Ulimit)> {
+    let Some((name, value)) = entry.split_once('=') else {
+        return Err(Error::Config(format!(
+            "ulimit {entry:?} is not NAME=SOFT[:HARD], e.g. nofile=20000:20000"
+        )));
+    };
+    let name = name.trim();
+    check_ulimit_name(name)?;
+    Ok((name.to_owned(), Ulimit::parse(name, value)?))
+}
+
+/// Network of sandbox containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// A namespace mode Podman knows by name (bridge, host, none, ...).
+    Mode(&'static str),
+    /// A named Podman network (bridge mode, attached to that network).
+    Named(String),
+}
+
+const NETWORK_MODES: &[&str] = &["bridge", "host", "none", "slirp4netns", "private", "pasta"];
+
+impl Network {
+    pub fn parse(value: &str) -> Result<Self> {
+        let value = value.trim();
+        if let Some(mode) = NETWORK_MODES.iter().find(|m| **m == value) {
+            return Ok(Self::Mode(mode));
+        }
+        let valid = value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if valid {
+            Ok(Self::Named(value.to_owned()))
+        } else {
+            Err(Error::Config(format!(
+                "network {value:?} is not valid; use one of {} or the name of a Podman network",
+                NETWORK_MODES.join(", ")
+            )))
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mode(mode) => f.write_str(mode),
+            Self::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+/// The resolved settings of one driver instance.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub podman_socket: Option<PathBuf>,
+    pub start_podman_service: bool,
+    pub discover_podman_socket: bool,
+    pub podman_binary: PathBuf,
+    pub runtime: String,
+    pub cgroup_manager: CgroupManager,
+    /// Limits the operator set; defaults for nofile/nproc are added when the
+    /// engine is known (see `engine::effective_ulimits`).
+    pub ulimits: BTreeMap<String, Ulimit>,
+    pub network: Network,
+    pub default_image: Option<String>,
+    pub stop_timeout: Duration,
+    pub engine_unavailable_after: Duration,
+}
+
+/// Checks a driver instance name: it ends up in labels, container names and
+/// a socket file name.
+pub fn check_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "name {name:?} is not valid; use 1-40 ASCII letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+/// Checks an image reference enough to reject obvious garbage early.
+pub fn check_image_reference(image: &str) -> std::result::Result<(), String> {
+    if image.is_empty() {
+        return Err("the image reference is empty".to_owned());
+    }
+    if image.len() > 1024 {
+        return Err("the image reference is longer than 1024 characters".to_owned());
+    }
+    if let Some(c) = image
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
+    {
+        return Err(format!("the image reference contains {c:?}"));
+    }
+    Ok(())
+}
+
+fn default_state_dir(name: &str) -> PathBuf {
+    directories::BaseDirs::new()
+        .and_then(|dirs| dirs.state_dir().map(Path::to_path_buf))
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("openshell-{}", nix::unistd::geteuid().as_raw()))
+        })
+        .join("openshell")
+        .join("drivers")
+        .join(name)
+}
+
+/// Makes a path absolute against the current directory, so it keeps its
+/// meaning after the driver changes directory (see `crate::run`).
+pub fn absolute(key: &str, path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| {
+        Error::Config(format!(
+            "{key} {}: cannot make the path absolute: {e}",
+            path.display()
+        ))
+    })
+}
+
+fn strip_unix_scheme(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|s| s.strip_prefix("unix://")) {
+        Some(rest) => PathBuf::from(rest),
+        None => path,
+    }
+}
+
+impl Settings {
+    /// Resolves the settings: flag, else config file, else default.
+    /// `managed` is whether a gateway spawned this driver (it passed
+    /// `--expected-peer-pid`); it decides the default of
+    /// `start_podman_service`.
+    pub fn resolve(args: &SettingsArgs, managed: bool) -> Result<Self> {
+        let file = match &args.driver_config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file, managed).map_err(|error| match (&args.driver_config, error) {
+            (Some(path), Error::Config(message)) => Error::ConfigFile {
+                path: path.clone(),
+                message,
+            },
+            (_, error) => error,
+        })
+    }
+
+    /// Merges flags over a parsed file.
+    pub fn merge(args: &SettingsArgs, file: FileConfig, managed: bool) -> Result<Self> {
+        let name = args
+            .name
+            .clone()
+            .or(file.name)
+            .unwrap_or_else(|| DEFAULT_NAME.to_owned());
+        check_name(&name)?;
+
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| default_state_dir(&name));
+        let state_dir = absolute("state_dir", &state_dir)?;
+
+        let podman_socket = args
+            .podman_socket
+            .clone()
+            .or(file.podman_socket)
+            .map(strip_unix_scheme);
+        if podman_socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(Error::Config(
+                "podman_socket is empty; give the path of a Podman API socket or leave it out"
+                    .to_owned(),
+            ));
+        }
+        let podman_socket = podman_socket
+            .map(|p| absolute("podman_socket", &p))
+            .transpose()?;
+
+        let runtime = args
+            .runtime
+            .clone()
+            .or(file.runtime)
+            .unwrap_or_else(|| DEFAULT_RUNTIME.to_owned());
+        let runtime_ok = !runtime.is_empty()
+            && runtime
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'));
+        if !runtime_ok {
+            return Err(Error::Config(format!(
+                "runtime {runtime:?} is not valid; use an OCI runtime name such as \"runc\" or \"crun\", or its path"
+            )));
+        }
+
+        let cgroup_manager = match args
+            .cgroup_manager
+            .as_deref()
+            .or(file.cgroup_manager.as_deref())
+        {
+            Some(value) => CgroupManager::parse(value)?,
+            None => DEFAULT_CGROUP_MANAGER,
+        };
+
+        let mut ulimits = BTreeMap::new();
+        match file.ulimits {
+            None => {}
+            Some(UlimitsConfig::Table(table)) => {
+                for (name, value) in table {
+                    check_ulimit_name(&name)?;
+                    let text = match value {
+                        UlimitValue::Number(n) => n.to_string(),
+                        UlimitValue::Text(t) => t,
+                    };
+                    let limit = Ulimit::parse(&name, &text)?;
+                    ulimits.insert(name, limit);
+                }
+            }
+            Some(UlimitsConfig::List(list)) => {
+                for entry in list {
+                    let (name, limit) = parse_ulimit_entry(&entry)?;
+                    ulimits.insert(name, limit);
+                }
+            }
+        }
+        for entry in &args.ulimits {
+            let (name, limit) = parse_ulimit_entry(entry)?;
+            ulimits.insert(name, limit);
+        }
+
+        let network = Network::parse(
+            args.network
+                .as_deref()
+                .or(file.network.as_deref())
+                .unwrap_or("bridge"),
+        )?;
+
+        let default_image = args
+            .default_image
+            .clone()
+            .or(file.default_image)
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if let Some(image) = &default_image {
+            check_image_reference(image)
+                .map_err(|why| Error::Config(format!("default_image {image:?}: {why}")))?;
+        }
+
+        let stop_timeout = args
+            .stop_timeout
+            .or(file.stop_timeout)
+            .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+        if stop_timeout > Duration::from_secs(3600) {
+            return Err(Error::Config(format!(
+                "stop_timeout {} is more than an hour; give seconds, e.g. 10",
+                stop_timeout.as_secs()
+            )));
+        }
+        let engine_unavailable_after = args
+            .engine_unavailable_after
+            .or(file.engine_unavailable_after)
+            .map_or(DEFAULT_ENGINE_UNAVAILABLE_AFTER, Duration::from_secs);
+
+        let podman_binary = args
+            .podman_binary
+            .clone()
+            .or(file.podman_binary)
+            .unwrap_or_else(|| PathBuf::from("podman"));
+        // A bare name is looked up on PATH; a relative path is made absolute.
+        let podman_binary = if podman_binary.components().count() > 1 {
+            absolute("podman_binary", &podman_binary)?
+        } else {
+            podman_binary
+        };
+
+        Ok(Self {
+            name,
+            state_dir,
+            podman_socket,
+            start_podman_service: args
+                .start_podman_service
+                .or(file.start_podman_service)
+                .unwrap_or(managed),
+            discover_podman_socket: args
+                .discover_podman_socket
+                .or(file.discover_podman_socket)
+                .unwrap_or(true),
+            podman_binary,
+            runtime,
+            cgroup_manager,
+            ulimits,
+            network,
+            default_image,
+            stop_timeout,
+            engine_unavailable_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> FileConfig {
+        FileConfig::parse(text).unwrap()
+    }
+
+    #[test]
+    fn defaults_make_a_plain_host_work() {
+        let settings = Settings::merge(&SettingsArgs::default(), FileConfig::default(), false)
+            .expect("defaults are valid");
+        assert_eq!(settings.name, "podman");
+        assert_eq!(settings.runtime, "runc");
+        assert_eq!(settings.cgroup_manager, CgroupManager::Cgroupfs);
+        assert_eq!(settings.network, Network::Mode("bridge"));
+        assert!(!settings.start_podman_service);
+        assert!(settings.discover_podman_socket);
+        assert!(settings.default_image.is_none());
+        assert!(settings.ulimits.is_empty());
+        assert!(settings.state_dir.ends_with("openshell/drivers/podman"));
+        assert_eq!(settings.stop_timeout, DEFAULT_STOP_TIMEOUT);
+    }
+
+    #[test]
+    fn managed_drivers_start_a_service_unless_told_not_to() {
+        let settings =
+            Settings::merge(&SettingsArgs::default(), FileConfig::default(), true).expect("valid");
+        assert!(settings.start_podman_service);
+        let args = SettingsArgs {
+            start_podman_service: Some(false),
+            ..SettingsArgs::default()
+        };
+        let settings = Settings::merge(&args, FileConfig::default(), true).expect("valid");
+        assert!(!settings.start_podman_service);
+        let file = parse("start_podman_service = false");
+        let settings = Settings::merge(&SettingsArgs::default(), file, true).expect("valid");
+        assert!(!settings.start_podman_service);
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_read() {
+        let file = parse(
+            r#"
+            name = "external-podman"
+            state_dir = "/var/lib/openshell/drivers/external-podman"
+            podman_socket = "unix:///run/podman/podman.sock"
+            start_podman_service = true
+            discover_podman_socket = false
+            podman_binary = "/usr/bin/podman"
+            runtime = "crun"
+            cgroup_manager = "systemd"
+            ulimits = { nofile = "1024:2048", nproc = 512 }
+            network = "host"
+            default_image = "localhost/openshell-busybox:latest"
+            stop_timeout = 3
+            engine_unavailable_after = 5
+            "#,
+        );
+        let s = Settings::merge(&SettingsArgs::default(), file, false).expect("valid");
+        assert_eq!(s.name, "external-podman");
+        assert_eq!(
+            s.state_dir,
+            PathBuf::from("/var/lib/openshell/drivers/external-podman")
+        );
+        assert_eq!(
+            s.podman_socket,
+            Some(PathBuf::from("/run/podman/podman.sock"))
+        );
+        assert!(s.start_podman_service);
+        assert!(!s.discover_podman_socket);
+        assert_eq!(s.podman_binary, PathBuf::from("/usr/bin/podman"));
+        assert_eq!(s.runtime, "crun");
+        assert_eq!(s.cgroup_manager, CgroupManager::Systemd);
+        assert_eq!(
+            s.ulimits.get("nofile"),
+            Some(&Ulimit {
+                soft: 1024,
+                hard: 2048
+            })
+        );
+        assert_eq!(
+            s.ulimits.get("nproc"),
+            Some(&Ulimit {
+                soft: 512,
+                hard: 512
+            })
+        );
+        assert_eq!(s.network, Network::Mode("host"));
+        assert_eq!(
+            s.default_image.as_deref(),
+            Some("localhost/openshell-busybox:latest")
+        );
+        assert_eq!(s.stop_timeout, Duration::from_secs(3));
+        assert_eq!(s.engine_unavailable_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_override_the_file_key_by_key() {
+        let file = parse(
+            r#"
+            name = "from-file"
+            runtime = "crun"
+            network = "host"
+            ulimits = ["nofile=1024:2048", "nproc=512"]
+            "#,
+        );
+        let args = SettingsArgs {
+            name: Some("from-flag".into()),
+            ulimits: vec!["nofile=4096".into()],
+            ..SettingsArgs::default()
+        };
+        let s = Settings::merge(&args, file, false).expect("valid");
+        assert_eq!(s.name, "from-flag");
+        assert_eq!(
+            s.runtime, "crun",
+            "a key without a flag keeps the file value"
+        );
+        assert_eq!(s.network, Network::Mode("host"));
+        assert_eq!(
+            s.ulimits.get("nofile"),
+            Some(&Ulimit {
+                soft: 4096,
+                hard: 4096
+            })
+        );
+        assert_eq!(
+            s.ulimits.get("nproc"),
+            Some(&Ulimit {
+                soft: 512,
+                hard: 512
+            })
+        );
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let args = SettingsArgs {
+            state_dir: Some("state".into()),
+            podman_socket: Some("unix://run/podman.sock".into()),
+            podman_binary: Some("bin/podman".into()),
+            ..SettingsArgs::default()
+        };
+        let s = Settings::merge(&args, FileConfig::default(), false).expect("valid");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(s.state_dir, cwd.join("state"));
+        assert_eq!(s.podman_socket, Some(cwd.join("run/podman.sock")));
+        assert_eq!(s.podman_binary, cwd.join("bin/podman"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let error = FileConfig::parse("name = \"x\"\nsocket_path = \"/x.sock\"\n").unwrap_err();
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("socket_path"), "{error}");
+        assert!(!error.contains('\n'), "one line: {error}");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("podman.toml");
+        std::fs::write(&path, "bogus_key = 1\n").unwrap();
+        let args = SettingsArgs {
+            driver_config: Some(path.clone()),
+            ..SettingsArgs::default()
+        };
+        let error = Settings::resolve(&args, false).unwrap_err().to_string();
+        assert!(error.contains("bogus_key"), "{error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases = [
+            ("cgroup_manager = \"cgroupv3\"", "cgroup_manager"),
+            ("runtime = \"run c\"", "runtime"),
+            ("network = \"bad net!\"", "network"),
+            ("name = \"a/b\"", "name"),
+            ("ulimits = { nofiles = 10 }", "nofiles"),
+            ("ulimits = { nofile = \"20:10\" }", "ulimits.nofile"),
+            ("ulimits = [\"nofile\"]", "NAME=SOFT"),
+            ("default_image = \"a b\"", "default_image"),
+            ("stop_timeout = 7200", "stop_timeout"),
+            ("podman_socket = \"\"", "podman_socket"),
+        ];
+        for (text, needle) in cases {
+            let error = Settings::merge(&SettingsArgs::default(), parse(text), false)
+                .expect_err(text)
+                .to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn ulimit_values() {
+        assert_eq!(
+            Ulimit::parse("nofile", "10").unwrap(),
+            Ulimit { soft: 10, hard: 10 }
+        );
+        assert_eq!(
+            Ulimit::parse("nofile", "10:unlimited").unwrap(),
+            Ulimit {
+                soft: 10,
+                hard: UNLIMITED
+            }
+        );
+        assert_eq!(
+            Ulimit::parse("core", "-1").unwrap(),
+            Ulimit {
+                soft: UNLIMITED,
+                hard: UNLIMITED
+            }
+        );
+        assert!(Ulimit::parse("nofile", "x").is_err());
+        assert!(Ulimit::parse("nofile", "2:1").is_err());
+        assert_eq!(
+            Ulimit {
+                soft: 1,
+                hard: UNLIMITED
+            }
+            .to_string(),
+            "1:unlimited"
+        );
+    }
+
+    #[test]
+    fn named_networks_are_allowed() {
+        assert_eq!(
+            Network::parse("openshell-net").unwrap(),
+            Network::Named("openshell-net".into())
+        );
+        assert_eq!(Network::parse("none").unwrap(), Network::Mode("none"));
+        assert!(Network::parse("").is_err());
+        assert!(Network::parse("-x").is_err());
+    }
+}

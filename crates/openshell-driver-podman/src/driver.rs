@@ -1,0 +1,627 @@
+//! The `ComputeDriver` service on top of Podman.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
+use openshell_proto::compute::v1::{
+    CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
+    DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverSandbox, EnsureWorkspaceRequest,
+    EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
+    GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
+    GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
+    StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
+    WatchSandboxesRequest,
+};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+use crate::engine::{Engine, explain_start_failure};
+use crate::error::{Error, Result};
+use crate::spec::{Plan, check_sandbox_id, create_body, plan};
+use crate::state::{StartFailure, StateDir};
+use crate::status::reason;
+use crate::watch::{Observer, feed_client};
+
+/// Name the driver reports for itself.
+pub const DRIVER_NAME: &str = "openshell-driver-podman";
+
+/// How long the first full list of sandboxes may take at startup.
+const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub(crate) type BoxStream<T> =
+    Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+/// One async lock per sandbox id, so changes to one sandbox happen one at
+/// a time and in the order they arrived. Entries go away when unused.
+#[derive(Debug, Default)]
+pub(crate) struct Gates {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds a sandbox's gate; dropping it lets the next change in.
+pub(crate) struct Gate {
+    gates: Arc<Gates>,
+    id: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Gates {
+    pub(crate) async fn enter(self: &Arc<Self>, id: &str) -> Gate {
+        let lock = Arc::clone(
+            self.locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(id.to_owned())
+                .or_default(),
+        );
+        Gate {
+            gates: Arc::clone(self),
+            id: id.to_owned(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self
+            .gates
+            .locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if locks
+            .get(&self.id)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            locks.remove(&self.id);
+        }
+    }
+}
+
+/// The driver. Cheap to clone; clones share everything.
+#[derive(Debug, Clone)]
+pub struct PodmanDriver {
+    pub(crate) core: Arc<Core>,
+    pub(crate) observer: Arc<Observer>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) gates: Arc<Gates>,
+}
+
+impl PodmanDriver {
+    /// Builds the driver on a connected engine and starts observing it.
+    /// Returns once the first full list is taken, so a client that connects
+    /// afterwards gets a complete picture at once.
+    pub async fn open(
+        settings: crate::config::Settings,
+        engine: &Engine,
+        cancel: CancellationToken,
+    ) -> Result<Self> {
+        let state = StateDir::open(&settings.state_dir)?;
+        let resync_every = if engine.info.host.event_logger == "none" {
+            tracing::warn!(
+                "the Podman engine records no events (events_logger = \"none\"); sandbox \
+                 changes are noticed by polling every {:?}",
+                crate::core::RESYNC_WITHOUT_EVENTS
+            );
+            crate::core::RESYNC_WITHOUT_EVENTS
+        } else {
+            crate::core::RESYNC_EVERY
+        };
+        let core = Arc::new(Core {
+            settings,
+            client: engine.client.clone(),
+            ulimits: engine.ulimits.clone(),
+            state,
+            resync_every,
+        });
+        let (observer, commands) = Observer::new(Arc::clone(&core));
+        tokio::spawn(Arc::clone(&observer).run(commands, cancel.clone()));
+        if tokio::time::timeout(FIRST_SYNC_TIMEOUT, observer.wait_synced())
+            .await
+            .is_err()
+        {
+            cancel.cancel();
+            return Err(Error::Timeout {
+                what: format!(
+                    "listing the sandboxes of driver '{}' on the Podman engine at {}",
+                    core.settings.name,
+                    core.client.socket().display()
+                ),
+                timeout: FIRST_SYNC_TIMEOUT,
+            });
+        }
+        let driver = Self {
+            core,
+            observer,
+            cancel,
+            gates: Arc::default(),
+        };
+        driver.forget_orphaned_state().await;
+        Ok(driver)
+    }
+
+    /// Removes state kept for sandboxes whose containers are gone (deleted
+    /// while the driver was not running).
+    async fn forget_orphaned_state(&self) {
+        let (known, _) = self.observer.subscribe();
+        let live: std::collections::BTreeSet<String> = known.into_iter().map(|s| s.id).collect();
+        for id in self.core.state.known_ids() {
+            if !live.contains(&id)
+                && matches!(self.core.find(&id).await, Ok(None))
+                && let Err(error) = self.core.state.forget(&id)
+            {
+                tracing::warn!(sandbox_id = %id, error = %error, "could not remove leftover sandbox state");
+            }
+        }
+    }
+
+    /// Runs a change to sandbox `id` in its own task, behind the sandbox's
+    /// gate: a caller that goes away (a cancelled RPC) cannot leave it half
+    /// done, and changes to one sandbox do not interleave.
+    async fn owned<T, F, Fut>(&self, id: &str, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Self) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let driver = self.clone();
+        let gates = Arc::clone(&self.gates);
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _gate = gates.enter(&id).await;
+            work(driver).await
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a sandbox operation task failed: {e}")))?
+    }
+
+    pub fn capabilities(&self) -> GetCapabilitiesResponse {
+        GetCapabilitiesResponse {
+            driver_name: DRIVER_NAME.to_owned(),
+            driver_version: env!("CARGO_PKG_VERSION").to_owned(),
+            default_image: self.core.settings.default_image.clone().unwrap_or_default(),
+            gateway_manages_lifecycle: true,
+        }
+    }
+
+    /// Everything ValidateSandboxCreate checks, including the engine's
+    /// image store.
+    pub async fn validate(&self, sandbox: Option<&DriverSandbox>) -> Result<Plan> {
+        let plan = plan(
+            sandbox,
+            &self.core.settings.name,
+            self.core.settings.default_image.as_deref(),
+        )?;
+        let image = self.core.client.image(&plan.image).await?;
+        let Some(image) = image else {
+            let origin = if plan.image_is_default {
+                format!(
+                    " (the default_image of driver '{}')",
+                    self.core.settings.name
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "image {:?}{origin} is not in the Podman engine's local image store, and this \
+                 driver does not pull: add it first, e.g. `podman pull {0}` where a registry is \
+                 reachable, `podman load -i IMAGE.tar`, or `podman import ROOTFS.tar {0}`",
+                plan.image
+            )));
+        };
+        if plan.argv.is_empty() && !image.has_default_command() {
+            return Err(Error::FailedPrecondition(format!(
+                "image {:?} has no default command (CMD or ENTRYPOINT); give spec.command",
+                plan.image
+            )));
+        }
+        Ok(plan)
+    }
+
+    pub async fn create(&self, sandbox: Option<&DriverSandbox>) -> Result<()> {
+        let plan = self.validate(sandbox).await?;
+        if self.core.find(&plan.id).await?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "sandbox {} already exists in driver '{}'",
+                plan.id, self.core.settings.name
+            )));
+        }
+        let state = &self.core.state;
+        state.forget(&plan.id)?;
+        let token_file = if plan.token.is_empty() {
+            None
+        } else {
+            Some(state.write_token(&plan.id, &plan.token)?)
+        };
+        let body = create_body(
+            &plan,
+            &self.core.settings,
+            &self.core.ulimits,
+            token_file.as_deref(),
+        );
+        let created = match self.core.client.create(&body).await {
+            Ok(created) => created,
+            Err(error) => {
+                let _ = state.forget(&plan.id);
+                return Err(create_error(error, &plan));
+            }
+        };
+        for warning in created.warnings.iter().flatten() {
+            tracing::warn!(sandbox_id = %plan.id, warning = %warning, "podman warned while creating the container");
+        }
+        if let Err(error) = self.core.client.start(&created.id).await {
+            // Leave nothing behind: the gateway drops its record when the
+            // create fails.
+            if let Err(cleanup) = self.core.client.remove(&created.id).await {
+                tracing::warn!(sandbox_id = %plan.id, error = %cleanup, "could not remove the container of a failed create");
+            }
+            let _ = state.forget(&plan.id);
+            let (_, error) = self.start_error(error);
+            return Err(error);
+        }
+        tracing::info!(sandbox_id = %plan.id, sandbox = %plan.name, container = %created.id, image = %plan.image, "sandbox created");
+        self.observer.refresh(&plan.id, &created.id);
+        Ok(())
+    }
+
+    /// A start failure as the sandbox condition to record and the error to
+    /// return.
+    fn start_error(&self, error: Error) -> (StartFailure, Error) {
+        if let Error::Engine { message, .. } = &error
+            && let Some((reason, text)) = explain_start_failure(message, &self.core.ulimits)
+        {
+            return (
+                StartFailure {
+                    reason: reason.to_owned(),
+                    message: text.clone(),
+                },
+                Error::FailedPrecondition(text),
+            );
+        }
+        (
+            StartFailure {
+                reason: "StartFailed".to_owned(),
+                message: error.to_string(),
+            },
+            error,
+        )
+    }
+
+    pub async fn stop(&self, id: &str) -> Result<()> {
+        check_sandbox_id(id)?;
+        let container = self.core.require(id).await?;
+        self.core.state.mark_stopped(id)?;
+        self.core.state.clear_start_failure(id)?;
+        let stop = self
+            .core
+            .client
+            .stop(&container.id, self.core.settings.stop_timeout)
+            .await;
+        match stop {
+            Ok(_) => {}
+            Err(error) if error.is_engine_not_found() => {
+                return Err(Error::NotFound(format!(
+                    "sandbox {id} disappeared while stopping"
+                )));
+            }
+            Err(error) => {
+                // A paused container has to be unpaused before it can stop.
+                let paused = self
+                    .core
+                    .client
+                    .inspect(&container.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|i| i.state.status == "paused");
+                if !paused {
+                    return Err(error);
+                }
+                self.core.client.unpause(&container.id).await?;
+                self.core
+                    .client
+                    .stop(&container.id, self.core.settings.stop_timeout)
+                    .await?;
+            }
+        }
+        self.core.wait_stopped(&container.id).await?;
+        tracing::info!(sandbox_id = %id, container = %container.id, "sandbox stopped");
+        self.observer.refresh(id, &container.id);
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<()> {
+        check_sandbox_id(id)?;
+        let container = self.core.require(id).await?;
+        let status = self
+            .core
+            .client
+            .inspect(&container.id)
+            .await?
+            .map(|i| i.state.status)
+            .unwrap_or_default();
+        match status.as_str() {
+            "running" => {}
+            "paused" => self.core.client.unpause(&container.id).await?,
+            _ => {
+                if status == "stopping" {
+                    self.core.wait_stopped(&container.id).await?;
+                }
+                if let Err(error) = self.core.client.start(&container.id).await {
+                    if error.is_engine_not_found() {
+                        return Err(Error::NotFound(format!(
+                            "sandbox {id} disappeared while starting"
+                        )));
+                    }
+                    let (failure, error) = self.start_error(error);
+                    if let Err(record) = self.core.state.record_start_failure(id, &failure) {
+                        tracing::warn!(sandbox_id = %id, error = %record, "could not record a start failure");
+                    }
+                    self.observer.refresh(id, &container.id);
+                    return Err(error);
+                }
+            }
+        }
+        self.core.state.clear_stopped(id)?;
+        self.core.state.clear_start_failure(id)?;
+        tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
+        self.observer.refresh(id, &container.id);
+        Ok(())
+    }
+
+    /// Removes the sandbox; `Ok(false)` when there was nothing to remove.
+    pub async fn delete(&self, id: &str) -> Result<bool> {
+        check_sandbox_id(id)?;
+        let Some(container) = self.core.find(id).await? else {
+            self.core.state.forget(id)?;
+            return Ok(false);
+        };
+        let removed = self.core.client.remove(&container.id).await?;
+        self.core.state.forget(id)?;
+        self.observer.removed(id, &container.id);
+        tracing::info!(sandbox_id = %id, container = %container.id, "sandbox deleted");
+        Ok(removed)
+    }
+
+    pub async fn get(&self, id: &str, name: &str) -> Result<DriverSandbox> {
+        let found = match self.core.require_by_id_or_name(id, name).await {
+            Ok(found) => found,
+            Err(error) if error.is_engine_unavailable() => {
+                return self.unavailable_get(id, name).ok_or(error);
+            }
+            Err(error) => return Err(error),
+        };
+        match self.core.observe_container(&found.id).await {
+            Ok(Some(sandbox)) => Ok(sandbox),
+            Ok(None) => Err(Error::NotFound(format!(
+                "sandbox {} is gone",
+                if id.is_empty() { name } else { id }
+            ))),
+            Err(error) if error.is_engine_unavailable() => {
+                self.unavailable_get(id, name).ok_or(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn unavailable_get(&self, id: &str, name: &str) -> Option<DriverSandbox> {
+        self.observer.unavailable_view()?.into_iter().find(|s| {
+            if id.is_empty() {
+                s.name == name
+            } else {
+                s.id == id
+            }
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<DriverSandbox>> {
+        match self.core.observe_all().await {
+            Ok(all) => Ok(all),
+            Err(error) if error.is_engine_unavailable() => {
+                self.observer.unavailable_view().ok_or(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    pub fn watch(&self) -> BoxStream<WatchSandboxesEvent> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(feed_client(
+            Arc::clone(&self.observer),
+            tx,
+            self.cancel.clone(),
+        ));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// A create failure as the error the caller can act on.
+fn create_error(error: Error, plan: &Plan) -> Error {
+    match &error {
+        Error::Engine { message, .. } if message.contains("already in use") => {
+            Error::AlreadyExists(format!(
+                "a container for sandbox {} ({}) already exists: {message}",
+                plan.id, plan.name
+            ))
+        }
+        Error::Engine { message, .. }
+            if message.contains("image not known") || message.contains("no such image") =>
+        {
+            Error::FailedPrecondition(format!(
+                "{}: image {:?} is not in the local image store: {message}",
+                reason::IMAGE_MISSING,
+                plan.image
+            ))
+        }
+        _ => error,
+    }
+}
+
+fn field<T>(value: Option<T>, name: &str) -> Result<T> {
+    value.ok_or_else(|| Error::InvalidArgument(format!("{name} is required")))
+}
+
+#[tonic::async_trait]
+impl ComputeDriver for PodmanDriver {
+    async fn get_capabilities(
+        &self,
+        _request: Request<GetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<GetCapabilitiesResponse>, Status> {
+        Ok(Response::new(self.capabilities()))
+    }
+
+    async fn get_gateway_listener_requirements(
+        &self,
+        _request: Request<GetGatewayListenerRequirementsRequest>,
+    ) -> std::result::Result<Response<GetGatewayListenerRequirementsResponse>, Status> {
+        // Sandboxes reach the gateway through its normal listener.
+        Ok(Response::new(GetGatewayListenerRequirementsResponse {
+            requirements: Vec::new(),
+        }))
+    }
+
+    async fn validate_sandbox_create(
+        &self,
+        request: Request<ValidateSandboxCreateRequest>,
+    ) -> std::result::Result<Response<ValidateSandboxCreateResponse>, Status> {
+        self.validate(request.get_ref().sandbox.as_ref()).await?;
+        Ok(Response::new(ValidateSandboxCreateResponse {}))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> std::result::Result<Response<GetSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let sandbox = self.get(&request.sandbox_id, &request.sandbox_name).await?;
+        Ok(Response::new(GetSandboxResponse {
+            sandbox: Some(sandbox),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _request: Request<ListSandboxesRequest>,
+    ) -> std::result::Result<Response<ListSandboxesResponse>, Status> {
+        Ok(Response::new(ListSandboxesResponse {
+            sandboxes: self.list().await?,
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> std::result::Result<Response<CreateSandboxResponse>, Status> {
+        let sandbox = field(request.into_inner().sandbox, "sandbox")?;
+        let id = sandbox.id.clone();
+        self.owned(&id, move |driver| async move {
+            driver.create(Some(&sandbox)).await
+        })
+        .await?;
+        Ok(Response::new(CreateSandboxResponse {}))
+    }
+
+    async fn stop_sandbox(
+        &self,
+        request: Request<StopSandboxRequest>,
+    ) -> std::result::Result<Response<StopSandboxResponse>, Status> {
+        let id = request.into_inner().sandbox_id;
+        self.owned(
+            &id.clone(),
+            move |driver| async move { driver.stop(&id).await },
+        )
+        .await?;
+        Ok(Response::new(StopSandboxResponse {}))
+    }
+
+    async fn start_sandbox(
+        &self,
+        request: Request<StartSandboxRequest>,
+    ) -> std::result::Result<Response<StartSandboxResponse>, Status> {
+        let id = request.into_inner().sandbox_id;
+        self.owned(
+            &id.clone(),
+            move |driver| async move { driver.start(&id).await },
+        )
+        .await?;
+        Ok(Response::new(StartSandboxResponse {}))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<DeleteSandboxRequest>,
+    ) -> std::result::Result<Response<DeleteSandboxResponse>, Status> {
+        let id = request.into_inner().sandbox_id;
+        let deleted = self
+            .owned(&id.clone(), move |driver| async move {
+                driver.delete(&id).await
+            })
+            .await?;
+        Ok(Response::new(DeleteSandboxResponse { deleted }))
+    }
+
+    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
+
+    async fn watch_sandboxes(
+        &self,
+        _request: Request<WatchSandboxesRequest>,
+    ) -> std::result::Result<Response<Self::WatchSandboxesStream>, Status> {
+        Ok(Response::new(self.watch()))
+    }
+
+    /// Podman has no per-workspace resources: nothing to create.
+    async fn ensure_workspace(
+        &self,
+        _request: Request<EnsureWorkspaceRequest>,
+    ) -> std::result::Result<Response<EnsureWorkspaceResponse>, Status> {
+        Ok(Response::new(EnsureWorkspaceResponse {}))
+    }
+
+    /// Podman has no per-workspace resources: nothing to remove.
+    async fn delete_workspace(
+        &self,
+        _request: Request<DeleteWorkspaceRequest>,
+    ) -> std::result::Result<Response<DeleteWorkspaceResponse>, Status> {
+        Ok(Response::new(DeleteWorkspaceResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn gates_serialise_one_sandbox_and_clean_up() {
+        let gates = Arc::new(Gates::default());
+        let first = gates.enter("a").await;
+        // Another sandbox is not held up.
+        let other = tokio::time::timeout(std::time::Duration::from_secs(5), gates.enter("b"))
+            .await
+            .expect("a different sandbox enters at once");
+        // The same sandbox waits for the first to leave.
+        let waiting = tokio::spawn({
+            let gates = Arc::clone(&gates);
+            async move { gates.enter("a").await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        let second = waiting.await.expect("the waiter enters");
+        drop(second);
+        drop(other);
+        assert!(
+            gates
+                .locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,594 @@
+//! One observer per driver keeps the picture of every sandbox current and
+//! fans changes out to `WatchSandboxes` streams.
+//!
+//! A session subscribes to Podman's event stream first, then lists every
+//! container of this instance, so no change between the list and the first
+//! event is lost. Each relevant event re-inspects its container. When the
+//! event stream breaks, the next session starts the same way and the list
+//! corrects whatever was missed (vanished sandboxes become `deleted`
+//! events). While the engine cannot be reached for longer than
+//! `engine_unavailable_after`, the last-known sandboxes are reported with
+//! `Ready=False`, reason `EngineUnavailable`.
+//!
+//! A client stream takes the current picture and a subscription under the
+//! same lock, so it sees every sandbox once and then every change after it.
+//!
+//! Only the observer's own task changes the picture. The RPCs that change
+//! a sandbox ask it to re-inspect (or forget) that sandbox through a
+//! channel, so all inspections happen one after another and a later
+//! observation can never be overwritten by an earlier one, and a full list
+//! is applied without anything interleaving.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use openshell_proto::compute::v1::{
+    DriverPlatformEvent, DriverSandbox, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
+    WatchSandboxesPlatformEvent, WatchSandboxesSandboxEvent, watch_sandboxes_event,
+};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::podman::types::Event;
+use crate::spec::{LABEL_SANDBOX_ID, owned_by};
+use crate::status;
+
+/// Events kept for slow client streams before they must resynchronise.
+const CHANNEL_CAPACITY: usize = 1024;
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+struct Known {
+    sandbox: DriverSandbox,
+    container_id: String,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    sandboxes: BTreeMap<String, Known>,
+    /// When the engine stopped answering (monotonic, and wall clock for
+    /// the condition's transition time).
+    down_since: Option<(Instant, SystemTime)>,
+    down_reason: String,
+    unavailable_reported: bool,
+}
+
+pub fn sandbox_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
+    WatchSandboxesEvent {
+        payload: Some(watch_sandboxes_event::Payload::Sandbox(
+            WatchSandboxesSandboxEvent {
+                sandbox: Some(sandbox),
+            },
+        )),
+    }
+}
+
+pub fn deleted_event(sandbox_id: String) -> WatchSandboxesEvent {
+    WatchSandboxesEvent {
+        payload: Some(watch_sandboxes_event::Payload::Deleted(
+            WatchSandboxesDeletedEvent { sandbox_id },
+        )),
+    }
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    jiff::Timestamp::try_from(at)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// What the RPCs ask the observer to do.
+#[derive(Debug)]
+pub enum Command {
+    /// Inspect this container again.
+    Refresh {
+        sandbox_id: String,
+        container_id: String,
+    },
+    /// This container was removed.
+    Removed {
+        sandbox_id: String,
+        container_id: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct Observer {
+    core: Arc<Core>,
+    shared: Mutex<Shared>,
+    tx: broadcast::Sender<WatchSandboxesEvent>,
+    synced: watch::Sender<bool>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Observer {
+    /// The observer and the receiving end of its command channel, for
+    /// [`Observer::run`].
+    pub fn new(core: Arc<Core>) -> (Arc<Self>, mpsc::UnboundedReceiver<Command>) {
+        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let observer = Arc::new(Self {
+            core,
+            shared: Mutex::new(Shared::default()),
+            tx,
+            synced: watch::channel(false).0,
+            commands,
+        });
+        (observer, receiver)
+    }
+
+    /// Asks the observer to inspect a sandbox's container again.
+    pub fn refresh(&self, sandbox_id: &str, container_id: &str) {
+        let _ = self.commands.send(Command::Refresh {
+            sandbox_id: sandbox_id.to_owned(),
+            container_id: container_id.to_owned(),
+        });
+    }
+
+    /// Tells the observer a sandbox's container was removed.
+    pub fn removed(&self, sandbox_id: &str, container_id: &str) {
+        let _ = self.commands.send(Command::Removed {
+            sandbox_id: sandbox_id.to_owned(),
+            container_id: container_id.to_owned(),
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records an observation; broadcasts it when it changed.
+    fn apply(&self, sandbox: DriverSandbox) {
+        let container_id = sandbox
+            .status
+            .as_ref()
+            .map(|s| s.instance_id.clone())
+            .unwrap_or_default();
+        let mut shared = self.lock();
+        let unchanged = shared
+            .sandboxes
+            .get(&sandbox.id)
+            .is_some_and(|known| known.sandbox == sandbox);
+        if unchanged {
+            return;
+        }
+        shared.sandboxes.insert(
+            sandbox.id.clone(),
+            Known {
+                sandbox: sandbox.clone(),
+                container_id,
+            },
+        );
+        let _ = self.tx.send(sandbox_event(sandbox));
+    }
+
+    /// Records that a sandbox is gone. With `container_id`, only when the
+    /// known sandbox is that container.
+    fn apply_removed(&self, sandbox_id: &str, container_id: Option<&str>) {
+        let mut shared = self.lock();
+        let matches = shared.sandboxes.get(sandbox_id).is_some_and(|known| {
+            container_id.is_none_or(|c| known.container_id.is_empty() || known.container_id == c)
+        });
+        if matches {
+            shared.sandboxes.remove(sandbox_id);
+            let _ = self.tx.send(deleted_event(sandbox_id.to_owned()));
+        }
+    }
+
+    fn resync(&self, current: Vec<DriverSandbox>) {
+        let present: BTreeSet<String> = current.iter().map(|s| s.id.clone()).collect();
+        let gone: Vec<String> = self
+            .lock()
+            .sandboxes
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.apply_removed(&id, None);
+        }
+        for sandbox in current {
+            self.apply(sandbox);
+        }
+    }
+
+    /// The current picture plus a subscription to every change after it.
+    pub fn subscribe(&self) -> (Vec<DriverSandbox>, broadcast::Receiver<WatchSandboxesEvent>) {
+        let shared = self.lock();
+        let rx = self.tx.subscribe();
+        let all = shared
+            .sandboxes
+            .values()
+            .map(|k| k.sandbox.clone())
+            .collect();
+        (all, rx)
+    }
+
+    /// Waits until the first full list has been taken.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    /// Re-inspects one container and records what it shows now.
+    async fn inspect_again(&self, sandbox_id: &str, container_id: &str) {
+        match self.core.observe_container(container_id).await {
+            Ok(Some(sandbox)) => self.apply(sandbox),
+            Ok(None) => self.apply_removed(sandbox_id, Some(container_id)),
+            Err(error) => {
+                tracing::debug!(sandbox_id, error = %error, "could not refresh a sandbox");
+            }
+        }
+    }
+
+    /// The last-known sandboxes marked `EngineUnavailable`, once the engine
+    /// has been unreachable for longer than the configured grace period.
+    pub fn unavailable_view(&self) -> Option<Vec<DriverSandbox>> {
+        let shared = self.lock();
+        let (since, wall) = shared.down_since?;
+        if since.elapsed() < self.core.settings.engine_unavailable_after {
+            return None;
+        }
+        let message = self.unavailable_message(&shared.down_reason);
+        let at = rfc3339(wall);
+        Some(
+            shared
+                .sandboxes
+                .values()
+                .map(|k| status::engine_unavailable(&k.sandbox, &message, &at))
+                .collect(),
+        )
+    }
+
+    fn unavailable_message(&self, reason: &str) -> String {
+        format!(
+            "the Podman engine at {} cannot be reached: {reason}",
+            self.core.client.socket().display()
+        )
+    }
+
+    fn engine_down(&self, error: &Error) {
+        let reason = match error {
+            Error::EngineUnavailable { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        let mut shared = self.lock();
+        if shared.down_since.is_none() {
+            tracing::warn!(socket = %self.core.client.socket().display(), reason = %reason, "podman engine unreachable");
+            shared.down_since = Some((Instant::now(), SystemTime::now()));
+        }
+        shared.down_reason = reason;
+        let Some((since, wall)) = shared.down_since else {
+            return;
+        };
+        if shared.unavailable_reported
+            || since.elapsed() < self.core.settings.engine_unavailable_after
+        {
+            return;
+        }
+        shared.unavailable_reported = true;
+        let message = self.unavailable_message(&shared.down_reason);
+        let at = rfc3339(wall);
+        tracing::warn!(
+            sandboxes = shared.sandboxes.len(),
+            "reporting sandboxes as EngineUnavailable"
+        );
+        for known in shared.sandboxes.values_mut() {
+            known.sandbox = status::engine_unavailable(&known.sandbox, &message, &at);
+            let _ = self.tx.send(sandbox_event(known.sandbox.clone()));
+        }
+    }
+
+    fn engine_up(&self) {
+        let mut shared = self.lock();
+        if shared.down_since.take().is_some() {
+            tracing::info!(socket = %self.core.client.socket().display(), "podman engine reachable again");
+        }
+        shared.unavailable_reported = false;
+        shared.down_reason.clear();
+    }
+
+    /// Publishes a platform event for a sandbox.
+    fn platform(&self, sandbox_id: &str, event: DriverPlatformEvent) {
+        let _ = self.tx.send(WatchSandboxesEvent {
+            payload: Some(watch_sandboxes_event::Payload::PlatformEvent(
+                WatchSandboxesPlatformEvent {
+                    sandbox_id: sandbox_id.to_owned(),
+                    event: Some(event),
+                },
+            )),
+        });
+    }
+
+    /// Runs sessions until `cancel` fires, reconnecting with backoff.
+    pub async fn run(
+        self: Arc<Self>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let outcome = self.session(&mut commands, &cancel).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            match outcome {
+                Ok(()) => backoff = Duration::from_millis(20),
+                Err(error) => {
+                    tracing::debug!(error = %error, "podman event session ended");
+                    if error.is_engine_unavailable() {
+                        self.engine_down(&error);
+                    }
+                }
+            }
+            // A long grace period still gets checked at this pace.
+            let pause = backoff.min(
+                self.core
+                    .settings
+                    .engine_unavailable_after
+                    .max(Duration::from_millis(20)),
+            );
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = cancel.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+        }
+    }
+
+    /// One session: subscribe, list, then follow events. `Ok` when it
+    /// synced and later lost the stream (or was cancelled).
+    async fn session(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut events = self.core.client.events().await?;
+        // Whatever was asked before this point is covered by the list.
+        while commands.try_recv().is_ok() {}
+        let current = self.core.observe_all().await?;
+        self.engine_up();
+        self.resync(current);
+        self.synced.send_replace(true);
+        let mut resync = tokio::time::interval(self.core.resync_every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            let line = tokio::select! {
+                line = events.next_line() => line,
+                _ = resync.tick() => {
+                    // A safety net for events the engine did not deliver.
+                    let current = self.core.observe_all().await?;
+                    self.resync(current);
+                    continue;
+                }
+                Some(command) = commands.recv() => {
+                    match command {
+                        Command::Refresh { sandbox_id, container_id } => {
+                            self.inspect_again(&sandbox_id, &container_id).await;
+                        }
+                        Command::Removed { sandbox_id, container_id } => {
+                            self.apply_removed(&sandbox_id, Some(&container_id));
+                        }
+                    }
+                    continue;
+                }
+                () = cancel.cancelled() => return Ok(()),
+            };
+            match line {
+                Ok(Some(line)) => {
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    match serde_json::from_slice::<Event>(&line) {
+                        Ok(event) => self.handle(&event).await,
+                        Err(error) => {
+                            tracing::debug!(error = %error, "skipping an event line that is not JSON");
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracing::debug!("podman event stream ended; reconnecting");
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(error = %error, "podman event stream failed; reconnecting");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, event: &Event) {
+        if event.kind != "container" {
+            return;
+        }
+        let attributes = &event.actor.attributes;
+        if !owned_by(Some(attributes), self.core.instance()) {
+            return;
+        }
+        let Some(sandbox_id) = attributes.get(LABEL_SANDBOX_ID) else {
+            return;
+        };
+        tracing::debug!(sandbox_id = %sandbox_id, action = %event.action, "podman event");
+        if event.action == "remove" {
+            self.apply_removed(sandbox_id, Some(&event.actor.id));
+            return;
+        }
+        self.inspect_again(sandbox_id, &event.actor.id).await;
+        if let Some(platform) = platform_event(event, self.core.state.is_stopped(sandbox_id)) {
+            self.platform(sandbox_id, platform);
+        }
+    }
+}
+
+/// The platform event shown to users for a Podman event, if it is one
+/// worth showing.
+pub fn platform_event(event: &Event, stopped_on_request: bool) -> Option<DriverPlatformEvent> {
+    let exit_code = event
+        .actor
+        .attributes
+        .get("containerExitCode")
+        .cloned()
+        .unwrap_or_default();
+    let (kind, reason, message) = match event.action.as_str() {
+        "create" => ("Normal", "ContainerCreated", "container created".to_owned()),
+        "start" => ("Normal", "ContainerStarted", "container started".to_owned()),
+        "died" if stopped_on_request => (
+            "Normal",
+            "ContainerStopped",
+            format!("container stopped (exit code {exit_code})"),
+        ),
+        "died" if exit_code == "0" => (
+            "Normal",
+            "ContainerExited",
+            "container exited with code 0".to_owned(),
+        ),
+        "died" => (
+            "Warning",
+            "ContainerExited",
+            format!("container exited with code {exit_code}"),
+        ),
+        "oom" => (
+            "Warning",
+            "OOMKilled",
+            "container ran out of memory".to_owned(),
+        ),
+        "pause" => ("Normal", "ContainerPaused", "container paused".to_owned()),
+        "unpause" => (
+            "Normal",
+            "ContainerUnpaused",
+            "container unpaused".to_owned(),
+        ),
+        "restart" => (
+            "Normal",
+            "ContainerRestarted",
+            "container restarted".to_owned(),
+        ),
+        _ => return None,
+    };
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("container_id".to_owned(), event.actor.id.clone());
+    metadata.insert("podman_action".to_owned(), event.action.clone());
+    if !exit_code.is_empty() && event.action == "died" {
+        metadata.insert("exit_code".to_owned(), exit_code);
+    }
+    Some(DriverPlatformEvent {
+        timestamp_ms: event.timestamp_ms(),
+        source: "podman".to_owned(),
+        r#type: kind.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        metadata,
+    })
+}
+
+/// Feeds one `WatchSandboxes` client: the current picture first, then
+/// every change; a client that falls behind gets the picture again (with
+/// `deleted` events for what vanished meanwhile).
+pub async fn feed_client(
+    observer: Arc<Observer>,
+    out: mpsc::Sender<std::result::Result<WatchSandboxesEvent, tonic::Status>>,
+    cancel: CancellationToken,
+) {
+    observer.wait_synced().await;
+    let (snapshot, mut rx) = observer.subscribe();
+    let mut sent: BTreeSet<String> = BTreeSet::new();
+    for sandbox in snapshot {
+        sent.insert(sandbox.id.clone());
+        if out.send(Ok(sandbox_event(sandbox))).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            () = out.closed() => return,
+            () = cancel.cancelled() => return,
+        };
+        match next {
+            Ok(event) => {
+                match &event.payload {
+                    Some(watch_sandboxes_event::Payload::Sandbox(s)) => {
+                        if let Some(sandbox) = &s.sandbox {
+                            sent.insert(sandbox.id.clone());
+                        }
+                    }
+                    Some(watch_sandboxes_event::Payload::Deleted(d)) => {
+                        sent.remove(&d.sandbox_id);
+                    }
+                    _ => {}
+                }
+                if out.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "a watch client fell behind; sending the full picture again"
+                );
+                let (snapshot, fresh) = observer.subscribe();
+                rx = fresh;
+                let present: BTreeSet<String> = snapshot.iter().map(|s| s.id.clone()).collect();
+                for id in sent.difference(&present).cloned().collect::<Vec<_>>() {
+                    if out.send(Ok(deleted_event(id))).await.is_err() {
+                        return;
+                    }
+                }
+                sent = present;
+                for sandbox in snapshot {
+                    if out.send(Ok(sandbox_event(sandbox))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::podman::types::Actor;
+
+    fn event(action: &str, exit: &str) -> Event {
+        Event {
+            kind: "container".into(),
+            action: action.into(),
+            actor: Actor {
+                id: "c1".into(),
+                attributes: [("containerExitCode".to_owned(), exit.to_owned())].into(),
+            },
+            time_nano: 5_000_000,
+            time: 0,
+        }
+    }
+
+    #[test]
+    fn platform_events_for_podman_events() {
+        let died = platform_event(&event("died", "3"), false).unwrap();
+        assert_eq!(died.r#type, "Warning");
+        assert_eq!(died.reason, "ContainerExited");
+        assert_eq!(died.message, "container exited with code 3");
+        assert_eq!(died.metadata["exit_code"], "3");
+        assert_eq!(died.timestamp_ms, 5);
+        assert_eq!(died.source, "podman");
+
+        let stopped = platform_event(&event("died", "143"), true).unwrap();
+        assert_eq!(stopped.r#type, "Normal");
+        assert_eq!(stopped.reason, "ContainerStopped");
+
+        assert_eq!(
+            platform_event(&event("start", "0"), false).unwrap().reason,
+            "ContainerStarted"
+        );
+        assert!(platform_event(&event("cleanup", "0"), false).is_none());
+        assert!(platform_event(&event("init", "0"), false).is_none());
+    }
+}

@@ -1,0 +1,10 @@
+//! `openshell-driver-vm`: a compute driver that runs each sandbox in its
+//! own libkrun microVM. See `architecture/vm-driver.md`.
+
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod layer;
+pub mod state;
+
+pub use error::{Error, Result};

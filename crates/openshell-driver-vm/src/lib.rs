@@ -4,7 +4,11 @@
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod launch;
 pub mod layer;
+mod libkrun;
+pub mod preflight;
 pub mod state;
+pub mod vmm;
 
 pub use error::{Error, Result};

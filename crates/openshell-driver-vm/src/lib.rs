@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod image;
 pub mod launch;
 pub mod layer;
 mod libkrun;

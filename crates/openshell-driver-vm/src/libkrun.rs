@@ -279,6 +279,8 @@ mod tests {
         ctx.set_vm_config(1, 128).unwrap();
         ctx.set_root_with_tag("openshell-root", Path::new("/tmp"))
             .unwrap();
+        ctx.add_virtual_file("openshell-root", ".openshell", "token", b"t\n", 0o400)
+            .unwrap();
         ctx.set_workdir("/").unwrap();
         ctx.set_exec("/bin/sh", &["-c".into(), "true".into()], &["A=b".into()])
             .unwrap();

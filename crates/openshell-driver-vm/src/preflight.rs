@@ -257,17 +257,14 @@ impl fmt::Display for KernelProblem {
             } => {
                 let files: Vec<String> =
                     looked_at.iter().map(|p| p.display().to_string()).collect();
-                let dirs: Vec<String> = library_dirs
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
                 write!(
                     f,
-                    "no guest kernel: looked for a vmlinux at {} and for {LIBKRUNFW} in {}; run \
-                     {KERNEL_SCRIPT} (it installs to one of those vmlinux paths), pass --kernel \
-                     PATH, or install libkrunfw",
+                    "no guest kernel: looked for a vmlinux at {} and for {LIBKRUNFW} in the {} \
+                     directories of the library search path (LD_LIBRARY_PATH, /etc/ld.so.conf, \
+                     the system library directories); run {KERNEL_SCRIPT} (it installs to one of \
+                     those vmlinux paths), pass --kernel PATH, or install libkrunfw",
                     files.join(", "),
-                    dirs.join(":")
+                    library_dirs.len()
                 )
             }
         }

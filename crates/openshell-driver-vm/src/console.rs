@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -100,6 +101,7 @@ impl ConsoleLog {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&self.path)
                 .map_err(|e| Error::io("open", &self.path, e))?;
             inner.size = file.metadata().map(|m| m.len()).unwrap_or(0);

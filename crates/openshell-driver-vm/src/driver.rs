@@ -10,6 +10,7 @@
 //! overwrites a newer state.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -481,7 +482,11 @@ impl Driver {
                 path: dir.image(),
                 message: "missing".to_owned(),
             })?;
-        let request = spec::validate(Some(&request), &self.inner.config)?;
+        // Checked against today's settings, but with the image pinned at
+        // create time standing in for a default image that may have changed.
+        let mut config = self.inner.config.clone();
+        config.default_image = Some(meta.image.source().to_owned());
+        let request = spec::validate(Some(&request), &config)?;
         let report = self.host_report();
         if let Some(blocker) = report.blocker(self.inner.config.allow_unsupported_host) {
             return Err(blocker);
@@ -1086,9 +1091,9 @@ impl Driver {
 /// The guest kernel command line for ELF kernels.
 pub fn kernel_cmdline(extra: &str) -> String {
     let mut cmdline = format!(
-        "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 \
-         earlyprintk=serial,ttyS0,115200 root={ROOT_TAG} rootfstype=virtiofs rw quiet \
-         no-kvmapf init=/init.krun"
+        "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 quiet \
+         earlyprintk=serial,ttyS0,115200 root={ROOT_TAG} rootfstype=virtiofs rw no-kvmapf \
+         init=/init.krun"
     );
     if !extra.trim().is_empty() {
         cmdline.push(' ');
@@ -1129,6 +1134,7 @@ async fn read_vmm_log(
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|error| tracing::warn!(path = %path.display(), %error, "cannot open vmm.log"))
         .ok();

@@ -212,7 +212,7 @@ fn serve_driver(serve: &ServeArgs, args: &ConfigArgs) -> anyhow::Result<ExitCode
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let driver = Driver::new(config, HostPaths::system())?;
         let report = driver.host_report();
         if report.is_ok() {
@@ -231,5 +231,9 @@ fn serve_driver(serve: &ServeArgs, args: &ConfigArgs) -> anyhow::Result<ExitCode
         driver.shutdown().await;
         served?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // An image unpack still running in the blocking pool must not hold the
+    // exit up for long; its temporary directory is cleaned by prune.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }

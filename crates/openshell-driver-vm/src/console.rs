@@ -94,8 +94,11 @@ impl ConsoleLog {
         inner.boot_tail.drain(..excess);
         if inner.size >= self.max_bytes {
             inner.file = None;
-            std::fs::rename(&self.path, &self.rotated)
-                .map_err(|e| Error::io("rotate", &self.path, e))?;
+            match std::fs::rename(&self.path, &self.rotated) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("rotate", &self.path, e)),
+            }
         }
         if inner.file.is_none() {
             let file = std::fs::OpenOptions::new()

@@ -111,13 +111,7 @@ struct Registry {
 
 impl Registry {
     fn publish_sandbox(&self, entry: &Entry) {
-        let _ = self.events.send(WatchSandboxesEvent {
-            payload: Some(watch_sandboxes_event::Payload::Sandbox(
-                WatchSandboxesSandboxEvent {
-                    sandbox: Some(entry.snapshot()),
-                },
-            )),
-        });
+        let _ = self.events.send(sandbox_event(entry.snapshot()));
     }
 }
 
@@ -862,52 +856,17 @@ impl Driver {
         result
     }
 
+    /// Stop, start, delete and logs find a sandbox by id, falling back to
+    /// its name; GetSandbox uses the name only when no id is given.
     fn lookup(&self, id: &str, name: &str) -> Result<(SandboxId, Arc<tokio::sync::Mutex<()>>)> {
         let registry = self.registry();
-        let entry = if id.is_empty() {
-            if name.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "sandbox_id or sandbox_name is required".to_owned(),
-                ));
-            }
-            registry.entries.values().find(|e| e.name == name)
-        } else {
-            let id = SandboxId::parse(id)?;
-            registry.entries.get(id.as_str()).or_else(|| {
-                (!name.is_empty())
-                    .then(|| registry.entries.values().find(|e| e.name == name))
-                    .flatten()
-            })
-        };
-        let entry = entry.ok_or_else(|| {
-            Error::NotFound(if id.is_empty() {
-                name.to_owned()
-            } else {
-                id.to_owned()
-            })
-        })?;
+        let entry = find(&registry, id, name, true)?;
         Ok((entry.id.clone(), entry.op.clone()))
     }
 
     pub fn get(&self, id: &str, name: &str) -> Result<DriverSandbox> {
         let registry = self.registry();
-        let entry = if id.is_empty() {
-            if name.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "sandbox_id or sandbox_name is required".to_owned(),
-                ));
-            }
-            registry.entries.values().find(|e| e.name == name)
-        } else {
-            registry.entries.get(SandboxId::parse(id)?.as_str())
-        };
-        entry.map(Entry::snapshot).ok_or_else(|| {
-            Error::NotFound(if id.is_empty() {
-                name.to_owned()
-            } else {
-                id.to_owned()
-            })
-        })
+        find(&registry, id, name, false).map(Entry::snapshot)
     }
 
     pub fn list(&self) -> Vec<DriverSandbox> {
@@ -1085,6 +1044,48 @@ impl Driver {
             }
         }
         Ok(keys)
+    }
+}
+
+/// The entry named by `id` (validated) or, without an id or with
+/// `name_fallback`, by `name`.
+fn find<'r>(
+    registry: &'r Registry,
+    id: &str,
+    name: &str,
+    name_fallback: bool,
+) -> Result<&'r Entry> {
+    if id.is_empty() && name.is_empty() {
+        return Err(Error::InvalidArgument(
+            "sandbox_id or sandbox_name is required".to_owned(),
+        ));
+    }
+    let by_name = || {
+        registry
+            .entries
+            .values()
+            .find(|e| !name.is_empty() && e.name == name)
+    };
+    let entry = if id.is_empty() {
+        by_name()
+    } else {
+        let parsed = SandboxId::parse(id)?;
+        registry
+            .entries
+            .get(parsed.as_str())
+            .or_else(|| if name_fallback { by_name() } else { None })
+    };
+    entry.ok_or_else(|| Error::NotFound(if id.is_empty() { name } else { id }.to_owned()))
+}
+
+/// A `sandbox` watch event.
+pub fn sandbox_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
+    WatchSandboxesEvent {
+        payload: Some(watch_sandboxes_event::Payload::Sandbox(
+            WatchSandboxesSandboxEvent {
+                sandbox: Some(sandbox),
+            },
+        )),
     }
 }
 

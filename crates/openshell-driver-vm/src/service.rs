@@ -16,7 +16,7 @@ use openshell_proto::compute::v1::{
     GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
     ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesDeletedEvent,
-    WatchSandboxesEvent, WatchSandboxesRequest, WatchSandboxesSandboxEvent, watch_sandboxes_event,
+    WatchSandboxesEvent, WatchSandboxesRequest, watch_sandboxes_event,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::console::LiveOutput;
-use crate::driver::Driver;
+use crate::driver::{Driver, sandbox_event};
 
 /// Name reported in `GetCapabilities`.
 pub const DRIVER_NAME: &str = "openshell-driver-vm";
@@ -45,16 +45,6 @@ pub struct Service {
 impl Service {
     pub fn new(driver: Driver, stop: CancellationToken) -> Self {
         Self { driver, stop }
-    }
-}
-
-fn sandbox_event(sandbox: openshell_proto::compute::v1::DriverSandbox) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::Sandbox(
-            WatchSandboxesSandboxEvent {
-                sandbox: Some(sandbox),
-            },
-        )),
     }
 }
 

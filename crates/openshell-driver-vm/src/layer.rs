@@ -291,6 +291,29 @@ mod tests {
     }
 
     #[test]
+    fn auto_falls_back_to_a_copy_when_overlay_cannot_be_mounted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, lower) = sandbox(tmp.path());
+        // A comma cannot be expressed in overlayfs options, so the mount
+        // fails on any host; auto must still give the sandbox a root.
+        let odd = tmp.path().join("image,v2");
+        std::fs::rename(&lower, &odd).unwrap();
+        assert_eq!(
+            create(&dir, &odd, LayerMode::Auto).unwrap(),
+            LayerKind::Copy
+        );
+        assert!(!is_mount_point(&dir.rootfs()));
+        assert_eq!(
+            std::fs::read(dir.rootfs().join("etc/hostname")).unwrap(),
+            b"image\n"
+        );
+        assert!(
+            !dir.upper().exists() && !dir.work().exists(),
+            "no overlay leftovers"
+        );
+    }
+
+    #[test]
     fn paths_that_break_overlay_options_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, _) = sandbox(tmp.path());

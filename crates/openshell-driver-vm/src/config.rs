@@ -1,0 +1,437 @@
+//! Driver settings: an optional TOML file (`--driver-config`, the table a
+//! gateway writes for a managed driver) and one command-line flag per key.
+//! Flags win over the file; unknown keys in the file are an error naming the
+//! key and the file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How each sandbox gets its own writable root filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerMode {
+    /// An overlayfs mount over the shared image; a full copy (with a
+    /// warning) where overlayfs cannot be mounted.
+    Auto,
+    /// Only overlayfs; creating a sandbox fails where it cannot be mounted.
+    Overlay,
+    /// A full private copy of the image per sandbox.
+    Copy,
+}
+
+/// Guest networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// libkrun's transparent socket impersonation: guest sockets are opened
+    /// by the VMM process on the host. Needs a TSI-aware guest kernel
+    /// (libkrunfw's); with another kernel the guest has loopback only.
+    Tsi,
+    /// No network device at all.
+    None,
+}
+
+/// The keys of a driver-config file. Every key is optional; see
+/// [`ConfigArgs`] for their meaning.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub kernel_args: Option<String>,
+    pub vcpus: Option<u8>,
+    pub mem_mib: Option<u32>,
+    pub default_image: Option<String>,
+    pub allow_unsupported_host: Option<bool>,
+    pub krun_log_level: Option<u8>,
+    pub log_level: Option<String>,
+    pub writable_layer: Option<LayerMode>,
+    pub network: Option<NetworkMode>,
+    pub boot_timeout_secs: Option<u64>,
+    pub stop_timeout_secs: Option<u64>,
+    pub console_log_max_mib: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        toml::from_str(&text).map_err(|e| {
+            // One line: the message and the offending line of the file.
+            let location = e
+                .span()
+                .map(|span| {
+                    let start = span.start.min(text.len());
+                    let line_no = text[..start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    format!(" (line {line_no}: {line})")
+                })
+                .unwrap_or_default();
+            Error::Config {
+                path: path.to_owned(),
+                message: format!("{}{location}", e.message().trim()),
+            }
+        })
+    }
+}
+
+/// Command-line flags, one per config key. Each overrides the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML file with driver settings (the keys below, snake_case).
+    #[arg(long, value_name = "PATH")]
+    pub driver_config: Option<PathBuf>,
+
+    /// Name of this driver instance as the gateway knows it [default: vm].
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Where sandboxes, the image cache and logs live
+    /// [default: $XDG_STATE_HOME/openshell/vm-driver].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Guest kernel: an uncompressed x86-64 ELF vmlinux. Without it the
+    /// driver looks at the install paths of scripts/build-guest-kernel.sh,
+    /// then for libkrunfw.so.5 on the library path.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Extra guest kernel command-line arguments (ELF kernels only), e.g.
+    /// "loglevel=7" to see the whole boot log in the console.
+    #[arg(long, value_name = "ARGS")]
+    pub kernel_args: Option<String>,
+
+    /// vCPUs per sandbox unless the sandbox asks for a size [default: 2].
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+
+    /// Guest memory per sandbox in MiB unless the sandbox asks for a size
+    /// [default: 1024].
+    #[arg(long, value_name = "MIB")]
+    pub mem_mib: Option<u32>,
+
+    /// Image for sandboxes that name none.
+    #[arg(long, value_name = "IMAGE")]
+    pub default_image: Option<String>,
+
+    /// Create sandboxes even where /dev/kvm is missing, not writable or
+    /// served by PVM. The VMM then starts and the guest fails to boot, which
+    /// is reported as BootFailed; for testing the host-side path.
+    #[arg(long)]
+    pub allow_unsupported_host: bool,
+
+    /// libkrun's log level in each sandbox's vmm.log: 0 off, 1 error,
+    /// 2 warn, 3 info, 4 debug, 5 trace [default: 2].
+    #[arg(long, value_name = "0-5")]
+    pub krun_log_level: Option<u8>,
+
+    /// The driver's own log filter (RUST_LOG syntax) [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// How each sandbox gets its writable root [default: auto].
+    #[arg(long, value_enum)]
+    pub writable_layer: Option<LayerMode>,
+
+    /// Guest networking [default: tsi].
+    #[arg(long, value_enum)]
+    pub network: Option<NetworkMode>,
+
+    /// A guest that has not reached its root filesystem after this many
+    /// seconds is stopped and reported as BootFailed; 0 waits forever
+    /// [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub boot_timeout_secs: Option<u64>,
+
+    /// How long a VMM gets after SIGTERM before SIGKILL [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub stop_timeout_secs: Option<u64>,
+
+    /// Console log size, in MiB, at which it is rotated to console.log.1
+    /// [default: 16].
+    #[arg(long, value_name = "MIB")]
+    pub console_log_max_mib: Option<u64>,
+}
+
+/// The settings the driver runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub kernel: Option<PathBuf>,
+    pub kernel_args: String,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub default_image: Option<String>,
+    pub allow_unsupported_host: bool,
+    pub krun_log_level: u8,
+    pub log_level: String,
+    pub writable_layer: LayerMode,
+    pub network: NetworkMode,
+    pub boot_timeout: Option<Duration>,
+    pub stop_timeout: Duration,
+    pub console_log_max_bytes: u64,
+}
+
+/// Smallest guest memory accepted, in MiB.
+pub const MIN_MEM_MIB: u32 = 64;
+/// Largest guest memory accepted, in MiB (1 TiB).
+pub const MAX_MEM_MIB: u32 = 1 << 20;
+
+impl ConfigArgs {
+    /// Merges the file (if any) with the flags and checks the result.
+    pub fn resolve(&self) -> Result<Config> {
+        let file = match &self.driver_config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let origin = self.driver_config.clone();
+        let pick = |flag: Option<String>, key: Option<String>| flag.or(key);
+        let state_dir = match self.state_dir.clone().or(file.state_dir) {
+            Some(dir) => dir,
+            None => default_state_dir()?,
+        };
+        let config = Config {
+            name: pick(self.name.clone(), file.name).unwrap_or_else(|| "vm".to_owned()),
+            state_dir,
+            kernel: self.kernel.clone().or(file.kernel),
+            kernel_args: pick(self.kernel_args.clone(), file.kernel_args).unwrap_or_default(),
+            vcpus: self.vcpus.or(file.vcpus).unwrap_or(2),
+            mem_mib: self.mem_mib.or(file.mem_mib).unwrap_or(1024),
+            default_image: pick(self.default_image.clone(), file.default_image)
+                .filter(|s| !s.trim().is_empty()),
+            allow_unsupported_host: self.allow_unsupported_host
+                || file.allow_unsupported_host.unwrap_or(false),
+            krun_log_level: self.krun_log_level.or(file.krun_log_level).unwrap_or(2),
+            log_level: pick(self.log_level.clone(), file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+            writable_layer: self
+                .writable_layer
+                .or(file.writable_layer)
+                .unwrap_or(LayerMode::Auto),
+            network: self.network.or(file.network).unwrap_or(NetworkMode::Tsi),
+            boot_timeout: match self.boot_timeout_secs.or(file.boot_timeout_secs) {
+                Some(0) => None,
+                Some(secs) => Some(Duration::from_secs(secs)),
+                None => Some(Duration::from_secs(60)),
+            },
+            stop_timeout: Duration::from_secs(
+                self.stop_timeout_secs
+                    .or(file.stop_timeout_secs)
+                    .unwrap_or(5),
+            ),
+            console_log_max_bytes: self
+                .console_log_max_mib
+                .or(file.console_log_max_mib)
+                .unwrap_or(16)
+                .saturating_mul(1 << 20),
+        };
+        config.validate().map_err(|message| match origin {
+            Some(path) => Error::Config { path, message },
+            None => Error::Setting(message),
+        })?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !self.state_dir.is_absolute() {
+            return Err(format!(
+                "state_dir {} is relative; give an absolute path",
+                self.state_dir.display()
+            ));
+        }
+        if let Some(kernel) = &self.kernel
+            && !kernel.is_absolute()
+        {
+            return Err(format!(
+                "kernel {} is relative; give an absolute path",
+                kernel.display()
+            ));
+        }
+        if self.vcpus == 0 {
+            return Err("vcpus must be at least 1".to_owned());
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(format!(
+                "mem_mib {} is out of range; use {MIN_MEM_MIB} to {MAX_MEM_MIB}",
+                self.mem_mib
+            ));
+        }
+        if self.krun_log_level > 5 {
+            return Err(format!(
+                "krun_log_level {} is out of range; use 0 (off) to 5 (trace)",
+                self.krun_log_level
+            ));
+        }
+        if self.name.trim().is_empty() {
+            return Err("name must not be empty".to_owned());
+        }
+        if let Some(bad) = self
+            .kernel_args
+            .chars()
+            .find(|c| !matches!(c, ' '..='~') || *c == '"')
+        {
+            return Err(format!(
+                "kernel_args may only hold printable ASCII without double quotes; found {bad:?}"
+            ));
+        }
+        if self.stop_timeout.is_zero() {
+            return Err("stop_timeout_secs must be at least 1".to_owned());
+        }
+        if self.console_log_max_bytes == 0 {
+            return Err("console_log_max_mib must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// `$XDG_STATE_HOME/openshell/vm-driver`, or `~/.local/state/...`.
+pub fn default_state_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| directories::BaseDirs::new().map(|b| b.home_dir().join(".local/state")))
+        .ok_or_else(|| {
+            Error::Setting(
+                "no state directory: HOME and XDG_STATE_HOME are unset; pass --state-dir"
+                    .to_owned(),
+            )
+        })?;
+    Ok(base.join("openshell").join("vm-driver"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("vm.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn args_with_file(path: PathBuf) -> ConfigArgs {
+        ConfigArgs {
+            driver_config: Some(path),
+            ..ConfigArgs::default()
+        }
+    }
+
+    #[test]
+    fn file_keys_are_read_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            r#"
+name = "vm"
+state_dir = "/var/lib/gw/drivers/vm"
+vcpus = 4
+mem_mib = 512
+default_image = "oci:/images/busybox:latest"
+allow_unsupported_host = true
+krun_log_level = 3
+writable_layer = "copy"
+network = "none"
+boot_timeout_secs = 0
+"#,
+        );
+        let mut args = args_with_file(path);
+        let config = args.resolve().unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/gw/drivers/vm"));
+        assert_eq!(config.vcpus, 4);
+        assert_eq!(config.mem_mib, 512);
+        assert!(config.allow_unsupported_host);
+        assert_eq!(config.writable_layer, LayerMode::Copy);
+        assert_eq!(config.network, NetworkMode::None);
+        assert_eq!(config.boot_timeout, None);
+        assert_eq!(
+            config.default_image.as_deref(),
+            Some("oci:/images/busybox:latest")
+        );
+
+        args.vcpus = Some(1);
+        args.state_dir = Some("/tmp/other".into());
+        args.writable_layer = Some(LayerMode::Overlay);
+        let config = args.resolve().unwrap();
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.state_dir, PathBuf::from("/tmp/other"));
+        assert_eq!(config.writable_layer, LayerMode::Overlay);
+        assert_eq!(
+            config.mem_mib, 512,
+            "file value kept where no flag is given"
+        );
+    }
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let args = ConfigArgs {
+            state_dir: Some("/tmp/s".into()),
+            ..ConfigArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.name, "vm");
+        assert_eq!(config.vcpus, 2);
+        assert_eq!(config.mem_mib, 1024);
+        assert_eq!(config.krun_log_level, 2);
+        assert_eq!(config.writable_layer, LayerMode::Auto);
+        assert_eq!(config.network, NetworkMode::Tsi);
+        assert_eq!(config.boot_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(config.stop_timeout, Duration::from_secs(5));
+        assert!(!config.allow_unsupported_host);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "name = \"vm\"\nsocket_path = \"/x.sock\"\n");
+        let err = args_with_file(path.clone())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("socket_path"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_are_reported_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, needle) in [
+            ("vcpus = \"two\"", "vcpus"),
+            ("vcpus = 0", "vcpus must be at least 1"),
+            ("mem_mib = 8", "mem_mib 8 is out of range"),
+            ("krun_log_level = 9", "krun_log_level 9"),
+            ("state_dir = \"relative/dir\"", "is relative"),
+            ("writable_layer = \"zfs\"", "writable_layer"),
+            ("kernel_args = \"init=\\\"x\\\"\"", "double quotes"),
+            ("this is not toml", "vm.toml"),
+        ] {
+            let path = write(dir.path(), text);
+            let err = args_with_file(path).resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.contains("vm.toml"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = args_with_file("/nonexistent/vm.toml".into())
+            .resolve()
+            .unwrap_err();
+        assert!(crate::error::chain(&err).contains("/nonexistent/vm.toml"));
+    }
+
+    #[test]
+    fn default_state_dir_is_absolute_and_under_openshell() {
+        let dir = default_state_dir().unwrap();
+        assert!(dir.is_absolute());
+        assert!(dir.ends_with("openshell/vm-driver"));
+    }
+}

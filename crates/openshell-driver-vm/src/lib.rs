@@ -1,0 +1,28 @@
+//! `openshell-driver-vm`: a compute driver that runs each sandbox in its
+//! own libkrun microVM.
+//!
+//! The binary serves `openshell.compute.v1.ComputeDriver` (and the optional
+//! log service) on a Unix socket through `driver_lifecycle::serve_uds`.
+//! Each running sandbox is one VMM child: the same executable re-run as
+//! `openshell-driver-vm vmm <launch-file>`, which configures libkrun and
+//! hands the process over to the VM. See `architecture/vm-driver.md`.
+
+pub mod config;
+pub mod console;
+pub mod driver;
+pub mod error;
+pub mod ids;
+pub mod image;
+pub mod launch;
+pub mod launcher;
+pub mod layer;
+mod libkrun;
+pub mod preflight;
+pub mod service;
+pub mod spec;
+pub mod state;
+pub mod status;
+mod sys;
+pub mod vmm;
+
+pub use error::{Error, Result};

@@ -1,0 +1,313 @@
+//! The gRPC services: `openshell.compute.v1.ComputeDriver` and the optional
+//! `openshell.compute.logs.v1.SandboxLogs`, both thin layers over
+//! [`Driver`].
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
+use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
+use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
+use openshell_proto::compute::v1::{
+    CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
+    DeleteWorkspaceRequest, DeleteWorkspaceResponse, EnsureWorkspaceRequest,
+    EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
+    GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
+    GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
+    StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesDeletedEvent,
+    WatchSandboxesEvent, WatchSandboxesRequest, watch_sandboxes_event,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::console::LiveOutput;
+use crate::driver::{Driver, sandbox_event};
+
+/// Name reported in `GetCapabilities`.
+pub const DRIVER_NAME: &str = "openshell-driver-vm";
+/// Bytes per log chunk sent for retained output.
+const HISTORY_CHUNK: usize = 64 << 10;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Both services over one [`Driver`]. `stop` ends long-lived streams when
+/// the server shuts down.
+#[derive(Clone)]
+pub struct Service {
+    driver: Driver,
+    stop: CancellationToken,
+}
+
+impl Service {
+    pub fn new(driver: Driver, stop: CancellationToken) -> Self {
+        Self { driver, stop }
+    }
+}
+
+#[tonic::async_trait]
+impl ComputeDriver for Service {
+    async fn get_capabilities(
+        &self,
+        _request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<GetCapabilitiesResponse>, Status> {
+        Ok(Response::new(GetCapabilitiesResponse {
+            driver_name: DRIVER_NAME.to_owned(),
+            driver_version: env!("CARGO_PKG_VERSION").to_owned(),
+            default_image: self
+                .driver
+                .config()
+                .default_image
+                .clone()
+                .unwrap_or_default(),
+            gateway_manages_lifecycle: true,
+        }))
+    }
+
+    async fn get_gateway_listener_requirements(
+        &self,
+        _request: Request<GetGatewayListenerRequirementsRequest>,
+    ) -> Result<Response<GetGatewayListenerRequirementsResponse>, Status> {
+        Ok(Response::new(GetGatewayListenerRequirementsResponse {
+            requirements: Vec::new(),
+        }))
+    }
+
+    async fn validate_sandbox_create(
+        &self,
+        request: Request<ValidateSandboxCreateRequest>,
+    ) -> Result<Response<ValidateSandboxCreateResponse>, Status> {
+        self.driver
+            .validate(request.get_ref().sandbox.as_ref())
+            .await?;
+        Ok(Response::new(ValidateSandboxCreateResponse {}))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> Result<Response<GetSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let sandbox = self
+            .driver
+            .get(&request.sandbox_id, &request.sandbox_name)?;
+        Ok(Response::new(GetSandboxResponse {
+            sandbox: Some(sandbox),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        _request: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        Ok(Response::new(ListSandboxesResponse {
+            sandboxes: self.driver.list(),
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<CreateSandboxResponse>, Status> {
+        self.driver.create(request.into_inner().sandbox).await?;
+        Ok(Response::new(CreateSandboxResponse {}))
+    }
+
+    async fn stop_sandbox(
+        &self,
+        request: Request<StopSandboxRequest>,
+    ) -> Result<Response<StopSandboxResponse>, Status> {
+        let request = request.into_inner();
+        // Run to completion even if the caller goes away: a stop must not
+        // be left half done.
+        let driver = self.driver.clone();
+        tokio::spawn(async move {
+            driver
+                .stop(&request.sandbox_id, &request.sandbox_name)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("stop task failed: {e}")))??;
+        Ok(Response::new(StopSandboxResponse {}))
+    }
+
+    async fn start_sandbox(
+        &self,
+        request: Request<StartSandboxRequest>,
+    ) -> Result<Response<StartSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let driver = self.driver.clone();
+        tokio::spawn(async move {
+            driver
+                .start(&request.sandbox_id, &request.sandbox_name)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("start task failed: {e}")))??;
+        Ok(Response::new(StartSandboxResponse {}))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<DeleteSandboxRequest>,
+    ) -> Result<Response<DeleteSandboxResponse>, Status> {
+        let request = request.into_inner();
+        let driver = self.driver.clone();
+        let deleted = tokio::spawn(async move {
+            driver
+                .delete(&request.sandbox_id, &request.sandbox_name)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("delete task failed: {e}")))??;
+        Ok(Response::new(DeleteSandboxResponse { deleted }))
+    }
+
+    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
+
+    async fn watch_sandboxes(
+        &self,
+        _request: Request<WatchSandboxesRequest>,
+    ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let driver = self.driver.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut start = driver.watch();
+            let mut known: HashSet<String> = HashSet::new();
+            loop {
+                for snapshot in std::mem::take(&mut start.snapshots) {
+                    known.insert(snapshot.id.clone());
+                    if tx.send(Ok(sandbox_event(snapshot))).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    let event = tokio::select! {
+                        event = start.events.recv() => event,
+                        () = stop.cancelled() => return,
+                        () = tx.closed() => return,
+                    };
+                    match event {
+                        Ok(event) => {
+                            match &event.payload {
+                                Some(watch_sandboxes_event::Payload::Sandbox(s)) => {
+                                    if let Some(sandbox) = &s.sandbox {
+                                        known.insert(sandbox.id.clone());
+                                    }
+                                }
+                                Some(watch_sandboxes_event::Payload::Deleted(d)) => {
+                                    known.remove(&d.sandbox_id);
+                                }
+                                _ => {}
+                            }
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            // Fell behind: start over from a fresh snapshot,
+                            // reporting sandboxes that vanished meanwhile.
+                            tracing::warn!(missed, "a watcher fell behind; resynchronising it");
+                            start = driver.watch();
+                            let current: HashSet<String> =
+                                start.snapshots.iter().map(|s| s.id.clone()).collect();
+                            for gone in known.difference(&current) {
+                                let deleted = WatchSandboxesEvent {
+                                    payload: Some(watch_sandboxes_event::Payload::Deleted(
+                                        WatchSandboxesDeletedEvent {
+                                            sandbox_id: gone.clone(),
+                                        },
+                                    )),
+                                };
+                                if tx.send(Ok(deleted)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            known = current;
+                            break;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ensure_workspace(
+        &self,
+        _request: Request<EnsureWorkspaceRequest>,
+    ) -> Result<Response<EnsureWorkspaceResponse>, Status> {
+        Ok(Response::new(EnsureWorkspaceResponse {}))
+    }
+
+    async fn delete_workspace(
+        &self,
+        _request: Request<DeleteWorkspaceRequest>,
+    ) -> Result<Response<DeleteWorkspaceResponse>, Status> {
+        Ok(Response::new(DeleteWorkspaceResponse {}))
+    }
+}
+
+fn chunk(data: Vec<u8>, at_ms: i64) -> LogChunk {
+    LogChunk {
+        data,
+        stream: LogStream::Console.into(),
+        timestamp_ms: at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl SandboxLogs for Service {
+    type StreamLogsStream = BoxStream<LogChunk>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let request = request.into_inner();
+        let console = self
+            .driver
+            .console(&request.sandbox_id, &request.sandbox_name)?;
+        let subscription = console.subscribe(request.tail_lines, request.follow)?;
+        let (tx, rx) = mpsc::channel(64);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            for piece in subscription.history.chunks(HISTORY_CHUNK) {
+                if tx.send(Ok(chunk(piece.to_vec(), 0))).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut live) = subscription.live else {
+                return;
+            };
+            loop {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    () = stop.cancelled() => return,
+                    () = tx.closed() => return,
+                };
+                let item = match next {
+                    Ok(LiveOutput::Chunk { data, at_ms }) => chunk(data, at_ms),
+                    Ok(LiveOutput::End) | Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => chunk(
+                        format!(
+                            "\n[openshell: this reader fell behind and skipped {missed} chunks; \
+                             console.log has all of it]\n"
+                        )
+                        .into_bytes(),
+                        crate::state::now_ms(),
+                    ),
+                };
+                if tx.send(Ok(item)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

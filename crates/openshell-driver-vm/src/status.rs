@@ -1,0 +1,270 @@
+//! What the driver reports about a sandbox: its phase, turned into the
+//! conditions the gateway derives the public phase from.
+//!
+//! | phase | conditions | gateway reads |
+//! |---|---|---|
+//! | provisioning, booting | `Ready=False`, reason `Starting` | Provisioning (transient) |
+//! | running | `Ready=True`, reason `Running` | Ready |
+//! | stopped | `Suspended=True`, `Ready=False` reason `Stopped` | Stopped |
+//! | exited | `Ready=False`, reason `Exited` | Error |
+//! | boot failed | `Ready=False`, reason `BootFailed` | Error |
+//! | provisioning failed | `Ready=False`, reason `ProvisioningFailed` | Error |
+//! | host unsupported | `Ready=False`, reason `HostUnsupported` | Error |
+//! | deleting | `deleting=true`, `Ready=False` reason `Deleting` | Deleting |
+
+use openshell_proto::compute::v1::{DriverCondition, DriverSandboxStatus};
+
+use crate::state::Tombstone;
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Image and writable layer being prepared.
+    Provisioning,
+    /// The VMM runs; the guest has not reached its root filesystem yet.
+    Booting {
+        pid: u32,
+    },
+    /// The guest booted.
+    Running {
+        pid: u32,
+    },
+    Stopped,
+    /// The guest ran and its command ended (or its VMM was killed).
+    Exited {
+        code: Option<i32>,
+        message: String,
+    },
+    BootFailed {
+        message: String,
+    },
+    ProvisioningFailed {
+        message: String,
+    },
+    HostUnsupported {
+        message: String,
+    },
+}
+
+pub const REASON_EXITED: &str = "Exited";
+pub const REASON_BOOT_FAILED: &str = "BootFailed";
+pub const REASON_PROVISIONING_FAILED: &str = "ProvisioningFailed";
+
+impl Phase {
+    /// A boot is being prepared or runs.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            Self::Provisioning | Self::Booting { .. } | Self::Running { .. }
+        )
+    }
+
+    /// The tombstone that records this phase, for phases that end a boot on
+    /// their own.
+    pub fn tombstone(&self, at_ms: i64) -> Option<Tombstone> {
+        let (reason, message, exit_code) = match self {
+            Self::Exited { code, message } => (REASON_EXITED, message, *code),
+            Self::BootFailed { message } => (REASON_BOOT_FAILED, message, None),
+            Self::ProvisioningFailed { message } => (REASON_PROVISIONING_FAILED, message, None),
+            _ => return None,
+        };
+        Some(Tombstone {
+            reason: reason.to_owned(),
+            message: message.clone(),
+            exit_code,
+            at_ms,
+        })
+    }
+
+    /// The phase a tombstone records.
+    pub fn from_tombstone(tombstone: &Tombstone) -> Self {
+        let message = tombstone.message.clone();
+        match tombstone.reason.as_str() {
+            REASON_EXITED => Self::Exited {
+                code: tombstone.exit_code,
+                message,
+            },
+            REASON_PROVISIONING_FAILED => Self::ProvisioningFailed { message },
+            _ => Self::BootFailed { message },
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Booting { .. } => "booting",
+            Self::Running { .. } => "running",
+            Self::Stopped => "stopped",
+            Self::Exited { .. } => "exited",
+            Self::BootFailed { .. } => "boot-failed",
+            Self::ProvisioningFailed { .. } => "provisioning-failed",
+            Self::HostUnsupported { .. } => "host-unsupported",
+        }
+    }
+}
+
+fn condition(
+    kind: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    since: &str,
+) -> DriverCondition {
+    DriverCondition {
+        r#type: kind.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition_time: since.to_owned(),
+    }
+}
+
+/// The observed status of a sandbox in `phase` since `since_ms`.
+pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> DriverSandboxStatus {
+    let since = rfc3339(since_ms);
+    let ready_false =
+        |reason: &str, message: &str| condition("Ready", "False", reason, message, &since);
+    let conditions = if deleting {
+        vec![ready_false("Deleting", "The sandbox is being deleted")]
+    } else {
+        match phase {
+            Phase::Provisioning => vec![ready_false(
+                "Starting",
+                "Provisioning: preparing the image and the writable layer",
+            )],
+            Phase::Booting { pid } => vec![ready_false(
+                "Starting",
+                &format!("Booting the VM (VMM pid {pid})"),
+            )],
+            Phase::Running { pid } => vec![condition(
+                "Ready",
+                "True",
+                "Running",
+                &format!("The guest is running (VMM pid {pid})"),
+                &since,
+            )],
+            Phase::Stopped => vec![
+                ready_false("Stopped", "The VM is stopped; its writable layer is kept"),
+                condition(
+                    "Suspended",
+                    "True",
+                    "Stopped",
+                    "The VM is stopped; start it again to boot from its writable layer",
+                    &since,
+                ),
+            ],
+            Phase::Exited { message, .. } => vec![ready_false(REASON_EXITED, message)],
+            Phase::BootFailed { message } => vec![ready_false(REASON_BOOT_FAILED, message)],
+            Phase::ProvisioningFailed { message } => {
+                vec![ready_false(REASON_PROVISIONING_FAILED, message)]
+            }
+            Phase::HostUnsupported { message } => vec![ready_false("HostUnsupported", message)],
+        }
+    };
+    DriverSandboxStatus {
+        sandbox_name: name.to_owned(),
+        instance_id: String::new(),
+        agent_fd: String::new(),
+        sandbox_fd: String::new(),
+        conditions,
+        deleting,
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40.000Z");
+    }
+
+    fn only(status: &DriverSandboxStatus, kind: &str) -> DriverCondition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.r#type == kind)
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn provisioning_is_transient_for_the_gateway() {
+        // The gateway reads any Ready=False reason other than a short list
+        // (Starting among them) as an error, so provisioning must say
+        // Starting.
+        for phase in [Phase::Provisioning, Phase::Booting { pid: 7 }] {
+            let ready = only(&status("n", &phase, false, 0), "Ready");
+            assert_eq!(
+                (ready.status.as_str(), ready.reason.as_str()),
+                ("False", "Starting")
+            );
+        }
+        let ready = only(&status("n", &Phase::Provisioning, false, 0), "Ready");
+        assert!(ready.message.contains("Provisioning"));
+    }
+
+    #[test]
+    fn stopped_is_suspended_and_running_is_ready() {
+        let stopped = status("n", &Phase::Stopped, false, 0);
+        assert_eq!(only(&stopped, "Suspended").status, "True");
+        let running = only(&status("n", &Phase::Running { pid: 1 }, false, 0), "Ready");
+        assert_eq!(
+            (running.status.as_str(), running.reason.as_str()),
+            ("True", "Running")
+        );
+        let deleting = status("n", &Phase::Running { pid: 1 }, true, 0);
+        assert!(deleting.deleting);
+        assert_eq!(only(&deleting, "Ready").reason, "Deleting");
+    }
+
+    #[test]
+    fn terminal_phases_round_trip_through_tombstones() {
+        for phase in [
+            Phase::Exited {
+                code: Some(3),
+                message: "guest exited with code 3".into(),
+            },
+            Phase::BootFailed {
+                message: "no boot".into(),
+            },
+            Phase::ProvisioningFailed {
+                message: "umoci failed".into(),
+            },
+        ] {
+            let tomb = phase.tombstone(9).unwrap();
+            assert_eq!(Phase::from_tombstone(&tomb), phase);
+            let ready = only(&status("n", &phase, false, 0), "Ready");
+            assert_eq!(ready.reason, tomb.reason);
+        }
+        assert!(Phase::Stopped.tombstone(0).is_none());
+        assert!(Phase::Running { pid: 1 }.tombstone(0).is_none());
+    }
+}

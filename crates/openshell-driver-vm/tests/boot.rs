@@ -1,0 +1,203 @@
+//! Tests that boot a real guest. They need hardware KVM and a guest kernel
+//! (scripts/build-guest-kernel.sh, or libkrunfw), and skip with the reason
+//! on hosts without them. One test instead checks what happens on a host
+//! that has a kernel but cannot boot it (PVM): the failure must be reported,
+//! not hang.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Driver, Watch, busybox_rootfs, condition, ready_reason, sandbox};
+use openshell_driver_vm::preflight::{HostPaths, HostReport, KvmProblem};
+use openshell_proto::compute::v1::{StartSandboxRequest, StopSandboxRequest};
+
+/// The rootfs image and, when a guest can really boot here, nothing to
+/// skip; otherwise the reason.
+fn bootable() -> Result<(), String> {
+    let report = HostReport::check(&HostPaths::system(), None);
+    match (&report.kvm, &report.kernel) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (kvm, kernel) => {
+            let mut why = Vec::new();
+            if let Err(problem) = kvm {
+                why.push(problem.to_string());
+            }
+            if let Err(problem) = kernel {
+                why.push(problem.to_string());
+            }
+            Err(why.join("; "))
+        }
+    }
+}
+
+macro_rules! require_boot {
+    () => {
+        if let Err(reason) = bootable() {
+            eprintln!("skipped: no guest can boot on this host: {reason}");
+            return;
+        }
+    };
+}
+
+struct Guest {
+    tmp: tempfile::TempDir,
+    image: String,
+}
+
+fn guest() -> Option<Guest> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(rootfs) = busybox_rootfs(&tmp.path().join("rootfs")) else {
+        eprintln!("skipped: no static busybox on this host (install busybox-static)");
+        return None;
+    };
+    Some(Guest {
+        image: format!("rootfs:{}", rootfs.display()),
+        tmp,
+    })
+}
+
+async fn console_until(driver: &mut Driver, id: &str, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = driver.console(id, 0).await;
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "console never showed {needle:?}; it has:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_boots_and_its_exit_code_and_output_are_reported() {
+    require_boot!();
+    let Some(guest) = guest() else { return };
+    let mut driver = Driver::start(guest.tmp.path(), &[]).await;
+    let mut watch = Watch::open(&mut driver.client).await;
+    driver
+        .create(sandbox(
+            "boot-ok",
+            &guest.image,
+            &["/bin/sh", "-c", "echo hello-from-guest; exit 7"],
+        ))
+        .await
+        .unwrap();
+    watch.platform("boot-ok", "GuestBooted").await;
+    let exited = watch
+        .sandbox("boot-ok", "Exited", |s| ready_reason(s) == "Exited")
+        .await;
+    let message = condition(&exited, "Ready").unwrap().message;
+    assert!(message.contains("code 7"), "{message}");
+    let console = driver.console("boot-ok", 0).await;
+    assert!(console.contains("hello-from-guest"), "{console}");
+    assert!(driver.children().is_empty());
+    driver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_exit_127() {
+    require_boot!();
+    let Some(guest) = guest() else { return };
+    let mut driver = Driver::start(guest.tmp.path(), &[]).await;
+    driver
+        .create(sandbox("boot-127", &guest.image, &["/bin/no-such-program"]))
+        .await
+        .unwrap();
+    let exited = driver
+        .wait_for("boot-127", "Exited", |s| ready_reason(s) == "Exited")
+        .await;
+    let message = condition(&exited, "Ready").unwrap().message;
+    assert!(
+        message.contains("127") && message.contains("not found"),
+        "{message}"
+    );
+    driver.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_start_keep_what_the_guest_wrote() {
+    require_boot!();
+    let Some(guest) = guest() else { return };
+    let mut driver = Driver::start(guest.tmp.path(), &[]).await;
+    let script = "if [ -f /root/marker ]; then echo found-$(cat /root/marker); \
+                  else echo first-boot; echo kept > /root/marker; sync; fi; \
+                  echo ready-for-stop; sleep 600";
+    driver
+        .create(sandbox(
+            "boot-keep",
+            &guest.image,
+            &["/bin/sh", "-c", script],
+        ))
+        .await
+        .unwrap();
+    driver
+        .wait_for("boot-keep", "Running", |s| ready_reason(s) == "Running")
+        .await;
+    console_until(&mut driver, "boot-keep", "ready-for-stop").await;
+    let id = || "boot-keep".to_owned();
+    driver
+        .client
+        .stop_sandbox(StopSandboxRequest {
+            sandbox_id: id(),
+            sandbox_name: String::new(),
+        })
+        .await
+        .unwrap();
+    driver
+        .client
+        .start_sandbox(StartSandboxRequest {
+            sandbox_id: id(),
+            sandbox_name: String::new(),
+        })
+        .await
+        .unwrap();
+    let console = console_until(&mut driver, "boot-keep", "found-kept").await;
+    assert!(
+        console.contains("first-boot"),
+        "the first boot's output is kept: {console}"
+    );
+    driver.shutdown().await;
+}
+
+/// A real kernel on a host whose /dev/kvm cannot run it (PVM): the guest
+/// fails, and that must come back as BootFailed with the diagnostics, with
+/// no VMM left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_kernel_on_an_unsupported_host_is_boot_failed() {
+    let report = HostReport::check(&HostPaths::system(), None);
+    let kernel = match (&report.kvm, &report.kernel) {
+        (Err(KvmProblem::Pvm { .. }), Ok(kernel)) => kernel.clone(),
+        _ => {
+            eprintln!(
+                "skipped: needs a PVM host with a guest kernel installed; here: {}",
+                report.lines().join("; ")
+            );
+            return;
+        }
+    };
+    let Some(guest) = guest() else { return };
+    let mut driver =
+        Driver::start(guest.tmp.path(), &["--allow-unsupported-host".to_owned()]).await;
+    let mut watch = Watch::open(&mut driver.client).await;
+    driver
+        .create(sandbox("pvm-1", &guest.image, &["/bin/true"]))
+        .await
+        .unwrap();
+    let pid = common::vmm_pid(&watch.platform("pvm-1", "VmmStarted").await);
+    let failed = watch
+        .sandbox("pvm-1", "BootFailed", |s| ready_reason(s) == "BootFailed")
+        .await;
+    let message = condition(&failed, "Ready").unwrap().message;
+    assert!(message.contains("VMM log"), "{message}");
+    common::wait_until("the VMM to be gone", Duration::from_secs(10), || {
+        !common::alive(pid)
+    })
+    .await;
+    assert!(driver.children().is_empty());
+    eprintln!("{} on PVM: {message}", kernel.describe());
+    driver.shutdown().await;
+}

@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn ids_cannot_escape_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::open(dir.path()).unwrap();
+        let state = StateDir::open(&dir.path().join("state")).unwrap();
         assert!(state.mark_stopped("../evil").is_err());
         assert!(state.mark_stopped(".hidden").is_err());
         assert!(!state.is_stopped("../evil"));

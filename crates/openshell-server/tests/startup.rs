@@ -188,7 +188,14 @@ fn a_managed_driver_with_a_bad_config_key_is_reported() {
 fn a_missing_driver_binary_lists_where_it_looked() {
     let dirs = Dirs::new();
     let config = write_config(&dirs, "[openshell.gateway]\ncompute_drivers = [\"vm\"]\n");
-    let output = Command::new(gateway_binary())
+    // A gateway executable with no driver binaries beside it (the build
+    // directory has them all).
+    let lonely = dirs.path("bin").join("openshell-gateway");
+    std::fs::create_dir(dirs.path("bin")).unwrap();
+    std::fs::hard_link(gateway_binary(), &lonely)
+        .or_else(|_| std::fs::copy(gateway_binary(), &lonely).map(drop))
+        .unwrap();
+    let output = Command::new(&lonely)
         .args(base_args(&dirs, &config))
         .env("PATH", dirs.path("empty-bin"))
         .env_remove("OPENSHELL_DRIVERS")
@@ -278,7 +285,10 @@ fn a_run_dir_other_users_can_enter_is_refused_and_left_alone() {
         &["--drivers", "k@/nonexistent.sock", "--listen", &listen],
     );
     assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("cannot listen on") && stderr.contains("chmod 700"), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("chmod 700"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,17 +238,21 @@ impl Drop for ManagedDriverProcess {
         task.abort();
         let pgid = self.pgid.swap(0, Ordering::SeqCst);
         signal_group(pgid, Signal::SIGKILL);
-        remove_socket_if_ours(&self.socket);
+        remove_socket_if_ours(&self.socket, Duration::ZERO);
     }
 }
 
 /// Removes the socket unless another process holds its lock (a server that
-/// is not ours took the path over).
-fn remove_socket_if_ours(socket: &Path) {
-    if let Ok(_lock) = SocketLock::acquire(socket) {
+/// is not ours took the path over). `wait` covers our own driver's lock
+/// still being released just after it was reaped.
+fn remove_socket_if_ours(socket: &Path, wait: Duration) {
+    if let Ok(_lock) = SocketLock::acquire_waiting(socket, wait) {
         socket::remove_socket_if_socket(socket);
     }
 }
+
+/// How long teardown waits for a reaped driver's socket lock to go away.
+const REMOVE_WAIT: Duration = Duration::from_millis(250);
 
 struct Supervisor {
     name: String,
@@ -309,7 +313,7 @@ impl Supervisor {
                     self.health.send_replace(DriverHealth::Failed {
                         reason: reason.clone(),
                     });
-                    remove_socket_if_ours(&self.socket);
+                    remove_socket_if_ours(&self.socket, REMOVE_WAIT);
                     if let Interrupt::Shutdown(request) = self.next_request().await {
                         let _ = request.reply.send(Err(LifecycleError::GaveUp {
                             name: self.name.clone(),
@@ -357,7 +361,7 @@ impl Supervisor {
     /// Answers a shutdown that arrived while no process was running.
     fn finish_without_process(&self, interrupt: Interrupt) {
         if let Interrupt::Shutdown(request) = interrupt {
-            remove_socket_if_ours(&self.socket);
+            remove_socket_if_ours(&self.socket, REMOVE_WAIT);
             let _ = request.reply.send(Ok(ShutdownReport {
                 exit_status: None,
                 forced: false,
@@ -427,7 +431,7 @@ impl Supervisor {
         }
         lingering.sort_unstable();
         lingering.dedup();
-        remove_socket_if_ours(&self.socket);
+        remove_socket_if_ours(&self.socket, REMOVE_WAIT);
         if !lingering.is_empty() {
             return Err(LifecycleError::Lingered {
                 name: self.name.clone(),

@@ -132,6 +132,25 @@ impl SocketLock {
         }
     }
 
+    /// Like [`SocketLock::acquire`], but keeps trying for up to `wait` while
+    /// another process holds the lock. A process that was just killed can
+    /// hold its locks for a moment after it has been reaped (the kernel may
+    /// release its files asynchronously), so a successor started right away
+    /// needs this grace.
+    pub fn acquire_waiting(socket: &Path, wait: std::time::Duration) -> Result<Self> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::acquire(socket) {
+                Err(LifecycleError::SocketLocked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Path of the lock file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -214,9 +233,13 @@ fn describe_file_type(file_type: &fs::FileType) -> &'static str {
     }
 }
 
+/// How long a starting server waits for a predecessor's lock to go away.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Everything a driver's listener needs before `bind`: a private parent
-/// directory, a valid path length, the lock, and no stale socket in the way.
-/// The returned lock must be kept for as long as the socket is served.
+/// directory, a valid path length, the lock (waiting up to [`LOCK_WAIT`]
+/// for a predecessor that is just going away), and no stale socket in the
+/// way. The returned lock must be kept for as long as the socket is served.
 pub fn prepare_socket_for_bind(socket: &Path) -> Result<SocketLock> {
     check_socket_path(socket)?;
     let parent = socket
@@ -224,7 +247,7 @@ pub fn prepare_socket_for_bind(socket: &Path) -> Result<SocketLock> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new("."));
     prepare_private_dir(parent)?;
-    let lock = SocketLock::acquire(socket)?;
+    let lock = SocketLock::acquire_waiting(socket, LOCK_WAIT)?;
     clear_stale_socket(socket)?;
     Ok(lock)
 }
@@ -344,6 +367,18 @@ mod tests {
         let err = SocketLock::acquire(&socket).unwrap_err();
         assert!(matches!(err, LifecycleError::SocketLocked { .. }), "{err}");
         assert!(err.to_string().contains("d.sock.lock"), "{err}");
+    }
+
+    #[test]
+    fn waiting_for_a_lock_still_fails_while_it_is_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("d.sock");
+        let held = SocketLock::acquire(&socket).unwrap();
+        let err =
+            SocketLock::acquire_waiting(&socket, std::time::Duration::from_millis(30)).unwrap_err();
+        assert!(matches!(err, LifecycleError::SocketLocked { .. }), "{err}");
+        drop(held);
+        SocketLock::acquire_waiting(&socket, std::time::Duration::from_millis(30)).unwrap();
     }
 
     #[test]

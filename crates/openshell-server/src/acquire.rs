@@ -142,6 +142,37 @@ fn libc_o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
+/// What the construction path of each managed driver adds to the generic
+/// spawn: the environment it needs from the operator's session beyond the
+/// lifecycle allowlist, and how long it may take to become ready.
+struct ManagedDefaults {
+    env: &'static [&'static str],
+    ready_timeout: Duration,
+}
+
+impl ManagedDefaults {
+    fn for_driver(name: &str) -> Self {
+        match name {
+            // The Podman driver may have to start `podman system service`
+            // and take its first listing before it binds; Podman's own
+            // client settings point it at an engine.
+            "podman" => Self {
+                env: &["CONTAINER_HOST", "CONTAINER_CONNECTION", "CONTAINERS_CONF"],
+                ready_timeout: Duration::from_secs(30),
+            },
+            // libkrunfw.so.5 may live outside the system library path.
+            "vm" => Self {
+                env: &["LD_LIBRARY_PATH"],
+                ready_timeout: DEFAULT_READY_TIMEOUT,
+            },
+            _ => Self {
+                env: &[],
+                ready_timeout: DEFAULT_READY_TIMEOUT,
+            },
+        }
+    }
+}
+
 /// Acquires one driver.
 pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired> {
     let lifecycle = |source| Error::lifecycle(&plan.name, source);
@@ -161,11 +192,15 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 plan.name.clone(),
                 selection::managed_socket(&ctx.run_dir, &plan.name),
             );
-            let command = DriverCommand::new(&binary)
+            let defaults = ManagedDefaults::for_driver(&plan.name);
+            let mut command = DriverCommand::new(&binary)
                 .arg("--driver-config")
                 .arg(&config_path);
+            command
+                .env_allowlist
+                .extend(defaults.env.iter().map(|name| (*name).to_owned()));
             let options = SpawnOptions {
-                ready_timeout: plan.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
+                ready_timeout: plan.ready_timeout.unwrap_or(defaults.ready_timeout),
                 ..SpawnOptions::default()
             };
             tracing::debug!(driver = %plan.name, binary = %binary.display(), config = %config_path.display(), "starting managed driver");

@@ -32,7 +32,9 @@ mod sys;
 pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_with};
 pub use error::{LifecycleError, Result, StderrTail};
 pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
-pub use server::{PeerPolicy, ServeArgs, ServeExit, ServeOptions, close_inherited_fds, serve_uds};
+pub use server::{
+    LogStderr, PeerPolicy, ServeArgs, ServeExit, ServeOptions, close_inherited_fds, serve_uds,
+};
 pub use spawn::{
     DEFAULT_ENV_ALLOWLIST, DriverCommand, PARENT_PID_ENV, READY_FD_ENV, READY_LINE_PREFIX,
     READY_PROTOCOL_VERSION, Readiness, RestartPolicy, SpawnOptions, spawn_lock,

@@ -137,6 +137,40 @@ pub enum ServeExit {
     Cancelled,
 }
 
+/// Standard error for log output that survives its reader going away.
+///
+/// A managed driver's stderr is a pipe to the gateway. When the gateway dies
+/// the pipe breaks, and a logger that reports the failed write (as
+/// tracing-subscriber does, through `eprintln!`, which panics on a broken
+/// stderr) would take down whatever task happened to log. Writes that fail
+/// with `EPIPE` are dropped instead. Use it as the log writer:
+/// `tracing_subscriber::fmt().with_writer(|| LogStderr)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogStderr;
+
+impl std::io::Write for LogStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::io::stderr().write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            other => other,
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match std::io::stderr().write_all(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match std::io::stderr().flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// Closes every inherited descriptor from 3 upward except the ready fd named
 /// in the environment. Call it first thing in a driver's `main`, before a
 /// runtime or any thread exists.
@@ -256,9 +290,11 @@ fn watch_signals(
             _ = int.recv() => {}
             () = cancel.cancelled() => return,
         }
-        tracing::info!("stop signal received");
+        // Cancel before logging: nothing after this point may keep the
+        // server from stopping.
         let _ = reasons.try_send(ServeExit::Signal);
         cancel.cancel();
+        tracing::info!("stop signal received");
     });
     Ok(())
 }
@@ -293,9 +329,11 @@ fn watch_parent(
             () = exited => {}
             () = cancel.cancelled() => return,
         }
-        tracing::info!(parent, "parent process exited; stopping");
+        // Cancel before logging: with the parent gone, our stderr is most
+        // likely a broken pipe, and nothing may keep the server running.
         let _ = reasons.try_send(ServeExit::ParentExited);
         cancel.cancel();
+        tracing::info!(parent, "parent process exited; stopping");
     });
     Ok(())
 }

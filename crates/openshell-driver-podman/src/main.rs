@@ -22,7 +22,7 @@ fn run() -> anyhow::Result<()> {
     driver_lifecycle::close_inherited_fds()?;
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| driver_lifecycle::LogStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -198,7 +198,7 @@ fn images(action: &ImagesAction) -> anyhow::Result<ExitCode> {
 fn serve_driver(serve: &ServeArgs, args: &ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| driver_lifecycle::LogStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

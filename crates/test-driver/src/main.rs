@@ -221,7 +221,7 @@ fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
 async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| driver_lifecycle::LogStderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )

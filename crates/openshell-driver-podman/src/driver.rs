@@ -267,7 +267,7 @@ impl PodmanDriver {
             return Err(error);
         }
         tracing::info!(sandbox_id = %plan.id, sandbox = %plan.name, container = %created.id, image = %plan.image, "sandbox created");
-        self.observer.refresh(&plan.id, &created.id);
+        self.observer.refresh(&plan.id, &created.id).await;
         Ok(())
     }
 
@@ -333,7 +333,7 @@ impl PodmanDriver {
         }
         self.core.wait_stopped(&container.id).await?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox stopped");
-        self.observer.refresh(id, &container.id);
+        self.observer.refresh(id, &container.id).await;
         Ok(())
     }
 
@@ -364,7 +364,7 @@ impl PodmanDriver {
                     if let Err(record) = self.core.state.record_start_failure(id, &failure) {
                         tracing::warn!(sandbox_id = %id, error = %record, "could not record a start failure");
                     }
-                    self.observer.refresh(id, &container.id);
+                    self.observer.refresh(id, &container.id).await;
                     return Err(error);
                 }
             }
@@ -372,7 +372,7 @@ impl PodmanDriver {
         self.core.state.clear_stopped(id)?;
         self.core.state.clear_start_failure(id)?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
-        self.observer.refresh(id, &container.id);
+        self.observer.refresh(id, &container.id).await;
         Ok(())
     }
 

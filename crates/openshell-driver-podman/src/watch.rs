@@ -27,7 +27,7 @@ use openshell_proto::compute::v1::{
     DriverPlatformEvent, DriverSandbox, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
     WatchSandboxesPlatformEvent, WatchSandboxesSandboxEvent, watch_sandboxes_event,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,8 @@ use crate::status;
 /// Events kept for slow client streams before they must resynchronise.
 const CHANNEL_CAPACITY: usize = 1024;
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
+/// How long an RPC waits for the observer to take in its change.
+const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 struct Known {
@@ -84,10 +86,11 @@ fn rfc3339(at: SystemTime) -> String {
 /// What the RPCs ask the observer to do.
 #[derive(Debug)]
 pub enum Command {
-    /// Inspect this container again.
+    /// Inspect this container again, then say so on `done`.
     Refresh {
         sandbox_id: String,
         container_id: String,
+        done: oneshot::Sender<()>,
     },
     /// This container was removed.
     Removed {
@@ -121,12 +124,24 @@ impl Observer {
         (observer, receiver)
     }
 
-    /// Asks the observer to inspect a sandbox's container again.
-    pub fn refresh(&self, sandbox_id: &str, container_id: &str) {
-        let _ = self.commands.send(Command::Refresh {
+    /// Has the observer inspect a sandbox's container again and waits
+    /// (briefly) until it has, so that once an RPC that changed a sandbox
+    /// returns, every watch stream opened afterwards starts from the new
+    /// state. While the observer is reconnecting to the engine the wait is
+    /// cut short; its resync then catches up.
+    pub async fn refresh(&self, sandbox_id: &str, container_id: &str) {
+        let (done, applied) = oneshot::channel();
+        let sent = self.commands.send(Command::Refresh {
             sandbox_id: sandbox_id.to_owned(),
             container_id: container_id.to_owned(),
+            done,
         });
+        if sent.is_ok() && tokio::time::timeout(REFRESH_WAIT, applied).await.is_err() {
+            tracing::debug!(
+                sandbox_id,
+                "the observer is busy; not waiting for it to see the change"
+            );
+        }
     }
 
     /// Tells the observer a sandbox's container was removed.
@@ -368,8 +383,9 @@ impl Observer {
                 }
                 Some(command) = commands.recv() => {
                     match command {
-                        Command::Refresh { sandbox_id, container_id } => {
+                        Command::Refresh { sandbox_id, container_id, done } => {
                             self.inspect_again(&sandbox_id, &container_id).await;
+                            let _ = done.send(());
                         }
                         Command::Removed { sandbox_id, container_id } => {
                             self.apply_removed(&sandbox_id, Some(&container_id));

@@ -537,6 +537,9 @@ pub fn start_external_podman(env: &TestEnv, name: &str) -> (Proc, PathBuf) {
         .arg("--start-podman-service=true")
         .arg("--default-image")
         .arg(TEST_IMAGE)
+        // Test commands run as PID 1 and ignore SIGTERM; don't wait 10 s.
+        .arg("--stop-timeout")
+        .arg("2")
         .env("RUST_LOG", "info");
     let mut proc = Proc::spawn(name, command, env.path().join(format!("{name}.log")));
     let deadline = Instant::now() + Duration::from_secs(60);

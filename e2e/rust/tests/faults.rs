@@ -13,7 +13,7 @@ fn podman_config() -> GatewayConfig {
     GatewayConfig {
         drivers: Some("podman".to_owned()),
         toml: Some(format!(
-            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\n"
+            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\nstop_timeout = 2\n"
         )),
         ..GatewayConfig::default()
     }
@@ -24,6 +24,19 @@ fn kill(pid: u32) {
         nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits")),
         Signal::SIGKILL,
     );
+}
+
+/// `pid: command line` for each pid, for failure messages.
+fn describe(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            format!(
+                "\n  {pid}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -118,11 +131,15 @@ fn sigkilled_gateway_leaves_no_driver_behind() {
     );
 
     gateway.kill();
-    wait_until(
-        "managed driver and its children to exit",
-        Duration::from_secs(30),
-        || !alive(driver_pid) && env.leftover_processes().is_empty(),
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while alive(driver_pid) || !env.leftover_processes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 30 s after the gateway was killed: {}",
+            describe(&env.leftover_processes())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

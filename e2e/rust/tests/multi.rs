@@ -29,7 +29,7 @@ fn sandboxes_are_routed_to_their_driver() {
     let config = GatewayConfig {
         drivers: Some(format!("podman,external-podman@{}", socket.display())),
         toml: Some(format!(
-            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\n"
+            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\nstop_timeout = 2\n"
         )),
         ..GatewayConfig::default()
     };

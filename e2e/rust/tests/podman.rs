@@ -10,7 +10,7 @@ fn podman_gateway(env: &TestEnv) -> Gateway {
     let config = GatewayConfig {
         drivers: Some("podman".to_owned()),
         toml: Some(format!(
-            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\n"
+            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\nstop_timeout = 2\n"
         )),
         ..GatewayConfig::default()
     };

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: formatting, lints, and the whole test suite.
-# Tests that need something this machine lacks skip themselves and say why.
+# Runs every check CI runs: formatting, lints, the workspace's tests and the
+# end-to-end buckets. Tests that need something this machine lacks (Podman,
+# hardware KVM, a guest kernel) skip themselves and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +10,11 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy --all-targets -D warnings (all e2e buckets compiled)"
+cargo clippy --workspace --all-targets --locked --features openshell-e2e/podman,openshell-e2e/external,openshell-e2e/multi,openshell-e2e/faults,openshell-e2e/vm -- -D warnings
 
 echo "== cargo test --workspace"
 cargo test --workspace --locked
+
+echo "== end-to-end buckets"
+scripts/e2e.sh

@@ -1,0 +1,230 @@
+//! Bucket `vm`: the libkrun VM driver, managed (`--drivers vm`) and attached
+//! (`--drivers vm@SOCKET` against a separately started `openshell-driver-vm`),
+//! through the same lifecycle. Gated: it needs hardware KVM and a guest
+//! kernel, which `openshell-driver-vm preflight` checks; elsewhere it prints
+//! the reason and is skipped.
+#![cfg(feature = "vm")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use openshell_e2e::{Gateway, GatewayConfig, Proc, TestEnv, binaries, wait_until};
+
+/// `Err(reason)` when this host cannot boot VM sandboxes.
+fn vm_gate() -> Result<(), String> {
+    let out = Command::new(&binaries().vm_driver)
+        .arg("preflight")
+        .output()
+        .map_err(|e| format!("could not run openshell-driver-vm preflight: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Err(format!(
+        "this host cannot boot VM sandboxes: {}",
+        text.trim()
+    ))
+}
+
+macro_rules! require_vm {
+    () => {
+        if let Err(reason) = vm_gate() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+        if !Path::new("/bin/busybox").exists() {
+            eprintln!(
+                "skipped: /bin/busybox (package busybox-static) is needed for the guest root"
+            );
+            return;
+        }
+    };
+}
+
+/// A busybox root filesystem for the guest.
+fn busybox_rootfs(env: &TestEnv) -> PathBuf {
+    let root = env.path().join("rootfs");
+    for dir in [
+        "bin", "sbin", "proc", "sys", "dev", "tmp", "etc", "root", "usr/bin", "usr/sbin",
+    ] {
+        std::fs::create_dir_all(root.join(dir)).expect("rootfs dir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
+    let applets = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    root
+}
+
+fn lifecycle(gateway: &Gateway, env: &TestEnv, driver: &str) {
+    let info = gateway.driver(driver);
+    assert_eq!(info["state"], "Ready", "{info}");
+    assert_eq!(
+        info["capabilities"]["driver_name"], "openshell-driver-vm",
+        "{info}"
+    );
+
+    let name = env.name("vm");
+    let created = gateway
+        .cli(&[
+            "-o",
+            "json",
+            "sandbox",
+            "create",
+            &name,
+            "--driver",
+            driver,
+            "--timeout",
+            "180",
+            "--",
+            "sh",
+            "-c",
+            "echo vm-ok > /root/marker; cat /root/marker; exec sleep 3600",
+        ])
+        .ok()
+        .json();
+    assert_eq!(created["phase"], "Ready", "{created}");
+    wait_until("guest output in logs", Duration::from_secs(60), || {
+        gateway
+            .cli(&["sandbox", "logs", &name])
+            .ok()
+            .stdout
+            .contains("vm-ok")
+    });
+    assert_eq!(
+        gateway
+            .cli(&["-o", "json", "sandbox", "stop", &name])
+            .ok()
+            .json()["phase"],
+        "Stopped"
+    );
+    assert_eq!(
+        gateway
+            .cli(&["-o", "json", "sandbox", "start", &name, "--timeout", "180"])
+            .ok()
+            .json()["phase"],
+        "Ready"
+    );
+    gateway.cli(&["sandbox", "delete", &name]).ok();
+    assert_eq!(gateway.phase(&name), None);
+}
+
+#[test]
+fn managed_vm_lifecycle() {
+    require_vm!();
+    let env = TestEnv::new();
+    let rootfs = busybox_rootfs(&env);
+    let config = GatewayConfig {
+        drivers: Some("vm".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.vm]\ndefault_image = \"rootfs:{}\"\n",
+            rootfs.display()
+        )),
+        ..GatewayConfig::default()
+    };
+    let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gateway.driver("vm")["managed"], true);
+    lifecycle(&gateway, &env, "vm");
+}
+
+#[test]
+fn attached_vm_lifecycle() {
+    require_vm!();
+    let env = TestEnv::new();
+    let rootfs = busybox_rootfs(&env);
+    let socket = env.path().join("vm.sock");
+    let mut command = Command::new(&binaries().vm_driver);
+    command
+        .arg("--bind-socket")
+        .arg(&socket)
+        .arg("--allow-same-uid-peer")
+        .arg("--state-dir")
+        .arg(env.path().join("vm-state"))
+        .arg("--default-image")
+        .arg(format!("rootfs:{}", rootfs.display()));
+    let mut driver = Proc::spawn(
+        "openshell-driver-vm",
+        command,
+        env.path().join("vm-driver.log"),
+    );
+    wait_until("vm driver socket", Duration::from_secs(30), || {
+        assert!(
+            driver.try_exit().is_none(),
+            "vm driver exited:\n{}",
+            driver.log_tail(30)
+        );
+        socket.exists()
+    });
+    let config = GatewayConfig {
+        drivers: Some(format!("vm@{}", socket.display())),
+        ..GatewayConfig::default()
+    };
+    let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gateway.driver("vm")["managed"], false);
+    lifecycle(&gateway, &env, "vm");
+}
+
+/// Where VM sandboxes cannot boot, `--drivers vm` still comes up, lists and
+/// reports, and a create is refused up front with the host's shortcoming.
+#[test]
+fn unsupported_host_refuses_creates_clearly() {
+    let Err(reason) = vm_gate() else {
+        eprintln!("skipped: this host can boot VM sandboxes; the refusal path does not apply");
+        return;
+    };
+    let env = TestEnv::new();
+    let config = GatewayConfig {
+        drivers: Some("vm".to_owned()),
+        toml: Some("[openshell.drivers.vm]\ndefault_image = \"rootfs:/\"\n".to_owned()),
+        ..GatewayConfig::default()
+    };
+    let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
+    let info = gateway.driver("vm");
+    assert_eq!(info["managed"], true, "{info}");
+    assert_eq!(
+        info["state"], "Ready",
+        "the driver serves even on an unsupported host: {info}"
+    );
+    assert!(
+        gateway
+            .cli(&["-o", "json", "sandbox", "list"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    let out = gateway
+        .cli(&["sandbox", "create", &env.name("vm"), "--", "true"])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    // The same shortcoming preflight named, e.g. PVM or a missing kernel.
+    let first_reason = reason.split(';').next().unwrap_or(&reason);
+    let key = if first_reason.contains("PVM") {
+        "PVM"
+    } else {
+        "kernel"
+    };
+    assert!(
+        out.stderr.contains(key),
+        "expected the refusal to name {key}:\n{}\n(preflight: {reason})",
+        out.stderr
+    );
+    assert_eq!(
+        gateway.phase(&env.name("vm")),
+        None,
+        "nothing is stored for a refused create"
+    );
+}

@@ -72,6 +72,10 @@ impl Default for Behaviour {
 /// Images whose name starts with this are reported as absent.
 pub const MISSING_IMAGE_PREFIX: &str = "missing/";
 
+/// Sandboxes of images whose name starts with this start, and then their
+/// main process exits with code 3 (a terminal `ContainerExited`).
+pub const EXITING_IMAGE_PREFIX: &str = "exits/";
+
 const MAX_LOG_LINES: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +83,8 @@ enum Phase {
     Provisioning,
     Running,
     Stopped,
+    /// The main process ended on its own.
+    Exited,
 }
 
 #[derive(Debug)]
@@ -146,6 +152,12 @@ fn status_for(name: &str, phase: Phase, deleting: bool) -> DriverSandboxStatus {
                 "sandbox is starting",
             )],
             Phase::Running => vec![condition("Ready", "True", "Running", "sandbox is running")],
+            Phase::Exited => vec![condition(
+                "Ready",
+                "False",
+                "ContainerExited",
+                "the main process exited with code 3",
+            )],
             Phase::Stopped => vec![
                 condition("Ready", "False", "ContainerStopped", "sandbox is stopped"),
                 condition(
@@ -438,8 +450,14 @@ impl TestDriver {
             if entry.generation != generation || entry.phase != Phase::Provisioning {
                 return;
             }
-            entry.phase = Phase::Running;
-            entry.sandbox.status = Some(status_for(&entry.sandbox.name, Phase::Running, false));
+            let exits = entry
+                .sandbox
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .is_some_and(|t| t.image.starts_with(EXITING_IMAGE_PREFIX));
+            entry.phase = if exits { Phase::Exited } else { Phase::Running };
+            entry.sandbox.status = Some(status_for(&entry.sandbox.name, entry.phase, false));
             let command = entry
                 .sandbox
                 .spec

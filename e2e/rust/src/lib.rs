@@ -17,29 +17,32 @@ use serde_json::Value;
 /// `scripts/podman-test-image.sh` (there is no registry).
 pub const TEST_IMAGE: &str = "localhost/openshell-busybox:latest";
 
-/// Paths of the workspace binaries under test, built on first use with the
-/// profile of the running test.
-#[derive(Debug)]
-pub struct Binaries {
-    pub gateway: PathBuf,
-    pub cli: PathBuf,
-    pub podman_driver: PathBuf,
-    pub vm_driver: PathBuf,
-    pub test_driver: PathBuf,
-}
+/// Paths of the workspace binaries under test, each built on first use with
+/// the profile of the running test (so a test builds only what it runs).
+pub mod bin {
+    use std::path::PathBuf;
 
-pub fn binaries() -> &'static Binaries {
-    static BINS: OnceLock<Binaries> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let bin = openshell_test_driver::workspace_binary;
-        Binaries {
-            gateway: bin("openshell-server", "openshell-gateway"),
-            cli: bin("openshell-cli", "openshell"),
-            podman_driver: bin("openshell-driver-podman", "openshell-driver-podman"),
-            vm_driver: bin("openshell-driver-vm", "openshell-driver-vm"),
-            test_driver: openshell_test_driver::binary_path(),
-        }
-    })
+    use openshell_test_driver::workspace_binary;
+
+    pub fn gateway() -> PathBuf {
+        workspace_binary("openshell-server", "openshell-gateway")
+    }
+
+    pub fn cli() -> PathBuf {
+        workspace_binary("openshell-cli", "openshell")
+    }
+
+    pub fn podman_driver() -> PathBuf {
+        workspace_binary("openshell-driver-podman", "openshell-driver-podman")
+    }
+
+    pub fn vm_driver() -> PathBuf {
+        workspace_binary("openshell-driver-vm", "openshell-driver-vm")
+    }
+
+    pub fn test_driver() -> PathBuf {
+        openshell_test_driver::binary_path()
+    }
 }
 
 /// The repository root.
@@ -349,7 +352,7 @@ impl Gateway {
     }
 
     fn launch(socket: PathBuf, args: Vec<String>, log: PathBuf) -> Result<Self, String> {
-        let mut command = Command::new(&binaries().gateway);
+        let mut command = Command::new(bin::gateway());
         command
             .args(&args)
             .env("RUST_LOG", "info")
@@ -388,7 +391,7 @@ impl Gateway {
 
     /// Runs `openshell --gateway <this> ARGS...`.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let out = Command::new(&binaries().cli)
+        let out = Command::new(bin::cli())
             .arg("--gateway")
             .arg(self.address())
             .args(args)
@@ -527,7 +530,7 @@ macro_rules! require_podman {
 /// standalone, on its own socket, attachable by any same-uid process.
 pub fn start_external_podman(env: &TestEnv, name: &str) -> (Proc, PathBuf) {
     let socket = env.path().join(format!("{name}.sock"));
-    let mut command = Command::new(&binaries().podman_driver);
+    let mut command = Command::new(bin::podman_driver());
     command
         .arg("--bind-socket")
         .arg(&socket)

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use openshell_e2e::{
-    Gateway, GatewayConfig, TEST_IMAGE, TestEnv, alive, binaries, require_podman,
-    start_external_podman, wait_until,
+    Gateway, GatewayConfig, TEST_IMAGE, TestEnv, alive, bin, require_podman, start_external_podman,
+    wait_until,
 };
 
 fn podman_config() -> GatewayConfig {
@@ -178,7 +178,7 @@ fn driver_that_never_becomes_ready_fails_startup_with_its_stderr() {
     let toml = format!(
         "[openshell.gateway]\ncompute_drivers = [\"podman\"]\n\n\
          [openshell.drivers.podman]\nbinary = \"{}\"\nnever_ready = true\nready_timeout_secs = 2\n",
-        binaries().test_driver.display()
+        bin::test_driver().display()
     );
     let err = Gateway::start(
         &env,

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use openshell_e2e::{Gateway, GatewayConfig, Proc, TestEnv, binaries, wait_until};
+use openshell_e2e::{Gateway, GatewayConfig, Proc, TestEnv, bin, wait_until};
 
 /// `Err(reason)` when this host cannot boot VM sandboxes.
 fn vm_gate() -> Result<(), String> {
-    let out = Command::new(&binaries().vm_driver)
+    let out = Command::new(bin::vm_driver())
         .arg("preflight")
         .output()
         .map_err(|e| format!("could not run openshell-driver-vm preflight: {e}"))?;
@@ -144,7 +144,7 @@ fn attached_vm_lifecycle() {
     let env = TestEnv::new();
     let rootfs = busybox_rootfs(&env);
     let socket = env.path().join("vm.sock");
-    let mut command = Command::new(&binaries().vm_driver);
+    let mut command = Command::new(bin::vm_driver());
     command
         .arg("--bind-socket")
         .arg(&socket)

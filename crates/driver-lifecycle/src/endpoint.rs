@@ -8,7 +8,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
-use crate::error::{LifecycleError, Result};
+use crate::error::{LifecycleError, Result, error_chain};
 
 /// Where a named driver can be reached. The same for managed and attached
 /// drivers: after acquisition nothing else distinguishes them.
@@ -103,19 +103,4 @@ pub async fn connect_with(endpoint: &DriverEndpoint, policy: DialPolicy) -> Resu
             .min(policy.max_backoff)
             .max(Duration::from_millis(1));
     }
-}
-
-/// Renders an error with its sources, `a: b: c`.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = inner.source();
-    }
-    out
 }

@@ -190,5 +190,21 @@ impl LifecycleError {
     }
 }
 
+/// Renders an error with its sources, `a: b: c`, skipping a source whose
+/// text the message already contains. For one-line error reports.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = inner.source();
+    }
+    out
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;

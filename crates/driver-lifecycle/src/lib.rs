@@ -30,7 +30,7 @@ mod spawn;
 mod sys;
 
 pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_with};
-pub use error::{LifecycleError, Result, StderrTail};
+pub use error::{LifecycleError, Result, StderrTail, error_chain};
 pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
 pub use server::{
     LogStderr, PeerPolicy, ServeArgs, ServeExit, ServeOptions, close_inherited_fds, serve_uds,
@@ -40,3 +40,9 @@ pub use spawn::{
     READY_PROTOCOL_VERSION, Readiness, RestartPolicy, SpawnOptions, spawn_lock,
 };
 pub use tokio_util::sync::CancellationToken;
+
+/// Process-exit notification through pidfds, for supervisors that watch
+/// children of their own (the VM driver's VMM processes, say).
+pub mod pidfd {
+    pub use crate::sys::{exit_watch, pidfd_open, register_pidfd};
+}

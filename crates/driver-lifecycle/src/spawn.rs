@@ -15,7 +15,7 @@ use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::endpoint::error_chain;
+use crate::error::error_chain;
 use crate::error::{LifecycleError, Result, StderrTail};
 
 /// Environment variable carrying the number of the inherited ready fd.

@@ -46,7 +46,11 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// Opens a pidfd for `pid`. It becomes readable when that process exits.
-pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+///
+/// The pid must not be recycled while this runs: use it for an unreaped
+/// child of ours, or re-check afterwards that the process is still the one
+/// meant (as the parent watcher does with `getppid`).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: pidfd_open takes a pid and flags by value and returns a new
@@ -112,15 +116,26 @@ pub(crate) fn kill_with_parent_on_exec(cmd: &mut std::process::Command) {
     }
 }
 
-/// Waits until a pidfd reports that its process exited.
-pub(crate) async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<()> {
+/// Registers a pidfd with the tokio reactor: the result is readable once
+/// the process has exited. Must be called inside a tokio runtime.
+pub fn register_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is open for its whole lifetime and always reports
     // the same descriptor from as_raw_fd; the AsyncFd takes ownership of it.
-    let async_fd = unsafe {
+    unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
     }
-    .map_err(io::Error::from)?;
-    let _ready = async_fd.readable().await?;
+    .map_err(io::Error::from)
+}
+
+/// A pidfd for `pid`, registered with tokio: readable once the process has
+/// exited. Same precondition as [`pidfd_open`].
+pub fn exit_watch(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    register_pidfd(pidfd_open(pid)?)
+}
+
+/// Waits until a pidfd reports that its process exited.
+pub(crate) async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<()> {
+    let _ready = register_pidfd(pidfd)?.readable().await?;
     Ok(())
 }
 
@@ -154,4 +169,25 @@ pub(crate) fn mark_all_cloexec() -> io::Result<()> {
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_becomes_readable_when_the_child_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .unwrap();
+        let watch = exit_watch(child.id()).unwrap();
+        let _ready = watch.readable().await.unwrap();
+        assert!(child.try_wait().unwrap().is_some());
+    }
+
+    #[test]
+    fn pidfd_of_a_missing_process_fails() {
+        assert!(pidfd_open(u32::MAX).is_err());
+    }
 }

@@ -90,21 +90,7 @@ impl Error {
     }
 }
 
-/// Renders an error with its sources, `a: b: c`, skipping sources whose text
-/// the outer message already contains.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = inner.source();
-    }
-    out
-}
+pub use driver_lifecycle::error_chain as chain;
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {

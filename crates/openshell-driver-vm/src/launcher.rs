@@ -74,7 +74,7 @@ impl Launcher {
         };
         let console = take(child.stdout.take().map(Into::into), "console");
         let log = take(child.stderr.take().map(Into::into), "log");
-        let exited = crate::sys::exit_watch(pid).map_err(spawn_error);
+        let exited = driver_lifecycle::pidfd::exit_watch(pid).map_err(spawn_error);
         match (console, log, exited) {
             (Ok(console), Ok(log), Ok(exited)) => Ok(Vmm {
                 child,

@@ -22,7 +22,6 @@ pub mod service;
 pub mod spec;
 pub mod state;
 pub mod status;
-mod sys;
 pub mod vmm;
 
 pub use error::{Error, Result};

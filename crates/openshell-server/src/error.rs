@@ -199,21 +199,7 @@ impl Error {
     }
 }
 
-/// Renders an error with its sources, `a: b: c`, skipping a source whose
-/// text the message already contains.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = inner.source();
-    }
-    out
-}
+pub use driver_lifecycle::error_chain;
 
 /// The one place where gateway errors become gRPC statuses.
 impl From<Error> for Status {

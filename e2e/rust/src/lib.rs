@@ -261,6 +261,44 @@ impl Drop for TestEnv {
                 Signal::SIGKILL,
             );
         }
+        remove_containers_with_suffix(&self.suffix);
+    }
+}
+
+/// Removes Podman containers of sandboxes named `*-<suffix>`: what a test
+/// that failed half way left in the engine. Does nothing without Podman.
+fn remove_containers_with_suffix(suffix: &str) {
+    if suffix.is_empty() {
+        return;
+    }
+    let Ok(out) = Command::new("podman")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            "label=openshell.managed-by=openshell-driver-podman",
+            "--format",
+            "{{.ID}} {{index .Labels \"openshell.sandbox.name\"}}",
+        ])
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    let ending = format!("-{suffix}");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(_, name)| name.ends_with(&ending))
+        .map(|(id, _)| id.to_owned())
+        .collect();
+    if !ids.is_empty() {
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-t", "0"])
+            .args(&ids)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -302,9 +302,14 @@ impl Gateway {
         Ok(removed)
     }
 
-    async fn latest(&self, id: &str, fallback: SandboxRow) -> Result<SandboxRow> {
+    /// The stored row of sandbox `id`, if it still exists.
+    async fn row(&self, id: &str) -> Result<Option<SandboxRow>> {
         let key = id.to_owned();
-        Ok(self.db(move |s| s.get(&key)).await?.unwrap_or(fallback))
+        self.db(move |s| s.get(&key)).await
+    }
+
+    async fn latest(&self, id: &str, fallback: SandboxRow) -> Result<SandboxRow> {
+        Ok(self.row(id).await?.unwrap_or(fallback))
     }
 
     /// Marks a row Error with a gateway condition.
@@ -539,21 +544,38 @@ impl Gateway {
         })
     }
 
-    pub async fn stop(self: &Arc<Self>, reference: Option<gw::SandboxRef>) -> Result<gw::Sandbox> {
+    /// Resolves `reference` and runs `op` for it in a task of its own, so a
+    /// client that goes away cannot strand the sandbox half way through a
+    /// transition.
+    async fn in_own_task<T, F, Fut>(
+        self: &Arc<Self>,
+        reference: Option<gw::SandboxRef>,
+        op: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>, Arc<DriverRuntime>, String) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
         self.ensure_running()?;
         let row = self.resolve(reference).await?;
         let runtime = self.runtime_for(&row)?;
-        let gateway = Arc::clone(self);
-        tokio::spawn(async move { gateway.stop_owned(runtime, row.id).await })
+        tokio::spawn(op(Arc::clone(self), runtime, row.id))
             .await
             .map_err(|e| join_error(&e))?
     }
 
+    pub async fn stop(self: &Arc<Self>, reference: Option<gw::SandboxRef>) -> Result<gw::Sandbox> {
+        self.in_own_task(reference, |gateway, runtime, id| async move {
+            gateway.stop_owned(runtime, id).await
+        })
+        .await
+    }
+
     async fn stop_owned(&self, runtime: Arc<DriverRuntime>, id: String) -> Result<gw::Sandbox> {
         let _gate = self.gates.lock(&id).await;
-        let key = id.clone();
         let row = self
-            .db(move |s| s.get(&key))
+            .row(&id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("sandbox {id} was deleted meanwhile")))?;
         match row.phase {
@@ -593,20 +615,16 @@ impl Gateway {
     }
 
     pub async fn start(self: &Arc<Self>, reference: Option<gw::SandboxRef>) -> Result<gw::Sandbox> {
-        self.ensure_running()?;
-        let row = self.resolve(reference).await?;
-        let runtime = self.runtime_for(&row)?;
-        let gateway = Arc::clone(self);
-        tokio::spawn(async move { gateway.start_owned(runtime, row.id).await })
-            .await
-            .map_err(|e| join_error(&e))?
+        self.in_own_task(reference, |gateway, runtime, id| async move {
+            gateway.start_owned(runtime, id).await
+        })
+        .await
     }
 
     async fn start_owned(&self, runtime: Arc<DriverRuntime>, id: String) -> Result<gw::Sandbox> {
         let _gate = self.gates.lock(&id).await;
-        let key = id.clone();
         let row = self
-            .db(move |s| s.get(&key))
+            .row(&id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("sandbox {id} was deleted meanwhile")))?;
         match row.phase {
@@ -742,19 +760,15 @@ impl Gateway {
     }
 
     pub async fn delete(self: &Arc<Self>, reference: Option<gw::SandboxRef>) -> Result<bool> {
-        self.ensure_running()?;
-        let row = self.resolve(reference).await?;
-        let runtime = self.runtime_for(&row)?;
-        let gateway = Arc::clone(self);
-        tokio::spawn(async move { gateway.delete_owned(runtime, row.id).await })
-            .await
-            .map_err(|e| join_error(&e))?
+        self.in_own_task(reference, |gateway, runtime, id| async move {
+            gateway.delete_owned(runtime, id).await
+        })
+        .await
     }
 
     async fn delete_owned(&self, runtime: Arc<DriverRuntime>, id: String) -> Result<bool> {
         let _gate = self.gates.lock(&id).await;
-        let key = id.clone();
-        let Some(row) = self.db(move |s| s.get(&key)).await? else {
+        let Some(row) = self.row(&id).await? else {
             // Removed while we waited for the gate.
             return Ok(true);
         };

@@ -58,7 +58,7 @@ pub enum DriverGuard {
     /// The gateway spawned this driver and owns its process group.
     Managed(ManagedDriverProcess),
     /// The operator runs this driver; the guard does nothing at all.
-    Unmanaged,
+    Attached,
 }
 
 impl DriverGuard {
@@ -71,7 +71,7 @@ impl DriverGuard {
     pub fn health(&self) -> Option<watch::Receiver<DriverHealth>> {
         match self {
             Self::Managed(process) => Some(process.health()),
-            Self::Unmanaged => None,
+            Self::Attached => None,
         }
     }
 
@@ -79,7 +79,7 @@ impl DriverGuard {
     pub fn pid(&self) -> Option<u32> {
         match self {
             Self::Managed(process) => process.pid(),
-            Self::Unmanaged => None,
+            Self::Attached => None,
         }
     }
 
@@ -88,7 +88,7 @@ impl DriverGuard {
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         match self {
             Self::Managed(process) => process.shutdown().await,
-            Self::Unmanaged => Ok(ShutdownReport {
+            Self::Attached => Ok(ShutdownReport {
                 exit_status: None,
                 forced: false,
                 elapsed: Duration::ZERO,

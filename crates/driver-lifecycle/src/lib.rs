@@ -8,7 +8,7 @@
 //!   waits for the ready line (or polls the socket for drivers that ignore
 //!   the fd), then supervises it: a driver that dies is respawned with capped
 //!   exponential backoff and subscribers see [`DriverHealth`] changes.
-//! - **attached**: the operator runs the driver; [`DriverGuard::Unmanaged`]
+//! - **attached**: the operator runs the driver; [`DriverGuard::Attached`]
 //!   never spawns, signals or unlinks anything.
 //!
 //! Either way the result is a [`DriverEndpoint`] plus a [`DriverGuard`], and

@@ -84,14 +84,10 @@ pub fn prepare_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The run directory used when none is configured: `$XDG_RUNTIME_DIR/openshell`
-/// when the session has one, else `/tmp/openshell-<uid>`. Either way it is
-/// checked with [`prepare_private_dir`] before use.
-pub fn default_run_dir() -> PathBuf {
-    directories::BaseDirs::new()
-        .and_then(|dirs| dirs.runtime_dir().map(|d| d.join("openshell")))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("openshell-{}", euid())))
-}
+/// The run directory used when none is configured (see
+/// [`openshell_wire::paths::default_run_dir`]); it is checked with
+/// [`prepare_private_dir`] before use.
+pub use openshell_wire::paths::default_run_dir;
 
 /// The lock file that guards a socket path: `<socket>.lock`.
 pub fn lock_path(socket: &Path) -> PathBuf {

@@ -671,13 +671,13 @@ async fn unmanaged_guard_never_signals_or_unlinks() {
     let socket = tmp.path().join("run").join("driver.sock");
     let mut driver = start_standalone(&socket, &["--allow-same-uid-peer"]).await;
     let endpoint = DriverEndpoint::new("external", &socket);
-    let guard = DriverGuard::Unmanaged;
+    let guard = DriverGuard::Attached;
     assert!(guard.health().is_none());
     assert!(guard.pid().is_none());
     assert_eq!(capabilities(&endpoint).await, "openshell-test-driver");
     let report = guard.shutdown().await.unwrap();
     assert!(report.exit_status.is_none());
-    drop(DriverGuard::Unmanaged);
+    drop(DriverGuard::Attached);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(alive(driver.id()), "the attached driver keeps running");
     assert!(socket.exists(), "its socket stays");

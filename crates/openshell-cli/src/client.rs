@@ -27,7 +27,7 @@ impl std::fmt::Display for Address {
 
 /// The address the gateway listens on when started without `--listen`.
 pub fn default_address() -> Address {
-    Address::Unix(driver_lifecycle::socket::default_run_dir().join("gateway.sock"))
+    Address::Unix(openshell_wire::paths::default_gateway_socket())
 }
 
 const ADDRESS_HINT: &str = "use unix:///path/to/gateway.sock or tcp://HOST:PORT";
@@ -77,33 +77,18 @@ pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliErr
             if !path.exists() {
                 return Err(unreachable(format!("{} does not exist", path.display())));
             }
-            let endpoint = driver_lifecycle::DriverEndpoint::new("gateway", path);
-            let policy = driver_lifecycle::DialPolicy {
-                deadline: CONNECT_TIMEOUT,
-                ..driver_lifecycle::DialPolicy::default()
-            };
-            driver_lifecycle::connect_with(&endpoint, policy)
+            openshell_wire::uds::connect(path, openshell_wire::DialPolicy::within(CONNECT_TIMEOUT))
                 .await
-                .map_err(|e| unreachable(root_cause(&e)))?
+                .map_err(|e| unreachable(e.last_error))?
         }
         Address::Tcp(authority) => Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
-            .map_err(|e| unreachable(root_cause(&e)))?,
+            .map_err(|e| unreachable(openshell_wire::uds::root_cause(&e)))?,
     };
     Ok(GatewayClient::new(channel))
-}
-
-/// The innermost cause, which is what a person can act on ("connection
-/// refused", "permission denied").
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 #[cfg(test)]
@@ -157,6 +142,7 @@ mod tests {
             panic!("default must be a unix socket");
         };
         assert!(path.ends_with("gateway.sock"));
+        assert_eq!(path, openshell_wire::paths::default_gateway_socket());
     }
 
     #[tokio::test]

@@ -1,7 +1,6 @@
 //! Turning gateway messages into text for people and JSON for scripts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use openshell_proto::gateway::v1::{
     Condition, DriverInfo, DriverState, GatewayInfo, PlatformEvent, Sandbox, SandboxPhase,
@@ -80,13 +79,7 @@ pub fn condition_summary(condition: &Condition) -> String {
     }
 }
 
-pub fn now_ms() -> i64 {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
+pub use openshell_wire::time::now_millis as now_ms;
 
 /// Compact age: `45s`, `12m`, `3h`, `5d`.
 pub fn age(created_at_ms: i64, now_ms: i64) -> String {
@@ -102,28 +95,10 @@ pub fn age(created_at_ms: i64, now_ms: i64) -> String {
     }
 }
 
-/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` for milliseconds since the epoch.
+/// Milliseconds since the epoch in the wire's one timestamp form
+/// (RFC 3339, UTC).
 pub fn timestamp(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Days to civil date (proleptic Gregorian), after Howard Hinnant's
-    // well-known algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    openshell_wire::time::rfc3339_millis(ms)
 }
 
 /// Left-aligned columns separated by three spaces; the last column is not
@@ -396,11 +371,10 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc() {
-        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(
             timestamp(1_795_392_000_000 + 3_723_000),
-            "2026-11-23T01:02:03Z"
+            "2026-11-23T01:02:03.000Z"
         );
     }
 

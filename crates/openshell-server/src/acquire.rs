@@ -248,7 +248,7 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 .map_err(lifecycle)?;
             Ok(Acquired {
                 endpoint,
-                guard: DriverGuard::Unmanaged,
+                guard: DriverGuard::Attached,
                 channel,
             })
         }

@@ -597,7 +597,7 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
     let run_dir = match (&cli.run_dir, &gw.run_dir) {
         (Some(dir), _) => absolute("--run-dir", dir)?,
         (None, Some(dir)) => dir.clone(),
-        (None, None) => driver_lifecycle::socket::default_run_dir(),
+        (None, None) => openshell_wire::paths::default_run_dir(),
     };
     let state_dir = match (&cli.state_dir, &gw.state_dir) {
         (Some(dir), _) => absolute("--state-dir", dir)?,
@@ -615,7 +615,7 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             ))
         })?,
         (None, None) => {
-            let path = run_dir.join("gateway.sock");
+            let path = run_dir.join(openshell_wire::paths::GATEWAY_SOCKET_NAME);
             driver_lifecycle::socket::check_socket_path(&path).map_err(|e| {
                 Error::Config(format!(
                     "the default listen socket is unusable: {e}; set --run-dir or --listen"
@@ -955,6 +955,23 @@ mod tests {
             ListenAddr::Unix(PathBuf::from("/tmp/os-run/gateway.sock"))
         );
         assert!(!settings.allow_remote);
+    }
+
+    #[test]
+    fn default_listen_is_where_the_cli_looks() {
+        let (args, sources) = parse_cli([
+            "openshell-gateway",
+            "--state-dir",
+            "/tmp/os-state",
+            "--drivers",
+            "vm",
+        ])
+        .unwrap();
+        let settings = resolve_with(&args, sources, &FileConfig::default()).unwrap();
+        assert_eq!(
+            settings.listen,
+            ListenAddr::Unix(openshell_wire::paths::default_gateway_socket())
+        );
     }
 
     #[test]

@@ -238,15 +238,23 @@ impl Drop for ManagedDriverProcess {
         task.abort();
         let pgid = self.pgid.swap(0, Ordering::SeqCst);
         signal_group(pgid, Signal::SIGKILL);
-        remove_socket_if_ours(&self.socket, Duration::ZERO);
+        remove_socket_if_ours(&self.socket);
     }
 }
 
 /// Removes the socket unless another process holds its lock (a server that
-/// is not ours took the path over). `wait` covers our own driver's lock
-/// still being released just after it was reaped.
-fn remove_socket_if_ours(socket: &Path, wait: Duration) {
-    if let Ok(_lock) = SocketLock::acquire_waiting(socket, wait) {
+/// is not ours took the path over). Never waits: used from `Drop`.
+fn remove_socket_if_ours(socket: &Path) {
+    if let Ok(_lock) = SocketLock::acquire(socket) {
+        socket::remove_socket_if_socket(socket);
+    }
+}
+
+/// [`remove_socket_if_ours`] after a reap: `wait` covers our own driver's
+/// lock still being released just after it was reaped, waited for on the
+/// timer so the supervisor's runtime thread stays free.
+async fn remove_socket_if_ours_after_reap(socket: &Path, wait: Duration) {
+    if let Ok(_lock) = SocketLock::acquire_waiting_async(socket, wait).await {
         socket::remove_socket_if_socket(socket);
     }
 }
@@ -313,7 +321,7 @@ impl Supervisor {
                     self.health.send_replace(DriverHealth::Failed {
                         reason: reason.clone(),
                     });
-                    remove_socket_if_ours(&self.socket, REMOVE_WAIT);
+                    remove_socket_if_ours_after_reap(&self.socket, REMOVE_WAIT).await;
                     if let Interrupt::Shutdown(request) = self.next_request().await {
                         let _ = request.reply.send(Err(LifecycleError::GaveUp {
                             name: self.name.clone(),
@@ -331,7 +339,7 @@ impl Supervisor {
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     interrupt = self.next_request() => {
-                        self.finish_without_process(interrupt);
+                        self.finish_without_process(interrupt).await;
                         return;
                     }
                 }
@@ -359,9 +367,9 @@ impl Supervisor {
     }
 
     /// Answers a shutdown that arrived while no process was running.
-    fn finish_without_process(&self, interrupt: Interrupt) {
+    async fn finish_without_process(&self, interrupt: Interrupt) {
         if let Interrupt::Shutdown(request) = interrupt {
-            remove_socket_if_ours(&self.socket, REMOVE_WAIT);
+            remove_socket_if_ours_after_reap(&self.socket, REMOVE_WAIT).await;
             let _ = request.reply.send(Ok(ShutdownReport {
                 exit_status: None,
                 forced: false,
@@ -388,7 +396,7 @@ impl Supervisor {
                 // The half-started process is dropped with the future; make
                 // sure its whole group goes too.
                 signal_group(self.pgid.swap(0, Ordering::SeqCst), Signal::SIGKILL);
-                self.finish_without_process(interrupt);
+                self.finish_without_process(interrupt).await;
                 Ok(None)
             }
         }
@@ -431,7 +439,7 @@ impl Supervisor {
         }
         lingering.sort_unstable();
         lingering.dedup();
-        remove_socket_if_ours(&self.socket, REMOVE_WAIT);
+        remove_socket_if_ours_after_reap(&self.socket, REMOVE_WAIT).await;
         if !lingering.is_empty() {
             return Err(LifecycleError::Lingered {
                 name: self.name.clone(),

@@ -214,7 +214,7 @@ pub async fn serve_uds(
     }
     drop(reason_tx);
 
-    let (listener, bound) = socket::bind_unix_listener(&options.socket)?;
+    let (listener, bound) = socket::bind_unix_listener_async(&options.socket).await?;
     if let Some(ready) = ready {
         let mut file = fs::File::from(ready);
         let line = format!(

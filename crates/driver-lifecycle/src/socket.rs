@@ -132,7 +132,8 @@ impl SocketLock {
     /// another process holds the lock. A process that was just killed can
     /// hold its locks for a moment after it has been reaped (the kernel may
     /// release its files asynchronously), so a successor started right away
-    /// needs this grace.
+    /// needs this grace. Blocks the calling thread: async code uses
+    /// [`SocketLock::acquire_waiting_async`].
     pub fn acquire_waiting(socket: &Path, wait: std::time::Duration) -> Result<Self> {
         let deadline = std::time::Instant::now() + wait;
         loop {
@@ -140,7 +141,23 @@ impl SocketLock {
                 Err(LifecycleError::SocketLocked { .. })
                     if std::time::Instant::now() < deadline =>
                 {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// [`SocketLock::acquire_waiting`] for async code: waits on the timer,
+    /// never on the thread, so a runtime worker stays free meanwhile.
+    pub async fn acquire_waiting_async(socket: &Path, wait: std::time::Duration) -> Result<Self> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match Self::acquire(socket) {
+                Err(LifecycleError::SocketLocked { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(LOCK_RETRY).await;
                 }
                 result => return result,
             }
@@ -229,6 +246,9 @@ fn describe_file_type(file_type: &fs::FileType) -> &'static str {
     }
 }
 
+/// How often a held lock is tried again while waiting for it.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How long a starting server waits for a predecessor's lock to go away.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -237,15 +257,30 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// for a predecessor that is just going away), and no stale socket in the
 /// way. The returned lock must be kept for as long as the socket is served.
 pub fn prepare_socket_for_bind(socket: &Path) -> Result<SocketLock> {
+    check_bind_path(socket)?;
+    let lock = SocketLock::acquire_waiting(socket, LOCK_WAIT)?;
+    clear_stale_socket(socket)?;
+    Ok(lock)
+}
+
+/// [`prepare_socket_for_bind`] for async code: the wait for a predecessor's
+/// lock does not hold a runtime thread.
+pub async fn prepare_socket_for_bind_async(socket: &Path) -> Result<SocketLock> {
+    check_bind_path(socket)?;
+    let lock = SocketLock::acquire_waiting_async(socket, LOCK_WAIT).await?;
+    clear_stale_socket(socket)?;
+    Ok(lock)
+}
+
+/// The path-length and private-directory rules for a socket about to be
+/// bound.
+fn check_bind_path(socket: &Path) -> Result<()> {
     check_socket_path(socket)?;
     let parent = socket
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new("."));
-    prepare_private_dir(parent)?;
-    let lock = SocketLock::acquire_waiting(socket, LOCK_WAIT)?;
-    clear_stale_socket(socket)?;
-    Ok(lock)
+    prepare_private_dir(parent)
 }
 
 /// A socket file this process bound: it holds the path's lock, and on drop
@@ -279,6 +314,20 @@ impl Drop for BoundSocket {
 /// Keep the returned [`BoundSocket`] for as long as the listener serves.
 pub fn bind_unix_listener(path: &Path) -> Result<(tokio::net::UnixListener, BoundSocket)> {
     let lock = prepare_socket_for_bind(path)?;
+    bind_locked(path, lock)
+}
+
+/// [`bind_unix_listener`] for async code (drivers' `serve_uds`, the
+/// gateway's listener): waiting for a predecessor's lock does not block a
+/// runtime thread.
+pub async fn bind_unix_listener_async(
+    path: &Path,
+) -> Result<(tokio::net::UnixListener, BoundSocket)> {
+    let lock = prepare_socket_for_bind_async(path).await?;
+    bind_locked(path, lock)
+}
+
+fn bind_locked(path: &Path, lock: SocketLock) -> Result<(tokio::net::UnixListener, BoundSocket)> {
     let listener =
         tokio::net::UnixListener::bind(path).map_err(|e| LifecycleError::io("bind", path, e))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
@@ -297,6 +346,46 @@ pub fn bind_unix_listener(path: &Path) -> Result<(tokio::net::UnixListener, Boun
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waiting for a held lock must leave a single-threaded runtime free to
+    /// run other tasks; the old thread sleep starved them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_for_a_lock_does_not_block_the_runtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("d.sock");
+        let held = SocketLock::acquire(&socket).expect("first lock");
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = {
+            let ticks = std::sync::Arc::clone(&ticks);
+            tokio::spawn(async move {
+                loop {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let result =
+            SocketLock::acquire_waiting_async(&socket, std::time::Duration::from_millis(50)).await;
+        assert!(
+            matches!(result, Err(LifecycleError::SocketLocked { .. })),
+            "{result:?}"
+        );
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "other tasks ran while the lock was awaited"
+        );
+
+        // Released meanwhile: the waiter gets it.
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            drop(held);
+        });
+        SocketLock::acquire_waiting_async(&socket, std::time::Duration::from_secs(30))
+            .await
+            .expect("lock after release");
+        release.await.expect("join");
+        ticker.abort();
+    }
 
     #[test]
     fn length_limit_counts_bytes() {

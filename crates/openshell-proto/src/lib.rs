@@ -5,7 +5,13 @@
 //! inspect the contract (field numbers, types, reserved ranges) at run time.
 
 /// The compute-driver contract, package `openshell.compute.v1`.
-#[allow(unused_qualifications, clippy::all, clippy::pedantic, rust_2018_idioms)]
+#[allow(
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    reason = "generated code: which of these fire depends on the protocol files"
+)]
 pub mod compute {
     pub mod v1 {
         tonic::include_proto!("openshell.compute.v1");
@@ -20,7 +26,13 @@ pub mod compute {
 }
 
 /// The gateway's public API, package `openshell.gateway.v1`.
-#[allow(unused_qualifications, clippy::all, clippy::pedantic, rust_2018_idioms)]
+#[allow(
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    reason = "generated code: which of these fire depends on the protocol files"
+)]
 pub mod gateway {
     pub mod v1 {
         tonic::include_proto!("openshell.gateway.v1");
@@ -28,7 +40,13 @@ pub mod gateway {
 }
 
 /// Descriptor options, package `openshell.options.v1`.
-#[allow(unused_qualifications, clippy::all, clippy::pedantic, rust_2018_idioms)]
+#[allow(
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    reason = "generated code: which of these fire depends on the protocol files"
+)]
 pub mod options {
     pub mod v1 {
         tonic::include_proto!("openshell.options.v1");

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "compute_driver.proto",
+    "extension.proto",
+    "sandbox.proto",
     "compute_logs.proto",
     "gateway.proto",
     "options.proto",

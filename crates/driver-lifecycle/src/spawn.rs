@@ -568,7 +568,7 @@ async fn probe(socket: &Path, grpc: bool) -> std::result::Result<(), ProbeError>
     let mut client =
         openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient::new(channel);
     match client
-        .get_capabilities(openshell_proto::compute::v1::GetCapabilitiesRequest {})
+        .get_capabilities(openshell_proto::compute::v1::GetCapabilitiesRequest::default())
         .await
     {
         Ok(_) => Ok(()),

@@ -33,7 +33,7 @@ fn endpoint(dir: &Path) -> DriverEndpoint {
 async fn capabilities(endpoint: &DriverEndpoint) -> String {
     let channel = connect(endpoint).await.expect("connect");
     ComputeDriverClient::new(channel)
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .expect("GetCapabilities")
         .into_inner()
@@ -276,11 +276,11 @@ async fn a_crash_during_a_call_is_survived() {
     let channel = connect(&endpoint).await.unwrap();
     let mut client = ComputeDriverClient::new(channel);
     client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap();
     let status = client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap_err();
     assert!(
@@ -801,7 +801,7 @@ async fn dialing_waits_for_a_driver_that_starts_late() {
     let mut driver = start_standalone(&socket, &["--allow-same-uid-peer"]).await;
     let channel = dial.await.unwrap().unwrap();
     ComputeDriverClient::new(channel)
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap();
     driver.kill().unwrap();

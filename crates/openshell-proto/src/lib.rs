@@ -25,6 +25,36 @@ pub mod compute {
     }
 }
 
+/// Negotiation metadata of the 1.x compute contract, package
+/// `openshell.extension.v1`.
+#[allow(
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    reason = "generated code: which of these fire depends on the protocol files"
+)]
+pub mod extension {
+    pub mod v1 {
+        tonic::include_proto!("openshell.extension.v1");
+    }
+}
+
+/// The (opaque here) sandbox policy of the 1.x contract, package
+/// `openshell.sandbox.v1`.
+#[allow(
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    reason = "generated code: which of these fire depends on the protocol files"
+)]
+pub mod sandbox {
+    pub mod v1 {
+        tonic::include_proto!("openshell.sandbox.v1");
+    }
+}
+
 /// The gateway's public API, package `openshell.gateway.v1`.
 #[allow(
     unused_qualifications,

@@ -4,12 +4,16 @@
 //!   `WatchSandboxes` stream built from it (snapshot on connect, then
 //!   changes; a watcher that falls behind is resynchronised from a fresh
 //!   snapshot, with `deleted` events for what vanished meanwhile);
+//! - [`contract`]: the contract rules both peers apply (generation,
+//!   1.x negotiation, the admission-policy string, conditions stamped in both
+//!   time encodings);
 //! - [`KeyLocks`]: one async lock per key (sandbox id), so changes to one
 //!   sandbox happen one at a time, in arrival order.
 //!
 //! It depends only on the generated protocol code: nothing here knows how
 //! a driver runs sandboxes or how it was started.
 
+pub mod contract;
 mod feed;
 mod locks;
 

@@ -241,7 +241,7 @@ pub fn truncate(text: &str, max: usize) -> String {
 /// The admission policy a 1.x driver acknowledges in
 /// `resource_admission_policy`: `"v1:"` and compact JSON of this struct, in
 /// declaration order with sorted label keys.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdmissionPolicy {
     pub allow_driver_config: bool,
@@ -269,15 +269,6 @@ impl Default for ResourceAdmission {
                     "${workspace}".to_owned(),
                 ),
             ]),
-        }
-    }
-}
-
-impl Default for AdmissionPolicy {
-    fn default() -> Self {
-        Self {
-            allow_driver_config: false,
-            resource_admission: ResourceAdmission::default(),
         }
     }
 }

@@ -11,10 +11,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy --all-targets -D warnings (all e2e buckets compiled)"
-cargo clippy --workspace --all-targets --locked --features openshell-e2e/podman,openshell-e2e/external,openshell-e2e/multi,openshell-e2e/faults,openshell-e2e/vm -- -D warnings
+cargo clippy --workspace --all-targets --locked --features openshell-e2e/podman,openshell-e2e/external,openshell-e2e/multi,openshell-e2e/faults,openshell-e2e/vm,openshell-e2e/foreign -- -D warnings
 
 echo "== cargo test --workspace"
 cargo test --workspace --locked
+
+echo "== Python peers (grpcio) for the foreign bucket"
+scripts/python-env.sh || echo "warning: no Python grpcio environment; foreign-peer tests will skip"
 
 echo "== end-to-end buckets"
 scripts/e2e.sh

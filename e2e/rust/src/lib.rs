@@ -614,3 +614,67 @@ pub fn log_lines_with(path: &Path, needle: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A Python interpreter with `grpcio` and `grpcio-tools`, for the foreign
+/// peers of the `foreign` bucket: `$OPENSHELL_PYTHON`, else the virtual
+/// environment `scripts/python-env.sh` makes under `target/python`. The
+/// error says why none is usable.
+pub fn grpc_python() -> Result<PathBuf, String> {
+    let candidate = std::env::var_os("OPENSHELL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/python/bin/python3"));
+    if !candidate.exists() {
+        return Err(format!(
+            "no Python with grpcio at {} (run scripts/python-env.sh, or set OPENSHELL_PYTHON)",
+            candidate.display()
+        ));
+    }
+    let probe = Command::new(&candidate)
+        .args(["-c", "import grpc, grpc_tools; print(grpc.__version__)"])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", candidate.display()))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "{} cannot import grpc and grpc_tools: {}",
+            candidate.display(),
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+    }
+    Ok(candidate)
+}
+
+/// Starts the Python grpcio compute driver (`e2e/python/grpcio_driver.py`)
+/// on `socket` and waits until the socket exists.
+pub fn start_python_driver(env: &TestEnv, python: &Path, socket: &Path, name: &str) -> Proc {
+    let mut command = Command::new(python);
+    command
+        .arg(repo_root().join("e2e/python/grpcio_driver.py"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--proto-dir")
+        .arg(repo_root().join("proto"))
+        .arg("--name")
+        .arg(name);
+    let mut proc = Proc::spawn(
+        "grpcio_driver.py",
+        command,
+        env.path().join(format!("{name}.log")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        if let Some(status) = proc.try_exit() {
+            panic!(
+                "python driver exited during startup ({status}):\n{}",
+                proc.log_tail(30)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "python driver did not bind {} within 60 s:\n{}",
+            socket.display(),
+            proc.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc
+}

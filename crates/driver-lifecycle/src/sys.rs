@@ -1,7 +1,10 @@
 //! The few system calls that need `unsafe`: turning raw descriptors into
 //! owned ones, `pidfd_open` and `close_range`. Everything else goes through
 //! nix or std.
-#![expect(unsafe_code, reason = "the pidfd and inherited-fd syscall seam: every unsafe block here has a SAFETY comment")]
+#![expect(
+    unsafe_code,
+    reason = "the pidfd and inherited-fd syscall seam: every unsafe block here has a SAFETY comment"
+)]
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -1,10 +1,10 @@
 //! The `ComputeDriver` service on top of Podman.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use openshell_driver_kit::{KeyLocks, WatchStream};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
@@ -13,7 +13,7 @@ use openshell_proto::compute::v1::{
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
     GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse,
     WatchSandboxesRequest,
 };
 use tokio_stream::Stream;
@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::spec::{Plan, check_sandbox_id, create_body, plan};
 use crate::state::{StartFailure, StateDir};
 use crate::status::reason;
-use crate::watch::{Observer, feed_client};
+use crate::watch::Observer;
 
 /// Name the driver reports for itself.
 pub const DRIVER_NAME: &str = "openshell-driver-podman";
@@ -37,61 +37,15 @@ const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
-/// One async lock per sandbox id, so changes to one sandbox happen one at
-/// a time and in the order they arrived. Entries go away when unused.
-#[derive(Debug, Default)]
-pub(crate) struct Gates {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// Holds a sandbox's gate; dropping it lets the next change in.
-pub(crate) struct Gate {
-    gates: Arc<Gates>,
-    id: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Gates {
-    pub(crate) async fn enter(self: &Arc<Self>, id: &str) -> Gate {
-        let lock = Arc::clone(
-            self.locks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(id.to_owned())
-                .or_default(),
-        );
-        Gate {
-            gates: Arc::clone(self),
-            id: id.to_owned(),
-            guard: Some(lock.lock_owned().await),
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut locks = self
-            .gates
-            .locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if locks
-            .get(&self.id)
-            .is_some_and(|lock| Arc::strong_count(lock) == 1)
-        {
-            locks.remove(&self.id);
-        }
-    }
-}
-
 /// The driver. Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct PodmanDriver {
     pub(crate) core: Arc<Core>,
     pub(crate) observer: Arc<Observer>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) gates: Arc<Gates>,
+    /// One lock per sandbox id, so changes to one sandbox happen one at a
+    /// time and in the order they arrived.
+    pub(crate) locks: Arc<KeyLocks>,
 }
 
 impl PodmanDriver {
@@ -141,7 +95,7 @@ impl PodmanDriver {
             core,
             observer,
             cancel,
-            gates: Arc::default(),
+            locks: KeyLocks::new(),
         };
         driver.forget_orphaned_state().await;
         Ok(driver)
@@ -150,8 +104,13 @@ impl PodmanDriver {
     /// Removes state kept for sandboxes whose containers are gone (deleted
     /// while the driver was not running).
     async fn forget_orphaned_state(&self) {
-        let (known, _) = self.observer.subscribe();
-        let live: std::collections::BTreeSet<String> = known.into_iter().map(|s| s.id).collect();
+        let live: std::collections::BTreeSet<String> = self
+            .observer
+            .feed()
+            .list()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
         for id in self.core.state.known_ids() {
             if !live.contains(&id)
                 && matches!(self.core.find(&id).await, Ok(None))
@@ -163,7 +122,7 @@ impl PodmanDriver {
     }
 
     /// Runs a change to sandbox `id` in its own task, behind the sandbox's
-    /// gate: a caller that goes away (a cancelled RPC) cannot leave it half
+    /// lock: a caller that goes away (a cancelled RPC) cannot leave it half
     /// done, and changes to one sandbox do not interleave.
     async fn owned<T, F, Fut>(&self, id: &str, work: F) -> Result<T>
     where
@@ -172,10 +131,10 @@ impl PodmanDriver {
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
         let driver = self.clone();
-        let gates = Arc::clone(&self.gates);
+        let locks = Arc::clone(&self.locks);
         let id = id.to_owned();
         tokio::spawn(async move {
-            let _gate = gates.enter(&id).await;
+            let _guard = locks.lock(&id).await;
             work(driver).await
         })
         .await
@@ -431,14 +390,10 @@ impl PodmanDriver {
         }
     }
 
-    pub fn watch(&self) -> BoxStream<WatchSandboxesEvent> {
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(feed_client(
-            Arc::clone(&self.observer),
-            tx,
-            self.cancel.clone(),
-        ));
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    /// A `WatchSandboxes` stream. [`PodmanDriver::open`] returned only
+    /// after the first full list, so the snapshot is complete.
+    pub fn watch(&self) -> WatchStream {
+        self.observer.feed().watch()
     }
 }
 
@@ -567,7 +522,7 @@ impl ComputeDriver for PodmanDriver {
         Ok(Response::new(DeleteSandboxResponse { deleted }))
     }
 
-    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
+    type WatchSandboxesStream = WatchStream;
 
     async fn watch_sandboxes(
         &self,
@@ -590,38 +545,5 @@ impl ComputeDriver for PodmanDriver {
         _request: Request<DeleteWorkspaceRequest>,
     ) -> std::result::Result<Response<DeleteWorkspaceResponse>, Status> {
         Ok(Response::new(DeleteWorkspaceResponse {}))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn gates_serialise_one_sandbox_and_clean_up() {
-        let gates = Arc::new(Gates::default());
-        let first = gates.enter("a").await;
-        // Another sandbox is not held up.
-        let other = tokio::time::timeout(std::time::Duration::from_secs(5), gates.enter("b"))
-            .await
-            .expect("a different sandbox enters at once");
-        // The same sandbox waits for the first to leave.
-        let waiting = tokio::spawn({
-            let gates = Arc::clone(&gates);
-            async move { gates.enter("a").await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        drop(first);
-        let second = waiting.await.expect("the waiter enters");
-        drop(second);
-        drop(other);
-        assert!(
-            gates
-                .locks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
-        );
     }
 }

@@ -13,8 +13,7 @@ use openshell_proto::compute::v1::{
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
     GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse,
-    WatchSandboxesRequest,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesRequest,
 };
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +56,7 @@ impl PodmanDriver {
         engine: &Engine,
         cancel: CancellationToken,
     ) -> Result<Self> {
-        let state = StateDir::open(&settings.state_dir)?;
+        let state = StateDir::load(&settings.state_dir).await?;
         let resync_every = if engine.info.host.event_logger == "none" {
             tracing::warn!(
                 "the Podman engine records no events (events_logger = \"none\"); sandbox \
@@ -114,7 +113,7 @@ impl PodmanDriver {
         for id in self.core.state.known_ids() {
             if !live.contains(&id)
                 && matches!(self.core.find(&id).await, Ok(None))
-                && let Err(error) = self.core.state.forget(&id)
+                && let Err(error) = self.core.state.forget(&id).await
             {
                 tracing::warn!(sandbox_id = %id, error = %error, "could not remove leftover sandbox state");
             }
@@ -193,11 +192,11 @@ impl PodmanDriver {
             )));
         }
         let state = &self.core.state;
-        state.forget(&plan.id)?;
+        state.forget(&plan.id).await?;
         let token_file = if plan.token.is_empty() {
             None
         } else {
-            Some(state.write_token(&plan.id, &plan.token)?)
+            Some(state.write_token(&plan.id, &plan.token).await?)
         };
         let body = create_body(
             &plan,
@@ -208,7 +207,7 @@ impl PodmanDriver {
         let created = match self.core.client.create(&body).await {
             Ok(created) => created,
             Err(error) => {
-                let _ = state.forget(&plan.id);
+                let _ = state.forget(&plan.id).await;
                 return Err(create_error(error, &plan));
             }
         };
@@ -221,7 +220,7 @@ impl PodmanDriver {
             if let Err(cleanup) = self.core.client.remove(&created.id).await {
                 tracing::warn!(sandbox_id = %plan.id, error = %cleanup, "could not remove the container of a failed create");
             }
-            let _ = state.forget(&plan.id);
+            let _ = state.forget(&plan.id).await;
             let (_, error) = self.start_error(error);
             return Err(error);
         }
@@ -256,8 +255,8 @@ impl PodmanDriver {
     pub async fn stop(&self, id: &str) -> Result<()> {
         check_sandbox_id(id)?;
         let container = self.core.require(id).await?;
-        self.core.state.mark_stopped(id)?;
-        self.core.state.clear_start_failure(id)?;
+        self.core.state.mark_stopped(id).await?;
+        self.core.state.clear_start_failure(id).await?;
         let stop = self
             .core
             .client
@@ -320,7 +319,7 @@ impl PodmanDriver {
                         )));
                     }
                     let (failure, error) = self.start_error(error);
-                    if let Err(record) = self.core.state.record_start_failure(id, &failure) {
+                    if let Err(record) = self.core.state.record_start_failure(id, &failure).await {
                         tracing::warn!(sandbox_id = %id, error = %record, "could not record a start failure");
                     }
                     self.observer.refresh(id, &container.id).await;
@@ -328,8 +327,8 @@ impl PodmanDriver {
                 }
             }
         }
-        self.core.state.clear_stopped(id)?;
-        self.core.state.clear_start_failure(id)?;
+        self.core.state.clear_stopped(id).await?;
+        self.core.state.clear_start_failure(id).await?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
         self.observer.refresh(id, &container.id).await;
         Ok(())
@@ -339,11 +338,11 @@ impl PodmanDriver {
     pub async fn delete(&self, id: &str) -> Result<bool> {
         check_sandbox_id(id)?;
         let Some(container) = self.core.find(id).await? else {
-            self.core.state.forget(id)?;
+            self.core.state.forget(id).await?;
             return Ok(false);
         };
         let removed = self.core.client.remove(&container.id).await?;
-        self.core.state.forget(id)?;
+        self.core.state.forget(id).await?;
         self.observer.removed(id, &container.id);
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox deleted");
         Ok(removed)

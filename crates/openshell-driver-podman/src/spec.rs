@@ -648,7 +648,7 @@ mod tests {
     fn settings() -> Settings {
         Settings::merge(
             &crate::config::SettingsArgs::default(),
-            crate::config::FileConfig::default(),
+            crate::config::SettingsArgs::default(),
             false,
         )
         .unwrap()

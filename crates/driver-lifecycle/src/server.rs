@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::Stream;
+use openshell_wire::authority::AuthorityFix;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
@@ -255,15 +256,18 @@ pub async fn serve_uds(
 /// Accepted connections whose peers pass `peers`; others are dropped with a
 /// warning. Accept errors (out of descriptors, say) are logged and retried
 /// after a pause instead of ending the server.
+/// Accepted connections from permitted peers, each behind an
+/// [`AuthorityFix`] so stock gRPC clients (which send the socket path as
+/// `:authority`) are served too.
 fn accept_stream(
     listener: UnixListener,
     peers: PeerPolicy,
-) -> impl Stream<Item = std::io::Result<UnixStream>> {
+) -> impl Stream<Item = std::io::Result<AuthorityFix<UnixStream>>> {
     futures::stream::unfold(listener, move |listener| async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => match peers.check(&stream) {
-                    Ok(()) => return Some((Ok(stream), listener)),
+                    Ok(()) => return Some((Ok(AuthorityFix::new(stream)), listener)),
                     Err(reason) => tracing::warn!(%reason, "rejected a connection"),
                 },
                 Err(error) => {

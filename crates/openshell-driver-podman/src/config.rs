@@ -23,13 +23,17 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// with the `EngineUnavailable` condition.
 pub const DEFAULT_ENGINE_UNAVAILABLE_AFTER: Duration = Duration::from_secs(30);
 
-/// Settings flags. Each one overrides the key of the same name in the
-/// driver config file.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// The settings as given: one struct for both the flags and the
+/// `--driver-config` TOML file (keys spelled like the flags, with '_').
+/// Each flag overrides the key of the same name in the file; every key is
+/// optional and unknown keys are an error.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SettingsArgs {
     /// Driver config file (TOML; the gateway writes one for drivers it
     /// spawns). Unknown keys are an error. Flags override its values.
     #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
     pub driver_config: Option<PathBuf>,
 
     /// Driver instance name: labels the containers this driver owns
@@ -90,7 +94,11 @@ pub struct SettingsArgs {
     /// NAME=SOFT[:HARD], e.g. nofile=20000:20000. Repeatable; overrides the
     /// config file per NAME [default: nofile and nproc set explicitly, under
     /// the hard limits of this driver and of the engine].
+    ///
+    /// In the file: `ulimits = { nofile = "20000:20000", nproc = 4096 }` or
+    /// `ulimits = ["nofile=20000:20000", "nproc=4096"]`.
     #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    #[serde(default, deserialize_with = "ulimit_entries")]
     pub ulimits: Vec<String>,
 
     /// Network of sandbox containers: bridge, host, none, slirp4netns,
@@ -114,54 +122,50 @@ pub struct SettingsArgs {
     pub engine_unavailable_after: Option<u64>,
 }
 
-/// The `--driver-config` file. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub name: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub podman_socket: Option<PathBuf>,
-    pub start_podman_service: Option<bool>,
-    pub discover_podman_socket: Option<bool>,
-    pub podman_binary: Option<PathBuf>,
-    pub runtime: Option<String>,
-    pub cgroup_manager: Option<String>,
-    pub ulimits: Option<UlimitsConfig>,
-    pub network: Option<String>,
-    pub default_image: Option<String>,
-    pub stop_timeout: Option<u64>,
-    pub engine_unavailable_after: Option<u64>,
+/// The file's `ulimits`, a table or a list, as `NAME=SOFT[:HARD]` entries
+/// like the `--ulimit` flag takes.
+fn ulimit_entries<'de, D>(deserializer: D) -> std::result::Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(i64),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ulimits {
+        Table(BTreeMap<String, Value>),
+        List(Vec<String>),
+    }
+    Ok(match Ulimits::deserialize(deserializer)? {
+        Ulimits::Table(table) => table
+            .into_iter()
+            .map(|(name, value)| match value {
+                Value::Number(n) => format!("{name}={n}"),
+                Value::Text(text) => format!("{name}={text}"),
+            })
+            .collect(),
+        Ulimits::List(list) => list,
+    })
 }
 
-/// `ulimits = { nofile = "20000:20000", nproc = 4096 }` or
-/// `ulimits = ["nofile=20000:20000", "nproc=4096"]`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum UlimitsConfig {
-    Table(BTreeMap<String, UlimitValue>),
-    List(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum UlimitValue {
-    Number(i64),
-    Text(String),
-}
-
-impl FileConfig {
-    /// Reads and parses `path`. Errors name the file, the line and the key.
+impl SettingsArgs {
+    /// Reads and parses a config file. Errors name the file, the line and
+    /// the key.
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io("read driver config", path, e))?;
-        Self::parse(&text).map_err(|message| Error::ConfigFile {
+        Self::parse_toml(&text).map_err(|message| Error::ConfigFile {
             path: path.to_owned(),
             message,
         })
     }
 
     /// Parses TOML text; the error is one line (with the line number).
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+    pub fn parse_toml(text: &str) -> std::result::Result<Self, String> {
         toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
@@ -172,6 +176,29 @@ impl FileConfig {
                 None => message,
             }
         })
+    }
+
+    /// Values given here (the flags) win over `file`'s; ulimits are
+    /// combined per NAME, the flags' last.
+    pub fn over(self, file: Self) -> Self {
+        Self {
+            driver_config: self.driver_config,
+            name: self.name.or(file.name),
+            state_dir: self.state_dir.or(file.state_dir),
+            podman_socket: self.podman_socket.or(file.podman_socket),
+            start_podman_service: self.start_podman_service.or(file.start_podman_service),
+            discover_podman_socket: self.discover_podman_socket.or(file.discover_podman_socket),
+            podman_binary: self.podman_binary.or(file.podman_binary),
+            runtime: self.runtime.or(file.runtime),
+            cgroup_manager: self.cgroup_manager.or(file.cgroup_manager),
+            ulimits: file.ulimits.into_iter().chain(self.ulimits).collect(),
+            network: self.network.or(file.network),
+            default_image: self.default_image.or(file.default_image),
+            stop_timeout: self.stop_timeout.or(file.stop_timeout),
+            engine_unavailable_after: self
+                .engine_unavailable_after
+                .or(file.engine_unavailable_after),
+        }
     }
 }
 
@@ -432,8 +459,8 @@ impl Settings {
     /// `start_podman_service`.
     pub fn resolve(args: &SettingsArgs, managed: bool) -> Result<Self> {
         let file = match &args.driver_config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
+            Some(path) => SettingsArgs::load(path)?,
+            None => SettingsArgs::default(),
         };
         Self::merge(args, file, managed).map_err(|error| match (&args.driver_config, error) {
             (Some(path), Error::Config(message)) => Error::ConfigFile {
@@ -445,170 +472,115 @@ impl Settings {
     }
 
     /// Merges flags over a parsed file.
-    pub fn merge(args: &SettingsArgs, file: FileConfig, managed: bool) -> Result<Self> {
-        let name = args
-            .name
-            .clone()
-            .or(file.name)
-            .unwrap_or_else(|| DEFAULT_NAME.to_owned());
-        check_name(&name)?;
+    pub fn merge(args: &SettingsArgs, file: SettingsArgs, managed: bool) -> Result<Self> {
+        Self::from_given(args.clone().over(file), managed)
+    }
 
-        let state_dir = args
+    /// Checks the given values and fills in the defaults.
+    fn from_given(given: SettingsArgs, managed: bool) -> Result<Self> {
+        let name = given.name.unwrap_or_else(|| DEFAULT_NAME.to_owned());
+        check_name(&name)?;
+        let state_dir = given
             .state_dir
-            .clone()
-            .or(file.state_dir)
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| default_state_dir(&name));
-        let state_dir = absolute("state_dir", &state_dir)?;
-
-        let podman_socket = args
-            .podman_socket
-            .clone()
-            .or(file.podman_socket)
-            .map(strip_unix_scheme);
-        if podman_socket
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err(Error::Config(
-                "podman_socket is empty; give the path of a Podman API socket or leave it out"
-                    .to_owned(),
-            ));
-        }
-        let podman_socket = podman_socket
-            .map(|p| absolute("podman_socket", &p))
-            .transpose()?;
-
-        let runtime = args
-            .runtime
-            .clone()
-            .or(file.runtime)
-            .unwrap_or_else(|| DEFAULT_RUNTIME.to_owned());
-        let runtime_ok = !runtime.is_empty()
-            && runtime
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'));
-        if !runtime_ok {
-            return Err(Error::Config(format!(
-                "runtime {runtime:?} is not valid; use an OCI runtime name such as \"runc\" or \"crun\", or its path"
-            )));
-        }
-
-        let cgroup_manager = match args
-            .cgroup_manager
-            .as_deref()
-            .or(file.cgroup_manager.as_deref())
-        {
-            Some(value) => CgroupManager::parse(value)?,
-            None => DEFAULT_CGROUP_MANAGER,
-        };
-
-        let mut ulimits = BTreeMap::new();
-        match file.ulimits {
-            None => {}
-            Some(UlimitsConfig::Table(table)) => {
-                for (name, value) in table {
-                    check_ulimit_name(&name)?;
-                    let text = match value {
-                        UlimitValue::Number(n) => n.to_string(),
-                        UlimitValue::Text(t) => t,
-                    };
-                    let limit = Ulimit::parse(&name, &text)?;
-                    ulimits.insert(name, limit);
-                }
-            }
-            Some(UlimitsConfig::List(list)) => {
-                for entry in list {
-                    let (name, limit) = parse_ulimit_entry(&entry)?;
-                    ulimits.insert(name, limit);
-                }
-            }
-        }
-        for entry in &args.ulimits {
-            let (name, limit) = parse_ulimit_entry(entry)?;
-            ulimits.insert(name, limit);
-        }
-
-        let network = Network::parse(
-            args.network
-                .as_deref()
-                .or(file.network.as_deref())
-                .unwrap_or("bridge"),
-        )?;
-
-        let default_image = args
+        let default_image = given
             .default_image
-            .clone()
-            .or(file.default_image)
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty());
         if let Some(image) = &default_image {
             check_image_reference(image)
                 .map_err(|why| Error::Config(format!("default_image {image:?}: {why}")))?;
         }
-
-        let stop_timeout = args
-            .stop_timeout
-            .or(file.stop_timeout)
-            .map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
-        if stop_timeout > Duration::from_secs(3600) {
-            return Err(Error::Config(format!(
-                "stop_timeout {} is more than an hour; give seconds, e.g. 10",
-                stop_timeout.as_secs()
-            )));
-        }
-        let engine_unavailable_after = args
-            .engine_unavailable_after
-            .or(file.engine_unavailable_after)
-            .map_or(DEFAULT_ENGINE_UNAVAILABLE_AFTER, Duration::from_secs);
-
-        let podman_binary = args
-            .podman_binary
-            .clone()
-            .or(file.podman_binary)
-            .unwrap_or_else(|| PathBuf::from("podman"));
-        // A bare name is looked up on PATH; a relative path is made absolute.
-        let podman_binary = if podman_binary.components().count() > 1 {
-            absolute("podman_binary", &podman_binary)?
-        } else {
-            podman_binary
-        };
-
         Ok(Self {
-            name,
-            state_dir,
-            podman_socket,
-            start_podman_service: args
-                .start_podman_service
-                .or(file.start_podman_service)
-                .unwrap_or(managed),
-            discover_podman_socket: args
-                .discover_podman_socket
-                .or(file.discover_podman_socket)
-                .unwrap_or(true),
-            podman_binary,
-            runtime,
-            cgroup_manager,
-            ulimits,
-            network,
+            state_dir: absolute("state_dir", &state_dir)?,
+            podman_socket: given.podman_socket.map(podman_socket).transpose()?,
+            start_podman_service: given.start_podman_service.unwrap_or(managed),
+            discover_podman_socket: given.discover_podman_socket.unwrap_or(true),
+            podman_binary: podman_binary(given.podman_binary)?,
+            runtime: runtime(given.runtime)?,
+            cgroup_manager: given
+                .cgroup_manager
+                .as_deref()
+                .map_or(Ok(DEFAULT_CGROUP_MANAGER), CgroupManager::parse)?,
+            ulimits: given
+                .ulimits
+                .iter()
+                .map(|entry| parse_ulimit_entry(entry))
+                .collect::<Result<_>>()?,
+            network: Network::parse(given.network.as_deref().unwrap_or("bridge"))?,
             default_image,
-            stop_timeout,
-            engine_unavailable_after,
+            stop_timeout: stop_timeout(given.stop_timeout)?,
+            engine_unavailable_after: given
+                .engine_unavailable_after
+                .map_or(DEFAULT_ENGINE_UNAVAILABLE_AFTER, Duration::from_secs),
+            name,
         })
     }
+}
+
+/// `podman_socket`: a path or `unix://PATH`, made absolute.
+fn podman_socket(path: PathBuf) -> Result<PathBuf> {
+    let path = strip_unix_scheme(path);
+    if path.as_os_str().is_empty() {
+        return Err(Error::Config(
+            "podman_socket is empty; give the path of a Podman API socket or leave it out"
+                .to_owned(),
+        ));
+    }
+    absolute("podman_socket", &path)
+}
+
+/// `podman_binary`: a bare name is looked up on PATH; a relative path is
+/// made absolute.
+fn podman_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    let binary = given.unwrap_or_else(|| PathBuf::from("podman"));
+    if binary.components().count() > 1 {
+        absolute("podman_binary", &binary)
+    } else {
+        Ok(binary)
+    }
+}
+
+/// `runtime`: an OCI runtime name or path.
+fn runtime(given: Option<String>) -> Result<String> {
+    let runtime = given.unwrap_or_else(|| DEFAULT_RUNTIME.to_owned());
+    let valid = !runtime.is_empty()
+        && runtime
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'));
+    if valid {
+        Ok(runtime)
+    } else {
+        Err(Error::Config(format!(
+            "runtime {runtime:?} is not valid; use an OCI runtime name such as \"runc\" or \"crun\", or its path"
+        )))
+    }
+}
+
+/// `stop_timeout`: seconds, at most an hour.
+fn stop_timeout(given: Option<u64>) -> Result<Duration> {
+    let timeout = given.map_or(DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    if timeout > Duration::from_secs(3600) {
+        return Err(Error::Config(format!(
+            "stop_timeout {} is more than an hour; give seconds, e.g. 10",
+            timeout.as_secs()
+        )));
+    }
+    Ok(timeout)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> FileConfig {
-        FileConfig::parse(text).unwrap()
+    fn parse(text: &str) -> SettingsArgs {
+        SettingsArgs::parse_toml(text).unwrap()
     }
 
     #[test]
     fn defaults_make_a_plain_host_work() {
-        let settings = Settings::merge(&SettingsArgs::default(), FileConfig::default(), false)
+        let settings = Settings::merge(&SettingsArgs::default(), SettingsArgs::default(), false)
             .expect("defaults are valid");
         assert_eq!(settings.name, "podman");
         assert_eq!(settings.runtime, "runc");
@@ -624,14 +596,14 @@ mod tests {
 
     #[test]
     fn managed_drivers_start_a_service_unless_told_not_to() {
-        let settings =
-            Settings::merge(&SettingsArgs::default(), FileConfig::default(), true).expect("valid");
+        let settings = Settings::merge(&SettingsArgs::default(), SettingsArgs::default(), true)
+            .expect("valid");
         assert!(settings.start_podman_service);
         let args = SettingsArgs {
             start_podman_service: Some(false),
             ..SettingsArgs::default()
         };
-        let settings = Settings::merge(&args, FileConfig::default(), true).expect("valid");
+        let settings = Settings::merge(&args, SettingsArgs::default(), true).expect("valid");
         assert!(!settings.start_podman_service);
         let file = parse("start_podman_service = false");
         let settings = Settings::merge(&SettingsArgs::default(), file, true).expect("valid");
@@ -741,7 +713,7 @@ mod tests {
             podman_binary: Some("bin/podman".into()),
             ..SettingsArgs::default()
         };
-        let s = Settings::merge(&args, FileConfig::default(), false).expect("valid");
+        let s = Settings::merge(&args, SettingsArgs::default(), false).expect("valid");
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(s.state_dir, cwd.join("state"));
         assert_eq!(s.podman_socket, Some(cwd.join("run/podman.sock")));
@@ -750,7 +722,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_line() {
-        let error = FileConfig::parse("name = \"x\"\nsocket_path = \"/x.sock\"\n").unwrap_err();
+        let error =
+            SettingsArgs::parse_toml("name = \"x\"\nsocket_path = \"/x.sock\"\n").unwrap_err();
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("socket_path"), "{error}");
         assert!(!error.contains('\n'), "one line: {error}");
@@ -768,6 +741,20 @@ mod tests {
         let error = Settings::resolve(&args, false).unwrap_err().to_string();
         assert!(error.contains("bogus_key"), "{error}");
         assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+
+    #[test]
+    fn flag_only_settings_are_not_file_keys() {
+        let error = SettingsArgs::parse_toml("driver_config = \"/other.toml\"\n").unwrap_err();
+        assert!(error.contains("driver_config"), "{error}");
+        assert!(error.contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn both_ulimit_forms_read_the_same() {
+        let table = parse("ulimits = { nofile = \"1:2\", nproc = 3 }");
+        let list = parse("ulimits = [\"nofile=1:2\", \"nproc=3\"]");
+        assert_eq!(table.ulimits, list.ulimits);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The `ComputeDriver` service on top of Podman.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use openshell_driver_kit::{KeyLocks, WatchStream};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
@@ -13,8 +13,7 @@ use openshell_proto::compute::v1::{
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
     GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
-    WatchSandboxesRequest,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesRequest,
 };
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::spec::{Plan, check_sandbox_id, create_body, plan};
 use crate::state::{StartFailure, StateDir};
 use crate::status::reason;
-use crate::watch::{Observer, feed_client};
+use crate::watch::Observer;
 
 /// Name the driver reports for itself.
 pub const DRIVER_NAME: &str = "openshell-driver-podman";
@@ -37,61 +36,15 @@ const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
-/// One async lock per sandbox id, so changes to one sandbox happen one at
-/// a time and in the order they arrived. Entries go away when unused.
-#[derive(Debug, Default)]
-pub(crate) struct Gates {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// Holds a sandbox's gate; dropping it lets the next change in.
-pub(crate) struct Gate {
-    gates: Arc<Gates>,
-    id: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Gates {
-    pub(crate) async fn enter(self: &Arc<Self>, id: &str) -> Gate {
-        let lock = Arc::clone(
-            self.locks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(id.to_owned())
-                .or_default(),
-        );
-        Gate {
-            gates: Arc::clone(self),
-            id: id.to_owned(),
-            guard: Some(lock.lock_owned().await),
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut locks = self
-            .gates
-            .locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if locks
-            .get(&self.id)
-            .is_some_and(|lock| Arc::strong_count(lock) == 1)
-        {
-            locks.remove(&self.id);
-        }
-    }
-}
-
 /// The driver. Cheap to clone; clones share everything.
 #[derive(Debug, Clone)]
 pub struct PodmanDriver {
     pub(crate) core: Arc<Core>,
     pub(crate) observer: Arc<Observer>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) gates: Arc<Gates>,
+    /// One lock per sandbox id, so changes to one sandbox happen one at a
+    /// time and in the order they arrived.
+    pub(crate) locks: Arc<KeyLocks>,
 }
 
 impl PodmanDriver {
@@ -103,7 +56,7 @@ impl PodmanDriver {
         engine: &Engine,
         cancel: CancellationToken,
     ) -> Result<Self> {
-        let state = StateDir::open(&settings.state_dir)?;
+        let state = StateDir::load(&settings.state_dir).await?;
         let resync_every = if engine.info.host.event_logger == "none" {
             tracing::warn!(
                 "the Podman engine records no events (events_logger = \"none\"); sandbox \
@@ -141,7 +94,7 @@ impl PodmanDriver {
             core,
             observer,
             cancel,
-            gates: Arc::default(),
+            locks: KeyLocks::new(),
         };
         driver.forget_orphaned_state().await;
         Ok(driver)
@@ -150,12 +103,17 @@ impl PodmanDriver {
     /// Removes state kept for sandboxes whose containers are gone (deleted
     /// while the driver was not running).
     async fn forget_orphaned_state(&self) {
-        let (known, _) = self.observer.subscribe();
-        let live: std::collections::BTreeSet<String> = known.into_iter().map(|s| s.id).collect();
+        let live: std::collections::BTreeSet<String> = self
+            .observer
+            .feed()
+            .list()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
         for id in self.core.state.known_ids() {
             if !live.contains(&id)
                 && matches!(self.core.find(&id).await, Ok(None))
-                && let Err(error) = self.core.state.forget(&id)
+                && let Err(error) = self.core.state.forget(&id).await
             {
                 tracing::warn!(sandbox_id = %id, error = %error, "could not remove leftover sandbox state");
             }
@@ -163,7 +121,7 @@ impl PodmanDriver {
     }
 
     /// Runs a change to sandbox `id` in its own task, behind the sandbox's
-    /// gate: a caller that goes away (a cancelled RPC) cannot leave it half
+    /// lock: a caller that goes away (a cancelled RPC) cannot leave it half
     /// done, and changes to one sandbox do not interleave.
     async fn owned<T, F, Fut>(&self, id: &str, work: F) -> Result<T>
     where
@@ -172,10 +130,10 @@ impl PodmanDriver {
         Fut: Future<Output = Result<T>> + Send + 'static,
     {
         let driver = self.clone();
-        let gates = Arc::clone(&self.gates);
+        let locks = Arc::clone(&self.locks);
         let id = id.to_owned();
         tokio::spawn(async move {
-            let _gate = gates.enter(&id).await;
+            let _guard = locks.lock(&id).await;
             work(driver).await
         })
         .await
@@ -234,11 +192,11 @@ impl PodmanDriver {
             )));
         }
         let state = &self.core.state;
-        state.forget(&plan.id)?;
+        state.forget(&plan.id).await?;
         let token_file = if plan.token.is_empty() {
             None
         } else {
-            Some(state.write_token(&plan.id, &plan.token)?)
+            Some(state.write_token(&plan.id, &plan.token).await?)
         };
         let body = create_body(
             &plan,
@@ -249,7 +207,7 @@ impl PodmanDriver {
         let created = match self.core.client.create(&body).await {
             Ok(created) => created,
             Err(error) => {
-                let _ = state.forget(&plan.id);
+                let _ = state.forget(&plan.id).await;
                 return Err(create_error(error, &plan));
             }
         };
@@ -262,7 +220,7 @@ impl PodmanDriver {
             if let Err(cleanup) = self.core.client.remove(&created.id).await {
                 tracing::warn!(sandbox_id = %plan.id, error = %cleanup, "could not remove the container of a failed create");
             }
-            let _ = state.forget(&plan.id);
+            let _ = state.forget(&plan.id).await;
             let (_, error) = self.start_error(error);
             return Err(error);
         }
@@ -297,8 +255,8 @@ impl PodmanDriver {
     pub async fn stop(&self, id: &str) -> Result<()> {
         check_sandbox_id(id)?;
         let container = self.core.require(id).await?;
-        self.core.state.mark_stopped(id)?;
-        self.core.state.clear_start_failure(id)?;
+        self.core.state.mark_stopped(id).await?;
+        self.core.state.clear_start_failure(id).await?;
         let stop = self
             .core
             .client
@@ -361,7 +319,7 @@ impl PodmanDriver {
                         )));
                     }
                     let (failure, error) = self.start_error(error);
-                    if let Err(record) = self.core.state.record_start_failure(id, &failure) {
+                    if let Err(record) = self.core.state.record_start_failure(id, &failure).await {
                         tracing::warn!(sandbox_id = %id, error = %record, "could not record a start failure");
                     }
                     self.observer.refresh(id, &container.id).await;
@@ -369,8 +327,8 @@ impl PodmanDriver {
                 }
             }
         }
-        self.core.state.clear_stopped(id)?;
-        self.core.state.clear_start_failure(id)?;
+        self.core.state.clear_stopped(id).await?;
+        self.core.state.clear_start_failure(id).await?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
         self.observer.refresh(id, &container.id).await;
         Ok(())
@@ -380,11 +338,11 @@ impl PodmanDriver {
     pub async fn delete(&self, id: &str) -> Result<bool> {
         check_sandbox_id(id)?;
         let Some(container) = self.core.find(id).await? else {
-            self.core.state.forget(id)?;
+            self.core.state.forget(id).await?;
             return Ok(false);
         };
         let removed = self.core.client.remove(&container.id).await?;
-        self.core.state.forget(id)?;
+        self.core.state.forget(id).await?;
         self.observer.removed(id, &container.id);
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox deleted");
         Ok(removed)
@@ -431,14 +389,10 @@ impl PodmanDriver {
         }
     }
 
-    pub fn watch(&self) -> BoxStream<WatchSandboxesEvent> {
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(feed_client(
-            Arc::clone(&self.observer),
-            tx,
-            self.cancel.clone(),
-        ));
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    /// A `WatchSandboxes` stream. [`PodmanDriver::open`] returned only
+    /// after the first full list, so the snapshot is complete.
+    pub fn watch(&self) -> WatchStream {
+        self.observer.feed().watch()
     }
 }
 
@@ -567,7 +521,7 @@ impl ComputeDriver for PodmanDriver {
         Ok(Response::new(DeleteSandboxResponse { deleted }))
     }
 
-    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
+    type WatchSandboxesStream = WatchStream;
 
     async fn watch_sandboxes(
         &self,
@@ -590,38 +544,5 @@ impl ComputeDriver for PodmanDriver {
         _request: Request<DeleteWorkspaceRequest>,
     ) -> std::result::Result<Response<DeleteWorkspaceResponse>, Status> {
         Ok(Response::new(DeleteWorkspaceResponse {}))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn gates_serialise_one_sandbox_and_clean_up() {
-        let gates = Arc::new(Gates::default());
-        let first = gates.enter("a").await;
-        // Another sandbox is not held up.
-        let other = tokio::time::timeout(std::time::Duration::from_secs(5), gates.enter("b"))
-            .await
-            .expect("a different sandbox enters at once");
-        // The same sandbox waits for the first to leave.
-        let waiting = tokio::spawn({
-            let gates = Arc::clone(&gates);
-            async move { gates.enter("a").await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        drop(first);
-        let second = waiting.await.expect("the waiter enters");
-        drop(second);
-        drop(other);
-        assert!(
-            gates
-                .locks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
-        );
     }
 }

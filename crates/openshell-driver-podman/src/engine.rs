@@ -669,7 +669,7 @@ Max open files            1024                 20000                files
                 name: Some("external-podman".into()),
                 ..Default::default()
             },
-            crate::config::FileConfig::default(),
+            crate::config::SettingsArgs::default(),
             false,
         )
         .unwrap();

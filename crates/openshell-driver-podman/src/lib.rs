@@ -60,7 +60,7 @@ pub async fn run(cli: &Cli, cancel: CancellationToken) -> Result<ServeExit> {
     // the conmon processes it starts, inherit it, and conmon 2.1 writes
     // its OOM marker file ("oom") into its working directory. That file
     // belongs in our state, not wherever the driver was started.
-    state::StateDir::open(&settings.state_dir)?;
+    state::StateDir::load(&settings.state_dir).await?;
     std::env::set_current_dir(&settings.state_dir)
         .map_err(|e| Error::io("change directory to", &settings.state_dir, e))?;
     let engine = engine::Engine::connect(&settings, &options.socket).await?;

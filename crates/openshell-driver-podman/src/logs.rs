@@ -1,8 +1,6 @@
 //! The optional log service: a sandbox's container log, optionally
 //! followed until the container stops or the client goes away.
 
-use std::str::FromStr as _;
-
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use tonic::{Request, Response, Status};
@@ -20,10 +18,13 @@ pub fn split_timestamp(payload: &[u8]) -> (i64, &[u8]) {
     let Ok(text) = std::str::from_utf8(&payload[..space]) else {
         return (0, payload);
     };
-    match jiff::Timestamp::from_str(text) {
-        Ok(at) => (at.as_millisecond(), &payload[space + 1..]),
-        Err(_) => (0, payload),
-    }
+    let Some(at) = openshell_wire::time::parse_rfc3339(text) else {
+        return (0, payload);
+    };
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    (ms, &payload[space + 1..])
 }
 
 /// One frame as a chunk; `None` for frames that carry no sandbox output.

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use openshell_proto::compute::v1::DriverSandbox;
+use openshell_proto::compute::v1::{
+    DriverResourceRequirements, DriverSandbox, DriverSandboxSpec, DriverSandboxTemplate,
+};
 use prost_types::value::Kind;
 use serde_json::json;
 
@@ -274,6 +276,34 @@ pub fn plan(
             "the request has no sandbox; set CreateSandboxRequest.sandbox".to_owned(),
         )
     })?;
+    check_identity(sandbox)?;
+    let spec = sandbox.spec.as_ref().ok_or_else(|| {
+        Error::InvalidArgument(
+            "sandbox.spec is missing; the driver needs it to create a sandbox".to_owned(),
+        )
+    })?;
+    let template = spec.template.clone().unwrap_or_default();
+    check_supported(spec, &template, instance)?;
+    let (image, image_is_default) = resolve_image(&template.image, instance, default_image)?;
+    check_command(&spec.command)?;
+    Ok(Plan {
+        id: sandbox.id.clone(),
+        name: sandbox.name.clone(),
+        workspace: sandbox.workspace.clone(),
+        image,
+        image_is_default,
+        argv: spec.command.clone(),
+        tty: spec.tty,
+        env: request_env(&template.environment, &spec.environment)?,
+        labels: user_labels(&template.labels)?,
+        annotations: platform_annotations(template.platform_config.as_ref())?,
+        resources: resources(&template.resources.unwrap_or_default())?,
+        token: spec.sandbox_token.clone(),
+    })
+}
+
+/// Step of [`plan`]: the sandbox's id, name and workspace.
+fn check_identity(sandbox: &DriverSandbox) -> Result<()> {
     check_sandbox_id(&sandbox.id)?;
     check_sandbox_name(&sandbox.name)?;
     if sandbox.workspace.chars().any(char::is_control) {
@@ -281,13 +311,16 @@ pub fn plan(
             "sandbox.workspace contains control characters".to_owned(),
         ));
     }
-    let spec = sandbox.spec.as_ref().ok_or_else(|| {
-        Error::InvalidArgument(
-            "sandbox.spec is missing; the driver needs it to create a sandbox".to_owned(),
-        )
-    })?;
-    let template = spec.template.clone().unwrap_or_default();
+    Ok(())
+}
 
+/// Step of [`plan`]: refuses what this driver cannot provide (GPUs, an
+/// agent socket, per-sandbox driver settings).
+fn check_supported(
+    spec: &DriverSandboxSpec,
+    template: &DriverSandboxTemplate,
+    instance: &str,
+) -> Result<()> {
     if spec
         .resource_requirements
         .as_ref()
@@ -313,49 +346,79 @@ pub fn plan(
              takes none per sandbox); remove it"
         )));
     }
+    Ok(())
+}
 
-    let (image, image_is_default) = if template.image.trim().is_empty() {
-        match default_image {
-            Some(image) => (image.to_owned(), true),
-            None => {
-                return Err(Error::FailedPrecondition(format!(
-                    "the request names no image and driver '{instance}' has no default_image; \
-                     give template.image, or set default_image in the driver config (or \
-                     --default-image)"
-                )));
-            }
-        }
+/// Step of [`plan`]: the image to run and whether it is the driver's
+/// default.
+fn resolve_image(
+    requested: &str,
+    instance: &str,
+    default_image: Option<&str>,
+) -> Result<(String, bool)> {
+    let (image, image_is_default) = if requested.trim().is_empty() {
+        let Some(image) = default_image else {
+            return Err(Error::FailedPrecondition(format!(
+                "the request names no image and driver '{instance}' has no default_image; \
+                 give template.image, or set default_image in the driver config (or \
+                 --default-image)"
+            )));
+        };
+        (image.to_owned(), true)
     } else {
-        (template.image.trim().to_owned(), false)
+        (requested.trim().to_owned(), false)
     };
     crate::config::check_image_reference(&image)
         .map_err(|why| Error::InvalidArgument(format!("template.image {image:?}: {why}")))?;
+    Ok((image, image_is_default))
+}
 
-    if let Some(first) = spec.command.first()
+/// Step of [`plan`]: the argv is run exactly; an empty one means the
+/// image's default command.
+fn check_command(argv: &[String]) -> Result<()> {
+    if let Some(first) = argv.first()
         && first.is_empty()
     {
         return Err(Error::InvalidArgument(
             "spec.command[0] is empty; the first element must be the program to run".to_owned(),
         ));
     }
-    if let Some(index) = spec.command.iter().position(|arg| arg.contains('\0')) {
+    if let Some(index) = argv.iter().position(|arg| arg.contains('\0')) {
         return Err(Error::InvalidArgument(format!(
             "spec.command[{index}] contains a NUL byte"
         )));
     }
+    Ok(())
+}
 
+/// Step of [`plan`]: the template's environment with the spec's on top.
+fn request_env<'a>(
+    template: impl IntoIterator<Item = (&'a String, &'a String)>,
+    spec: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<BTreeMap<String, String>> {
     let mut env = BTreeMap::new();
-    for (key, value) in &template.environment {
-        check_env("template.environment", key, value)?;
-        env.insert(key.clone(), value.clone());
+    for (scope, vars) in [
+        (
+            "template.environment",
+            template.into_iter().collect::<Vec<_>>(),
+        ),
+        ("spec.environment", spec.into_iter().collect()),
+    ] {
+        for (key, value) in vars {
+            check_env(scope, key, value)?;
+            env.insert(key.clone(), value.clone());
+        }
     }
-    for (key, value) in &spec.environment {
-        check_env("spec.environment", key, value)?;
-        env.insert(key.clone(), value.clone());
-    }
+    Ok(env)
+}
 
-    let mut labels = BTreeMap::new();
-    for (key, value) in &template.labels {
+/// Step of [`plan`]: the request's own labels, none in the driver's
+/// reserved prefix.
+fn user_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in labels {
         if key.is_empty() || key.contains('=') || key.chars().any(char::is_control) {
             return Err(Error::InvalidArgument(format!(
                 "template.labels key {key:?} is not valid; keys may not be empty or contain '='"
@@ -372,10 +435,13 @@ pub fn plan(
                 "template.labels.{key} contains control characters"
             )));
         }
-        labels.insert(key.clone(), value.clone());
+        out.insert(key.clone(), value.clone());
     }
+    Ok(out)
+}
 
-    let requested = template.resources.unwrap_or_default();
+/// Step of [`plan`]: typed CPU and memory, within what Podman accepts.
+fn resources(requested: &DriverResourceRequirements) -> Result<Resources> {
     let resources = Resources {
         cpu_request_millis: parse_resource(
             "requests.cpu",
@@ -427,23 +493,7 @@ pub fn plan(
             quantity::human_bytes(limit)
         )));
     }
-
-    let annotations = platform_annotations(template.platform_config.as_ref())?;
-
-    Ok(Plan {
-        id: sandbox.id.clone(),
-        name: sandbox.name.clone(),
-        workspace: sandbox.workspace.clone(),
-        image,
-        image_is_default,
-        argv: spec.command.clone(),
-        tty: spec.tty,
-        env,
-        labels,
-        annotations,
-        resources,
-        token: spec.sandbox_token.clone(),
-    })
+    Ok(resources)
 }
 
 /// The libpod spec-generator body that creates the container for `plan`.
@@ -453,22 +503,6 @@ pub fn create_body(
     ulimits: &BTreeMap<String, Ulimit>,
     token_file: Option<&Path>,
 ) -> serde_json::Value {
-    let mut labels = plan.labels.clone();
-    labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
-    labels.insert(LABEL_INSTANCE.to_owned(), settings.name.clone());
-    labels.insert(LABEL_SANDBOX_ID.to_owned(), plan.id.clone());
-    labels.insert(LABEL_SANDBOX_NAME.to_owned(), plan.name.clone());
-    if !plan.workspace.is_empty() {
-        labels.insert(LABEL_WORKSPACE.to_owned(), plan.workspace.clone());
-    }
-
-    let mut env = plan.env.clone();
-    env.insert(ENV_SANDBOX_ID.to_owned(), plan.id.clone());
-    env.insert(ENV_SANDBOX_NAME.to_owned(), plan.name.clone());
-    if token_file.is_some() {
-        env.insert(ENV_TOKEN_FILE.to_owned(), TOKEN_MOUNT.to_owned());
-    }
-
     let r_limits: Vec<_> = ulimits
         .iter()
         .map(|(name, limit)| json!({"type": name, "soft": limit.soft, "hard": limit.hard}))
@@ -477,8 +511,8 @@ pub fn create_body(
     let mut body = json!({
         "name": container_name(&settings.name, &plan.name, &plan.id),
         "image": plan.image,
-        "labels": labels,
-        "env": env,
+        "labels": container_labels(plan, &settings.name),
+        "env": container_env(plan, token_file.is_some()),
         "terminal": plan.tty,
         "stdin": plan.tty,
         "r_limits": r_limits,
@@ -500,9 +534,44 @@ pub fn create_body(
             body["Networks"] = json!({ name.as_str(): {} });
         }
     }
+    if let Some(limits) = resource_limits(&plan.resources) {
+        body["resource_limits"] = limits;
+    }
+    if let Some(file) = token_file {
+        body["mounts"] = token_mounts(file);
+    }
+    body
+}
 
+/// Step of [`create_body`]: the request's labels plus the ownership ones.
+fn container_labels(plan: &Plan, instance: &str) -> BTreeMap<String, String> {
+    let mut labels = plan.labels.clone();
+    labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
+    labels.insert(LABEL_INSTANCE.to_owned(), instance.to_owned());
+    labels.insert(LABEL_SANDBOX_ID.to_owned(), plan.id.clone());
+    labels.insert(LABEL_SANDBOX_NAME.to_owned(), plan.name.clone());
+    if !plan.workspace.is_empty() {
+        labels.insert(LABEL_WORKSPACE.to_owned(), plan.workspace.clone());
+    }
+    labels
+}
+
+/// Step of [`create_body`]: the request's environment plus the driver's
+/// variables.
+fn container_env(plan: &Plan, has_token: bool) -> BTreeMap<String, String> {
+    let mut env = plan.env.clone();
+    env.insert(ENV_SANDBOX_ID.to_owned(), plan.id.clone());
+    env.insert(ENV_SANDBOX_NAME.to_owned(), plan.name.clone());
+    if has_token {
+        env.insert(ENV_TOKEN_FILE.to_owned(), TOKEN_MOUNT.to_owned());
+    }
+    env
+}
+
+/// Step of [`create_body`]: libpod `resource_limits`, or `None` when the
+/// request sets none.
+fn resource_limits(r: &Resources) -> Option<serde_json::Value> {
     let mut limits = serde_json::Map::new();
-    let r = plan.resources;
     if r.memory_limit.is_some() || r.memory_request.is_some() {
         let mut memory = serde_json::Map::new();
         if let Some(limit) = r.memory_limit {
@@ -524,19 +593,17 @@ pub fn create_body(
         }
         limits.insert("cpu".to_owned(), serde_json::Value::Object(cpu));
     }
-    if !limits.is_empty() {
-        body["resource_limits"] = serde_json::Value::Object(limits);
-    }
+    (!limits.is_empty()).then_some(serde_json::Value::Object(limits))
+}
 
-    if let Some(file) = token_file {
-        body["mounts"] = json!([{
-            "destination": TOKEN_MOUNT,
-            "source": file,
-            "type": "bind",
-            "options": ["ro", "rbind"],
-        }]);
-    }
-    body
+/// Step of [`create_body`]: the token file, bind-mounted read-only.
+fn token_mounts(file: &Path) -> serde_json::Value {
+    json!([{
+        "destination": TOKEN_MOUNT,
+        "source": file,
+        "type": "bind",
+        "options": ["ro", "rbind"],
+    }])
 }
 
 #[cfg(test)]
@@ -581,7 +648,7 @@ mod tests {
     fn settings() -> Settings {
         Settings::merge(
             &crate::config::SettingsArgs::default(),
-            crate::config::FileConfig::default(),
+            crate::config::SettingsArgs::default(),
             false,
         )
         .unwrap()
@@ -870,5 +937,124 @@ mod tests {
         assert_eq!(body["mounts"][0]["destination"], json!(TOKEN_MOUNT));
         assert_eq!(body["mounts"][0]["options"][0], json!("ro"));
         assert_eq!(body["env"][ENV_TOKEN_FILE], json!(TOKEN_MOUNT));
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn step_identity() {
+        let mut s = sandbox();
+        assert!(check_identity(&s).is_ok());
+        s.workspace = "a\nb".into();
+        assert!(check_identity(&s).is_err());
+        s = sandbox();
+        s.name.clear();
+        assert!(check_identity(&s).is_err());
+    }
+
+    #[test]
+    fn step_image() {
+        assert_eq!(
+            resolve_image("  busybox ", "p", Some("d")).unwrap(),
+            ("busybox".to_owned(), false)
+        );
+        assert_eq!(
+            resolve_image("", "p", Some("localhost/d:1")).unwrap(),
+            ("localhost/d:1".to_owned(), true)
+        );
+        assert!(matches!(
+            resolve_image(" ", "p", None),
+            Err(Error::FailedPrecondition(m)) if m.contains("default_image")
+        ));
+    }
+
+    #[test]
+    fn step_command() {
+        assert!(check_command(&[]).is_ok());
+        assert!(check_command(&["sh".into(), String::new()]).is_ok());
+        assert!(check_command(&[String::new()]).is_err());
+        assert!(check_command(&["sh".into(), "a\0".into()]).is_err());
+    }
+
+    #[test]
+    fn step_env_puts_the_spec_over_the_template() {
+        let env = request_env(&map(&[("A", "t"), ("B", "t")]), &map(&[("B", "s")])).unwrap();
+        assert_eq!(env, map(&[("A", "t"), ("B", "s")]));
+        let error = request_env(&map(&[]), &map(&[(ENV_SANDBOX_ID, "x")])).unwrap_err();
+        assert!(error.to_string().contains("spec.environment"), "{error}");
+    }
+
+    #[test]
+    fn step_labels_keep_out_of_the_reserved_prefix() {
+        assert_eq!(
+            user_labels(&map(&[("team", "x")])).unwrap(),
+            map(&[("team", "x")])
+        );
+        assert!(user_labels(&map(&[("openshell.sandbox.id", "x")])).is_err());
+        assert!(user_labels(&map(&[("a=b", "x")])).is_err());
+        assert!(user_labels(&map(&[("a", "x\ny")])).is_err());
+    }
+
+    #[test]
+    fn step_resources_and_limits() {
+        let r = resources(&DriverResourceRequirements {
+            cpu_request: "250m".into(),
+            cpu_limit: "2".into(),
+            memory_request: String::new(),
+            memory_limit: "64Mi".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            r,
+            Resources {
+                cpu_request_millis: Some(250),
+                cpu_limit_millis: Some(2000),
+                memory_request: None,
+                memory_limit: Some(64 * 1024 * 1024),
+            }
+        );
+        let limits = resource_limits(&r).unwrap();
+        assert_eq!(limits["cpu"]["quota"], 200_000);
+        assert_eq!(limits["cpu"]["period"], CPU_PERIOD_US);
+        assert_eq!(limits["cpu"]["shares"], 256);
+        assert_eq!(limits["memory"]["limit"], 64 * 1024 * 1024);
+        assert!(limits["memory"].get("reservation").is_none());
+        assert!(resource_limits(&Resources::default()).is_none());
+
+        let too_small = DriverResourceRequirements {
+            memory_limit: "1Mi".into(),
+            ..Default::default()
+        };
+        assert!(resources(&too_small).is_err());
+        let inverted = DriverResourceRequirements {
+            cpu_request: "2".into(),
+            cpu_limit: "1".into(),
+            ..Default::default()
+        };
+        assert!(resources(&inverted).is_err());
+    }
+
+    #[test]
+    fn step_container_labels_env_and_mounts() {
+        let plan = plan(Some(&sandbox()), "podman", None).unwrap();
+        let labels = container_labels(&plan, "podman");
+        assert_eq!(labels[LABEL_INSTANCE], "podman");
+        assert_eq!(labels[LABEL_SANDBOX_ID], plan.id);
+        assert_eq!(labels["team"], "x");
+        assert!(owned_by(Some(&labels), "podman"));
+
+        let env = container_env(&plan, false);
+        assert_eq!(env[ENV_SANDBOX_NAME], "dev box");
+        assert!(!env.contains_key(ENV_TOKEN_FILE));
+        assert_eq!(container_env(&plan, true)[ENV_TOKEN_FILE], TOKEN_MOUNT);
+
+        let mounts = token_mounts(Path::new("/state/token"));
+        assert_eq!(mounts[0]["destination"], TOKEN_MOUNT);
+        assert_eq!(mounts[0]["options"], json!(["ro", "rbind"]));
     }
 }

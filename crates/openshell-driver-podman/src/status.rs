@@ -34,12 +34,15 @@ pub mod reason {
 /// Podman's "zero" time, meaning "never".
 const ZERO_TIME_PREFIX: &str = "0001-01-01";
 
+/// A Podman time (RFC 3339, any offset, nanoseconds) in the wire's one
+/// form; empty for "never" and for anything that is not a time.
 fn time(value: &str) -> String {
-    if value.is_empty() || value.starts_with(ZERO_TIME_PREFIX) {
-        String::new()
-    } else {
-        value.to_owned()
+    if value.starts_with(ZERO_TIME_PREFIX) {
+        return String::new();
     }
+    openshell_wire::time::parse_rfc3339(value)
+        .map(openshell_wire::time::rfc3339)
+        .unwrap_or_default()
 }
 
 pub fn condition(
@@ -331,6 +334,17 @@ mod tests {
     }
 
     #[test]
+    fn podman_times_become_utc_milliseconds() {
+        assert_eq!(
+            time("2026-11-23T11:00:01.123456789+01:00"),
+            "2026-11-23T10:00:01.123Z"
+        );
+        assert_eq!(time("0001-01-01T00:00:00Z"), "");
+        assert_eq!(time(""), "");
+        assert_eq!(time("yesterday"), "");
+    }
+
+    #[test]
     fn running_is_ready_with_identity_filled_in() {
         let s = observed("running", 0, false, false, None);
         assert_eq!(s.id, "s1");
@@ -343,7 +357,7 @@ mod tests {
         assert_eq!(ready_of(&s).0, "True");
         assert_eq!(
             ready(&s).unwrap().last_transition_time,
-            "2026-11-23T10:00:01Z"
+            "2026-11-23T10:00:01.000Z"
         );
         assert!(!suspended(&s));
     }

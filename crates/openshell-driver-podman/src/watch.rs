@@ -10,8 +10,9 @@
 //! `engine_unavailable_after`, the last-known sandboxes are reported with
 //! `Ready=False`, reason `EngineUnavailable`.
 //!
-//! A client stream takes the current picture and a subscription under the
-//! same lock, so it sees every sandbox once and then every change after it.
+//! The picture lives in a shared [`WatchFeed`]: a client stream takes the
+//! current picture and a subscription under the feed's lock, so it sees
+//! every sandbox once and then every change after it.
 //!
 //! Only the observer's own task changes the picture. The RPCs that change
 //! a sandbox ask it to re-inspect (or forget) that sandbox through a
@@ -19,15 +20,12 @@
 //! observation can never be overwritten by an earlier one, and a full list
 //! is applied without anything interleaving.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use openshell_proto::compute::v1::{
-    DriverPlatformEvent, DriverSandbox, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
-    WatchSandboxesPlatformEvent, WatchSandboxesSandboxEvent, watch_sandboxes_event,
-};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use openshell_driver_kit::WatchFeed;
+use openshell_proto::compute::v1::{DriverPlatformEvent, DriverSandbox};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,44 +41,14 @@ const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
 /// How long an RPC waits for the observer to take in its change.
 const REFRESH_WAIT: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone)]
-struct Known {
-    sandbox: DriverSandbox,
-    container_id: String,
-}
-
+/// The engine's reachability, as the observer last saw it.
 #[derive(Debug, Default)]
 struct Shared {
-    sandboxes: BTreeMap<String, Known>,
     /// When the engine stopped answering (monotonic, and wall clock for
     /// the condition's transition time).
     down_since: Option<(Instant, SystemTime)>,
     down_reason: String,
     unavailable_reported: bool,
-}
-
-pub fn sandbox_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::Sandbox(
-            WatchSandboxesSandboxEvent {
-                sandbox: Some(sandbox),
-            },
-        )),
-    }
-}
-
-pub fn deleted_event(sandbox_id: String) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::Deleted(
-            WatchSandboxesDeletedEvent { sandbox_id },
-        )),
-    }
-}
-
-fn rfc3339(at: SystemTime) -> String {
-    jiff::Timestamp::try_from(at)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
 }
 
 /// What the RPCs ask the observer to do.
@@ -103,7 +71,7 @@ pub enum Command {
 pub struct Observer {
     core: Arc<Core>,
     shared: Mutex<Shared>,
-    tx: broadcast::Sender<WatchSandboxesEvent>,
+    feed: Arc<WatchFeed>,
     synced: watch::Sender<bool>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -112,12 +80,11 @@ impl Observer {
     /// The observer and the receiving end of its command channel, for
     /// [`Observer::run`].
     pub fn new(core: Arc<Core>) -> (Arc<Self>, mpsc::UnboundedReceiver<Command>) {
-        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
         let (commands, receiver) = mpsc::unbounded_channel();
         let observer = Arc::new(Self {
             core,
             shared: Mutex::new(Shared::default()),
-            tx,
+            feed: Arc::new(WatchFeed::new(CHANNEL_CAPACITY)),
             synced: watch::channel(false).0,
             commands,
         });
@@ -156,71 +123,21 @@ impl Observer {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records an observation; broadcasts it when it changed.
-    fn apply(&self, sandbox: DriverSandbox) {
-        let container_id = sandbox
-            .status
-            .as_ref()
-            .map(|s| s.instance_id.clone())
-            .unwrap_or_default();
-        let mut shared = self.lock();
-        let unchanged = shared
-            .sandboxes
-            .get(&sandbox.id)
-            .is_some_and(|known| known.sandbox == sandbox);
-        if unchanged {
-            return;
-        }
-        shared.sandboxes.insert(
-            sandbox.id.clone(),
-            Known {
-                sandbox: sandbox.clone(),
-                container_id,
-            },
-        );
-        let _ = self.tx.send(sandbox_event(sandbox));
+    /// The feed `WatchSandboxes` streams are served from.
+    pub fn feed(&self) -> &Arc<WatchFeed> {
+        &self.feed
     }
 
     /// Records that a sandbox is gone. With `container_id`, only when the
     /// known sandbox is that container.
     fn apply_removed(&self, sandbox_id: &str, container_id: Option<&str>) {
-        let mut shared = self.lock();
-        let matches = shared.sandboxes.get(sandbox_id).is_some_and(|known| {
-            container_id.is_none_or(|c| known.container_id.is_empty() || known.container_id == c)
+        let matches = self.feed.get(sandbox_id).is_some_and(|known| {
+            let known_container = known.status.as_ref().map_or("", |s| s.instance_id.as_str());
+            container_id.is_none_or(|c| known_container.is_empty() || known_container == c)
         });
         if matches {
-            shared.sandboxes.remove(sandbox_id);
-            let _ = self.tx.send(deleted_event(sandbox_id.to_owned()));
+            self.feed.remove(sandbox_id);
         }
-    }
-
-    fn resync(&self, current: Vec<DriverSandbox>) {
-        let present: BTreeSet<String> = current.iter().map(|s| s.id.clone()).collect();
-        let gone: Vec<String> = self
-            .lock()
-            .sandboxes
-            .keys()
-            .filter(|id| !present.contains(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.apply_removed(&id, None);
-        }
-        for sandbox in current {
-            self.apply(sandbox);
-        }
-    }
-
-    /// The current picture plus a subscription to every change after it.
-    pub fn subscribe(&self) -> (Vec<DriverSandbox>, broadcast::Receiver<WatchSandboxesEvent>) {
-        let shared = self.lock();
-        let rx = self.tx.subscribe();
-        let all = shared
-            .sandboxes
-            .values()
-            .map(|k| k.sandbox.clone())
-            .collect();
-        (all, rx)
     }
 
     /// Waits until the first full list has been taken.
@@ -232,7 +149,9 @@ impl Observer {
     /// Re-inspects one container and records what it shows now.
     async fn inspect_again(&self, sandbox_id: &str, container_id: &str) {
         match self.core.observe_container(container_id).await {
-            Ok(Some(sandbox)) => self.apply(sandbox),
+            Ok(Some(sandbox)) => {
+                self.feed.upsert(sandbox);
+            }
             Ok(None) => self.apply_removed(sandbox_id, Some(container_id)),
             Err(error) => {
                 tracing::debug!(sandbox_id, error = %error, "could not refresh a sandbox");
@@ -249,12 +168,12 @@ impl Observer {
             return None;
         }
         let message = self.unavailable_message(&shared.down_reason);
-        let at = rfc3339(wall);
+        let at = openshell_wire::time::rfc3339(wall);
         Some(
-            shared
-                .sandboxes
-                .values()
-                .map(|k| status::engine_unavailable(&k.sandbox, &message, &at))
+            self.feed
+                .list()
+                .iter()
+                .map(|sandbox| status::engine_unavailable(sandbox, &message, &at))
                 .collect(),
         )
     }
@@ -287,14 +206,16 @@ impl Observer {
         }
         shared.unavailable_reported = true;
         let message = self.unavailable_message(&shared.down_reason);
-        let at = rfc3339(wall);
+        let at = openshell_wire::time::rfc3339(wall);
+        drop(shared);
+        let known = self.feed.list();
         tracing::warn!(
-            sandboxes = shared.sandboxes.len(),
+            sandboxes = known.len(),
             "reporting sandboxes as EngineUnavailable"
         );
-        for known in shared.sandboxes.values_mut() {
-            known.sandbox = status::engine_unavailable(&known.sandbox, &message, &at);
-            let _ = self.tx.send(sandbox_event(known.sandbox.clone()));
+        for sandbox in known {
+            self.feed
+                .upsert(status::engine_unavailable(&sandbox, &message, &at));
         }
     }
 
@@ -307,27 +228,25 @@ impl Observer {
         shared.down_reason.clear();
     }
 
-    /// Publishes a platform event for a sandbox.
-    fn platform(&self, sandbox_id: &str, event: DriverPlatformEvent) {
-        let _ = self.tx.send(WatchSandboxesEvent {
-            payload: Some(watch_sandboxes_event::Payload::PlatformEvent(
-                WatchSandboxesPlatformEvent {
-                    sandbox_id: sandbox_id.to_owned(),
-                    event: Some(event),
-                },
-            )),
-        });
-    }
-
-    /// Runs sessions until `cancel` fires, reconnecting with backoff.
+    /// Runs sessions until `cancel` fires, reconnecting with backoff; then
+    /// ends every watch stream.
     pub async fn run(
         self: Arc<Self>,
         mut commands: mpsc::UnboundedReceiver<Command>,
         cancel: CancellationToken,
     ) {
+        self.observe(&mut commands, &cancel).await;
+        self.feed.close();
+    }
+
+    async fn observe(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        cancel: &CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let outcome = self.session(&mut commands, &cancel).await;
+            let outcome = self.session(commands, cancel).await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -367,7 +286,7 @@ impl Observer {
         while commands.try_recv().is_ok() {}
         let current = self.core.observe_all().await?;
         self.engine_up();
-        self.resync(current);
+        self.feed.replace_all(current);
         self.synced.send_replace(true);
         let mut resync = tokio::time::interval(self.core.resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -378,7 +297,7 @@ impl Observer {
                 _ = resync.tick() => {
                     // A safety net for events the engine did not deliver.
                     let current = self.core.observe_all().await?;
-                    self.resync(current);
+                    self.feed.replace_all(current);
                     continue;
                 }
                 Some(command) = commands.recv() => {
@@ -437,7 +356,7 @@ impl Observer {
         }
         self.inspect_again(sandbox_id, &event.actor.id).await;
         if let Some(platform) = platform_event(event, self.core.state.is_stopped(sandbox_id)) {
-            self.platform(sandbox_id, platform);
+            self.feed.publish_platform_event(sandbox_id, platform);
         }
     }
 }
@@ -501,71 +420,6 @@ pub fn platform_event(event: &Event, stopped_on_request: bool) -> Option<DriverP
         message,
         metadata,
     })
-}
-
-/// Feeds one `WatchSandboxes` client: the current picture first, then
-/// every change; a client that falls behind gets the picture again (with
-/// `deleted` events for what vanished meanwhile).
-pub async fn feed_client(
-    observer: Arc<Observer>,
-    out: mpsc::Sender<std::result::Result<WatchSandboxesEvent, tonic::Status>>,
-    cancel: CancellationToken,
-) {
-    observer.wait_synced().await;
-    let (snapshot, mut rx) = observer.subscribe();
-    let mut sent: BTreeSet<String> = BTreeSet::new();
-    for sandbox in snapshot {
-        sent.insert(sandbox.id.clone());
-        if out.send(Ok(sandbox_event(sandbox))).await.is_err() {
-            return;
-        }
-    }
-    loop {
-        let next = tokio::select! {
-            next = rx.recv() => next,
-            () = out.closed() => return,
-            () = cancel.cancelled() => return,
-        };
-        match next {
-            Ok(event) => {
-                match &event.payload {
-                    Some(watch_sandboxes_event::Payload::Sandbox(s)) => {
-                        if let Some(sandbox) = &s.sandbox {
-                            sent.insert(sandbox.id.clone());
-                        }
-                    }
-                    Some(watch_sandboxes_event::Payload::Deleted(d)) => {
-                        sent.remove(&d.sandbox_id);
-                    }
-                    _ => {}
-                }
-                if out.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(
-                    missed,
-                    "a watch client fell behind; sending the full picture again"
-                );
-                let (snapshot, fresh) = observer.subscribe();
-                rx = fresh;
-                let present: BTreeSet<String> = snapshot.iter().map(|s| s.id.clone()).collect();
-                for id in sent.difference(&present).cloned().collect::<Vec<_>>() {
-                    if out.send(Ok(deleted_event(id))).await.is_err() {
-                        return;
-                    }
-                }
-                sent = present;
-                for sandbox in snapshot {
-                    if out.send(Ok(sandbox_event(sandbox))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
 }
 
 #[cfg(test)]

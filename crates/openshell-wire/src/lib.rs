@@ -1,12 +1,15 @@
 //! Transport pieces that every process of the compute plane shares and that
 //! know nothing about drivers or sandboxes:
 //!
+//! - [`authority`]: lets stock gRPC clients, which send a percent-encoded
+//!   socket path as `:authority`, reach our Unix-socket servers;
 //! - [`uds`]: a tonic channel over a Unix socket, with bounded redial;
 //! - [`paths`]: the default run directory and the gateway's default socket,
 //!   so the gateway and the CLI agree on them by construction;
 //! - [`time`]: the one wire format of timestamps carried in strings
 //!   (RFC 3339, UTC).
 
+pub mod authority;
 pub mod paths;
 pub mod time;
 pub mod uds;

@@ -216,8 +216,10 @@ fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("could not create state directory {}", dir.display()))
 }
 
-// Exiting abruptly is the point of the misbehaviour switches.
-#[allow(clippy::exit)]
+#[expect(
+    clippy::exit,
+    reason = "exiting abruptly is what the misbehaviour switches are for"
+)]
 async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

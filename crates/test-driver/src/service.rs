@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use openshell_driver_kit::{WatchFeed, WatchStream};
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
@@ -18,9 +19,7 @@ use openshell_proto::compute::v1::{
     GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
     ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
     StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
-    ValidateSandboxCreateResponse, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
-    WatchSandboxesPlatformEvent, WatchSandboxesRequest, WatchSandboxesSandboxEvent,
-    watch_sandboxes_event,
+    ValidateSandboxCreateResponse, WatchSandboxesRequest,
 };
 use prost::Message as _;
 use tokio::sync::broadcast;
@@ -87,9 +86,10 @@ enum Phase {
     Exited,
 }
 
+/// What the driver keeps about a sandbox besides what watchers see (that
+/// lives in the feed).
 #[derive(Debug)]
 struct Entry {
-    sandbox: DriverSandbox,
     phase: Phase,
     /// Bumped on every transition so a delayed "now ready" only applies to
     /// the transition that scheduled it.
@@ -97,17 +97,21 @@ struct Entry {
     logs: VecDeque<String>,
 }
 
+/// What log followers hear about.
 #[derive(Debug, Clone)]
-enum Update {
-    Watch(Box<WatchSandboxesEvent>),
-    Log { id: String, line: String },
+enum LogUpdate {
+    Line { id: String, line: String },
     Gone { id: String },
 }
 
 struct Inner {
     behaviour: Behaviour,
+    /// Per-sandbox driver state; taken before the feed whenever both are
+    /// changed, so changes reach watchers in the order they were made.
     sandboxes: Mutex<BTreeMap<String, Entry>>,
-    updates: broadcast::Sender<Update>,
+    /// The sandboxes as watchers and readers see them.
+    feed: Arc<WatchFeed>,
+    logs: broadcast::Sender<LogUpdate>,
     calls: AtomicU64,
 }
 
@@ -117,21 +121,13 @@ pub struct TestDriver {
     inner: Arc<Inner>,
 }
 
-fn now_millis_text() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    format!("{ms}")
-}
-
 fn condition(kind: &str, status: &str, reason: &str, message: &str) -> DriverCondition {
     DriverCondition {
         r#type: kind.to_owned(),
         status: status.to_owned(),
         reason: reason.to_owned(),
         message: message.to_owned(),
-        last_transition_time: now_millis_text(),
+        last_transition_time: openshell_wire::time::now_rfc3339(),
     }
 }
 
@@ -200,12 +196,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 impl TestDriver {
     pub fn new(behaviour: Behaviour) -> Self {
-        let (updates, _) = broadcast::channel(1024);
+        let (logs, _) = broadcast::channel(1024);
         let driver = Self {
             inner: Arc::new(Inner {
                 behaviour,
                 sandboxes: Mutex::new(BTreeMap::new()),
-                updates,
+                feed: Arc::new(WatchFeed::new(1024)),
+                logs,
                 calls: AtomicU64::new(0),
             }),
         };
@@ -279,21 +276,23 @@ impl TestDriver {
             state.insert(
                 sandbox.id.clone(),
                 Entry {
-                    sandbox,
                     phase,
                     generation: 0,
                     logs: VecDeque::new(),
                 },
             );
+            self.inner.feed.upsert(sandbox);
         }
     }
 
-    fn persist(&self, state: &BTreeMap<String, Entry>) {
+    /// Saves the sandboxes; the caller holds the state lock, so saves do
+    /// not interleave.
+    fn persist(&self, _state: &BTreeMap<String, Entry>) {
         let Some(path) = &self.inner.behaviour.state_file else {
             return;
         };
         let saved = ListSandboxesResponse {
-            sandboxes: state.values().map(|e| e.sandbox.clone()).collect(),
+            sandboxes: self.inner.feed.list(),
         };
         let tmp = path.with_extension("tmp");
         if let Err(e) =
@@ -306,11 +305,12 @@ impl TestDriver {
         }
     }
 
-    fn publish(&self, sandbox: &DriverSandbox) {
-        let _ = self
-            .inner
-            .updates
-            .send(Update::Watch(Box::new(sandbox_event(sandbox))));
+    /// Gives sandbox `id` the status of `phase`; watchers see the change.
+    fn set_status(&self, id: &str, phase: Phase, deleting: bool) {
+        if let Some(mut sandbox) = self.inner.feed.get(id) {
+            sandbox.status = Some(status_for(&sandbox.name, phase, deleting));
+            self.inner.feed.upsert(sandbox);
+        }
     }
 
     /// Sends a platform event about `id` when the switch is on.
@@ -318,49 +318,42 @@ impl TestDriver {
         if !self.inner.behaviour.platform_events {
             return;
         }
-        let timestamp_ms = i64::try_from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis(),
-        )
-        .unwrap_or(0);
-        let event = WatchSandboxesEvent {
-            payload: Some(watch_sandboxes_event::Payload::PlatformEvent(
-                WatchSandboxesPlatformEvent {
-                    sandbox_id: id.to_owned(),
-                    event: Some(DriverPlatformEvent {
-                        timestamp_ms,
-                        source: "test".to_owned(),
-                        r#type: kind.to_owned(),
-                        reason: reason.to_owned(),
-                        message: message.to_owned(),
-                        metadata: [(
-                            "driver".to_owned(),
-                            self.inner.behaviour.driver_name.clone(),
-                        )]
-                        .into_iter()
-                        .collect(),
-                    }),
-                },
-            )),
-        };
-        let _ = self.inner.updates.send(Update::Watch(Box::new(event)));
+        self.inner.feed.publish_platform_event(
+            id,
+            DriverPlatformEvent {
+                timestamp_ms: openshell_wire::time::now_millis(),
+                source: "test".to_owned(),
+                r#type: kind.to_owned(),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                metadata: [(
+                    "driver".to_owned(),
+                    self.inner.behaviour.driver_name.clone(),
+                )]
+                .into_iter()
+                .collect(),
+            },
+        );
     }
 
-    fn log(&self, entry: &mut Entry, line: String) {
+    fn log(&self, id: &str, entry: &mut Entry, line: String) {
         if entry.logs.len() == MAX_LOG_LINES {
             entry.logs.pop_front();
         }
         entry.logs.push_back(line.clone());
-        let _ = self.inner.updates.send(Update::Log {
-            id: entry.sandbox.id.clone(),
+        let _ = self.inner.logs.send(LogUpdate::Line {
+            id: id.to_owned(),
             line,
         });
     }
 
     /// Looks a sandbox up by id, falling back to its name.
-    fn find(state: &BTreeMap<String, Entry>, id: &str, name: &str) -> Result<String, Status> {
+    fn find(
+        &self,
+        state: &BTreeMap<String, Entry>,
+        id: &str,
+        name: &str,
+    ) -> Result<String, Status> {
         if !id.is_empty() {
             if !valid_id(id) {
                 return Err(Status::invalid_argument(format!(
@@ -372,9 +365,14 @@ impl TestDriver {
             }
         }
         if !name.is_empty()
-            && let Some((key, _)) = state.iter().find(|(_, e)| e.sandbox.name == name)
+            && let Some(sandbox) = self
+                .inner
+                .feed
+                .list()
+                .into_iter()
+                .find(|s| s.name == name && state.contains_key(&s.id))
         {
-            return Ok(key.clone());
+            return Ok(sandbox.id);
         }
         if id.is_empty() && name.is_empty() {
             return Err(Status::invalid_argument(
@@ -427,15 +425,21 @@ impl TestDriver {
         Ok(sandbox)
     }
 
-    /// Moves a sandbox to Provisioning and schedules Ready.
-    fn provision(&self, state: &mut BTreeMap<String, Entry>, id: &str) {
+    /// Moves a sandbox to Provisioning and schedules Ready. `new` is the
+    /// sandbox of a create, not in the feed yet.
+    fn provision(&self, state: &mut BTreeMap<String, Entry>, id: &str, new: Option<DriverSandbox>) {
         let Some(entry) = state.get_mut(id) else {
             return;
         };
         entry.phase = Phase::Provisioning;
         entry.generation += 1;
-        entry.sandbox.status = Some(status_for(&entry.sandbox.name, Phase::Provisioning, false));
-        self.publish(&entry.sandbox);
+        match new {
+            Some(mut sandbox) => {
+                sandbox.status = Some(status_for(&sandbox.name, Phase::Provisioning, false));
+                self.inner.feed.upsert(sandbox);
+            }
+            None => self.set_status(id, Phase::Provisioning, false),
+        }
         self.platform_event(id, "Normal", "Scheduled", "sandbox accepted; starting it");
         let generation = entry.generation;
         let driver = self.clone();
@@ -450,32 +454,30 @@ impl TestDriver {
             if entry.generation != generation || entry.phase != Phase::Provisioning {
                 return;
             }
-            let exits = entry
-                .sandbox
-                .spec
+            let Some(sandbox) = driver.inner.feed.get(&id) else {
+                return;
+            };
+            let spec = sandbox.spec.unwrap_or_default();
+            let exits = spec
+                .template
                 .as_ref()
-                .and_then(|s| s.template.as_ref())
                 .is_some_and(|t| t.image.starts_with(EXITING_IMAGE_PREFIX));
             entry.phase = if exits { Phase::Exited } else { Phase::Running };
-            entry.sandbox.status = Some(status_for(&entry.sandbox.name, entry.phase, false));
-            let command = entry
-                .sandbox
-                .spec
-                .as_ref()
-                .map(|s| s.command.clone())
-                .unwrap_or_default();
-            driver.log(entry, format!("$ {}", command.join(" ")));
+            let command = spec.command;
+            driver.log(&id, entry, format!("$ {}", command.join(" ")));
             if command.first().map(String::as_str) == Some("echo") {
-                driver.log(entry, command[1..].join(" "));
+                driver.log(&id, entry, command[1..].join(" "));
             }
-            driver.publish(&entry.sandbox);
+            let phase = entry.phase;
+            driver.set_status(&id, phase, false);
             driver.platform_event(&id, "Normal", "Started", "sandbox is running");
             driver.persist(&state);
         });
     }
 
-    fn snapshot(state: &BTreeMap<String, Entry>) -> Vec<DriverSandbox> {
-        let mut all: Vec<DriverSandbox> = state.values().map(|e| e.sandbox.clone()).collect();
+    /// Every sandbox, ordered by name.
+    fn snapshot(&self) -> Vec<DriverSandbox> {
+        let mut all = self.inner.feed.list();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
@@ -493,16 +495,6 @@ impl TestDriver {
 /// What a call is about, for the call log: the id, else the name.
 fn target<'a>(id: &'a str, name: &'a str) -> &'a str {
     if id.is_empty() { name } else { id }
-}
-
-fn sandbox_event(sandbox: &DriverSandbox) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::Sandbox(
-            WatchSandboxesSandboxEvent {
-                sandbox: Some(sandbox.clone()),
-            },
-        )),
-    }
 }
 
 #[tonic::async_trait]
@@ -554,9 +546,9 @@ impl ComputeDriver for TestDriver {
         )
         .await;
         let state = self.state();
-        let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
+        let key = self.find(&state, &request.sandbox_id, &request.sandbox_name)?;
         Ok(Response::new(GetSandboxResponse {
-            sandbox: state.get(&key).map(|e| e.sandbox.clone()),
+            sandbox: self.inner.feed.get(&key),
         }))
     }
 
@@ -566,7 +558,7 @@ impl ComputeDriver for TestDriver {
     ) -> Result<Response<ListSandboxesResponse>, Status> {
         self.enter("ListSandboxes", "").await;
         Ok(Response::new(ListSandboxesResponse {
-            sandboxes: Self::snapshot(&self.state()),
+            sandboxes: self.snapshot(),
         }))
     }
 
@@ -584,7 +576,13 @@ impl ComputeDriver for TestDriver {
                 sandbox.id
             )));
         }
-        if state.values().any(|e| e.sandbox.name == sandbox.name) {
+        if self
+            .inner
+            .feed
+            .list()
+            .iter()
+            .any(|s| s.name == sandbox.name)
+        {
             return Err(Status::already_exists(format!(
                 "a sandbox named {} already exists",
                 sandbox.name
@@ -598,13 +596,12 @@ impl ComputeDriver for TestDriver {
         state.insert(
             id.clone(),
             Entry {
-                sandbox,
                 phase: Phase::Provisioning,
                 generation: 0,
                 logs: VecDeque::new(),
             },
         );
-        self.provision(&mut state, &id);
+        self.provision(&mut state, &id, Some(sandbox));
         self.persist(&state);
         Ok(Response::new(CreateSandboxResponse {}))
     }
@@ -620,15 +617,14 @@ impl ComputeDriver for TestDriver {
         )
         .await;
         let mut state = self.state();
-        let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
+        let key = self.find(&state, &request.sandbox_id, &request.sandbox_name)?;
         if let Some(entry) = state.get_mut(&key)
             && entry.phase != Phase::Stopped
         {
             entry.phase = Phase::Stopped;
             entry.generation += 1;
-            entry.sandbox.status = Some(status_for(&entry.sandbox.name, Phase::Stopped, false));
-            self.log(entry, "stopped".to_owned());
-            self.publish(&entry.sandbox);
+            self.log(&key, entry, "stopped".to_owned());
+            self.set_status(&key, Phase::Stopped, false);
             self.platform_event(&key, "Normal", "Stopped", "sandbox stopped; state kept");
         }
         self.persist(&state);
@@ -646,9 +642,9 @@ impl ComputeDriver for TestDriver {
         )
         .await;
         let mut state = self.state();
-        let key = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
+        let key = self.find(&state, &request.sandbox_id, &request.sandbox_name)?;
         if state.get(&key).is_some_and(|e| e.phase == Phase::Stopped) {
-            self.provision(&mut state, &key);
+            self.provision(&mut state, &key, None);
         }
         self.persist(&state);
         Ok(Response::new(StartSandboxResponse {}))
@@ -665,74 +661,30 @@ impl ComputeDriver for TestDriver {
         )
         .await;
         let mut state = self.state();
-        let key = match Self::find(&state, &request.sandbox_id, &request.sandbox_name) {
+        let key = match self.find(&state, &request.sandbox_id, &request.sandbox_name) {
             Ok(key) => key,
             Err(status) if status.code() == tonic::Code::NotFound => {
                 return Ok(Response::new(DeleteSandboxResponse { deleted: false }));
             }
             Err(status) => return Err(status),
         };
-        if let Some(mut entry) = state.remove(&key) {
-            entry.sandbox.status = Some(status_for(&entry.sandbox.name, entry.phase, true));
-            self.publish(&entry.sandbox);
-            let _ = self
-                .inner
-                .updates
-                .send(Update::Watch(Box::new(WatchSandboxesEvent {
-                    payload: Some(watch_sandboxes_event::Payload::Deleted(
-                        WatchSandboxesDeletedEvent {
-                            sandbox_id: key.clone(),
-                        },
-                    )),
-                })));
-            let _ = self.inner.updates.send(Update::Gone { id: key });
+        if let Some(entry) = state.remove(&key) {
+            self.set_status(&key, entry.phase, true);
+            self.inner.feed.remove(&key);
+            let _ = self.inner.logs.send(LogUpdate::Gone { id: key });
         }
         self.persist(&state);
         Ok(Response::new(DeleteSandboxResponse { deleted: true }))
     }
 
-    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
+    type WatchSandboxesStream = WatchStream;
 
     async fn watch_sandboxes(
         &self,
         _request: Request<WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
         self.enter("WatchSandboxes", "").await;
-        // Subscribe before taking the snapshot so nothing falls in between.
-        let mut updates = self.inner.updates.subscribe();
-        let initial = Self::snapshot(&self.state());
-        let driver = self.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            for sandbox in initial {
-                if tx.send(Ok(sandbox_event(&sandbox))).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                let event = match updates.recv().await {
-                    Ok(Update::Watch(event)) => *event,
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Missed events: send the whole picture again.
-                        let all = Self::snapshot(&driver.state());
-                        for sandbox in all {
-                            if tx.send(Ok(sandbox_event(&sandbox))).await.is_err() {
-                                return;
-                            }
-                        }
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(self.inner.feed.watch()))
     }
 
     async fn ensure_workspace(
@@ -760,13 +712,7 @@ fn chunk(line: &str) -> LogChunk {
     LogChunk {
         data: format!("{line}\n").into_bytes(),
         stream: LogStream::Stdout.into(),
-        timestamp_ms: i64::try_from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis(),
-        )
-        .unwrap_or(0),
+        timestamp_ms: openshell_wire::time::now_millis(),
     }
 }
 
@@ -784,10 +730,10 @@ impl SandboxLogs for TestDriver {
             target(&request.sandbox_id, &request.sandbox_name),
         )
         .await;
-        let mut updates = self.inner.updates.subscribe();
+        let mut updates = self.inner.logs.subscribe();
         let (id, retained) = {
             let state = self.state();
-            let id = Self::find(&state, &request.sandbox_id, &request.sandbox_name)?;
+            let id = self.find(&state, &request.sandbox_id, &request.sandbox_name)?;
             let logs = &state[&id].logs;
             let tail = usize::try_from(request.tail_lines).unwrap_or(usize::MAX);
             let skip = if tail == 0 {
@@ -809,12 +755,12 @@ impl SandboxLogs for TestDriver {
             }
             loop {
                 match updates.recv().await {
-                    Ok(Update::Log { id: from, line }) if from == id => {
+                    Ok(LogUpdate::Line { id: from, line }) if from == id => {
                         if tx.send(Ok(chunk(&line))).await.is_err() {
                             return;
                         }
                     }
-                    Ok(Update::Gone { id: gone }) if gone == id => return,
+                    Ok(LogUpdate::Gone { id: gone }) if gone == id => return,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
@@ -823,5 +769,85 @@ impl SandboxLogs for TestDriver {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openshell_proto::compute::v1::watch_sandboxes_event::Payload;
+    use tokio_stream::StreamExt as _;
+
+    #[test]
+    fn transition_times_are_rfc3339() {
+        let status = status_for("a", Phase::Stopped, false);
+        for condition in &status.conditions {
+            assert!(
+                openshell_wire::time::parse_rfc3339(&condition.last_transition_time).is_some(),
+                "{:?}",
+                condition.last_transition_time
+            );
+        }
+    }
+
+    async fn next(stream: &mut WatchStream) -> Payload {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("not an error")
+            .payload
+            .expect("a payload")
+    }
+
+    #[tokio::test]
+    async fn watchers_see_create_ready_and_delete() {
+        let driver = TestDriver::new(Behaviour {
+            provision_delay: Duration::from_millis(1),
+            ..Behaviour::default()
+        });
+        let mut watch = driver
+            .watch_sandboxes(Request::new(WatchSandboxesRequest {}))
+            .await
+            .expect("watch")
+            .into_inner();
+        driver
+            .create_sandbox(Request::new(CreateSandboxRequest {
+                sandbox: Some(DriverSandbox {
+                    id: "s1".into(),
+                    name: "one".into(),
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .expect("create");
+        let reason = |payload: Payload| match payload {
+            Payload::Sandbox(s) => s
+                .sandbox
+                .expect("sandbox")
+                .status
+                .expect("status")
+                .conditions[0]
+                .reason
+                .clone(),
+            other => panic!("expected a sandbox event, got {other:?}"),
+        };
+        assert_eq!(reason(next(&mut watch).await), "Starting");
+        assert_eq!(reason(next(&mut watch).await), "Running");
+        let deleted = driver
+            .delete_sandbox(Request::new(DeleteSandboxRequest {
+                sandbox_id: "s1".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("delete")
+            .into_inner();
+        assert!(deleted.deleted);
+        assert_eq!(reason(next(&mut watch).await), "Deleting");
+        match next(&mut watch).await {
+            Payload::Deleted(d) => assert_eq!(d.sandbox_id, "s1"),
+            other => panic!("expected deleted, got {other:?}"),
+        }
+        assert!(driver.inner.feed.is_empty());
     }
 }

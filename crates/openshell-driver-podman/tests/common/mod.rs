@@ -1,7 +1,12 @@
 //! Shared pieces of the Podman driver's integration tests: a private Podman
 //! service per test, the local test image, the driver binary (standalone or
 //! managed) and clean-up of every container a test made.
-#![allow(dead_code, unused_macros, unused_imports)]
+#![allow(
+    dead_code,
+    unused_macros,
+    unused_imports,
+    reason = "each test binary uses a different part of this shared module"
+)]
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};

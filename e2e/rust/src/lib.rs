@@ -583,6 +583,13 @@ pub fn start_external_podman(env: &TestEnv, name: &str) -> (Proc, PathBuf) {
         .arg("2")
         .env("RUST_LOG", "info");
     let mut proc = Proc::spawn(name, command, env.path().join(format!("{name}.log")));
+    wait_for_socket(&mut proc, &socket, name);
+    (proc, socket)
+}
+
+/// Waits (up to 60 s) until `proc` has bound `socket`; panics with its log
+/// when it exits first or takes too long.
+pub fn wait_for_socket(proc: &mut Proc, socket: &Path, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !socket.exists() {
         if let Some(status) = proc.try_exit() {
@@ -599,7 +606,24 @@ pub fn start_external_podman(env: &TestEnv, name: &str) -> (Proc, PathBuf) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (proc, socket)
+}
+
+/// Starts a standalone `openshell-test-driver` on `socket` that any process
+/// of this user may use, and waits until it serves.
+pub fn start_test_driver(env: &TestEnv, socket: &Path, extra_args: &[&str]) -> Proc {
+    let mut command = Command::new(bin::test_driver());
+    command
+        .arg("--bind-socket")
+        .arg(socket)
+        .arg("--allow-same-uid-peer")
+        .args(extra_args);
+    let mut proc = Proc::spawn(
+        "openshell-test-driver",
+        command,
+        env.path().join("test-driver.log"),
+    );
+    wait_for_socket(&mut proc, socket, "openshell-test-driver");
+    proc
 }
 
 /// Reads lines of a log file that contain `needle`.
@@ -660,21 +684,6 @@ pub fn start_python_driver(env: &TestEnv, python: &Path, socket: &Path, name: &s
         command,
         env.path().join(format!("{name}.log")),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        if let Some(status) = proc.try_exit() {
-            panic!(
-                "python driver exited during startup ({status}):\n{}",
-                proc.log_tail(30)
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "python driver did not bind {} within 60 s:\n{}",
-            socket.display(),
-            proc.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_socket(&mut proc, socket, "grpcio_driver.py");
     proc
 }

@@ -51,14 +51,6 @@ pub const REASON_BOOT_FAILED: &str = "BootFailed";
 pub const REASON_PROVISIONING_FAILED: &str = "ProvisioningFailed";
 
 impl Phase {
-    /// A boot is being prepared or runs.
-    pub fn is_active(&self) -> bool {
-        matches!(
-            self,
-            Self::Provisioning | Self::Booting { .. } | Self::Running { .. }
-        )
-    }
-
     /// The tombstone that records this phase, for phases that end a boot on
     /// their own.
     pub fn tombstone(&self, at_ms: i64) -> Option<Tombstone> {

@@ -290,7 +290,6 @@ impl Driver {
             };
             tracing::info!(sandbox_id = %dir.id, phase = entry.phase.label(), "restored sandbox");
             registry.entries.insert(dir.id.as_str().to_owned(), entry);
-            registry.publish(&dir.id);
             if launch {
                 registry.publish_event(
                     &dir.id,
@@ -301,8 +300,11 @@ impl Driver {
                         HashMap::new(),
                     ),
                 );
+                // start_run publishes the sandbox.
                 self.start_run(&mut registry, &dir.id);
                 relaunched += 1;
+            } else {
+                registry.publish(&dir.id);
             }
         }
         Ok(relaunched)

@@ -74,8 +74,8 @@ pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliErr
     };
     let channel = match address {
         Address::Unix(path) => {
-            if !path.exists() {
-                return Err(unreachable(format!("{} does not exist", path.display())));
+            if let Err(e) = std::fs::symlink_metadata(path) {
+                return Err(unreachable(socket_problem(path, &e)));
             }
             openshell_wire::uds::connect(path, openshell_wire::DialPolicy::within(CONNECT_TIMEOUT))
                 .await
@@ -89,6 +89,23 @@ pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliErr
             .map_err(|e| unreachable(openshell_wire::uds::root_cause(&e)))?,
     };
     Ok(GatewayClient::new(channel))
+}
+
+/// What to tell a person whose gateway socket cannot be inspected.
+fn socket_problem(path: &std::path::Path, error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!(
+                "{} does not exist (is the gateway running?)",
+                path.display()
+            )
+        }
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {}: its directory belongs to another user (run as that user, or point --gateway at your own gateway)",
+            path.display()
+        ),
+        _ => format!("cannot inspect {}: {error}", path.display()),
+    }
 }
 
 #[cfg(test)]
@@ -152,5 +169,20 @@ mod tests {
         let err = connect(&address).await.unwrap_err();
         assert_eq!(err.exit_code(), 3);
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    /// A socket that exists behind a directory this user may not enter is
+    /// "permission denied", not "does not exist".
+    #[test]
+    fn permission_problems_are_not_reported_as_missing() {
+        let path = std::path::Path::new("/run/x/gateway.sock");
+        let denied = socket_problem(
+            path,
+            &std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(denied.contains("permission denied"), "{denied}");
+        assert!(!denied.contains("does not exist"), "{denied}");
+        let missing = socket_problem(path, &std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(missing.contains("does not exist"), "{missing}");
     }
 }

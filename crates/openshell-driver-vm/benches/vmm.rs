@@ -30,7 +30,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     let rank = (p * (sorted.len() - 1) as f64).round();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a rounded rank between 0 and len - 1"
+    )]
     let index = rank as usize;
     sorted[index.min(sorted.len() - 1)]
 }

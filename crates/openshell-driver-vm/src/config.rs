@@ -1,7 +1,7 @@
-//! Driver settings: an optional TOML file (`--driver-config`, the table a
-//! gateway writes for a managed driver) and one command-line flag per key.
-//! Flags win over the file; unknown keys in the file are an error naming the
-//! key and the file.
+//! Driver settings: one struct serves as the command-line flags and as the
+//! keys of an optional TOML file (`--driver-config`, the table a gateway
+//! writes for a managed driver). Flags win over the file; unknown keys in
+//! the file are an error naming the key, the file and the line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,56 +35,15 @@ pub enum NetworkMode {
     None,
 }
 
-/// The keys of a driver-config file. Every key is optional; see
-/// [`ConfigArgs`] for their meaning.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The driver's settings as given: command-line flags, and the same keys
+/// (snake_case) in a driver-config file. Every one is optional; the
+/// defaults are applied by [`ConfigArgs::resolve`].
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub name: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub kernel: Option<PathBuf>,
-    pub kernel_args: Option<String>,
-    pub vcpus: Option<u8>,
-    pub mem_mib: Option<u32>,
-    pub default_image: Option<String>,
-    pub allow_unsupported_host: Option<bool>,
-    pub krun_log_level: Option<u8>,
-    pub log_level: Option<String>,
-    pub writable_layer: Option<LayerMode>,
-    pub network: Option<NetworkMode>,
-    pub boot_timeout_secs: Option<u64>,
-    pub stop_timeout_secs: Option<u64>,
-    pub console_log_max_mib: Option<u64>,
-}
-
-impl FileConfig {
-    /// Reads and parses `path`.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-        toml::from_str(&text).map_err(|e| {
-            // One line: the message and the offending line of the file.
-            let location = e
-                .span()
-                .map(|span| {
-                    let start = span.start.min(text.len());
-                    let line_no = text[..start].matches('\n').count() + 1;
-                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-                    format!(" (line {line_no}: {line})")
-                })
-                .unwrap_or_default();
-            Error::Config {
-                path: path.to_owned(),
-                message: format!("{}{location}", e.message().trim()),
-            }
-        })
-    }
-}
-
-/// Command-line flags, one per config key. Each overrides the file.
-#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConfigArgs {
     /// TOML file with driver settings (the keys below, snake_case).
     #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
     pub driver_config: Option<PathBuf>,
 
     /// Name of this driver instance as the gateway knows it [default: vm].
@@ -124,6 +83,7 @@ pub struct ConfigArgs {
     /// served by PVM. The VMM then starts and the guest fails to boot, which
     /// is reported as BootFailed; for testing the host-side path.
     #[arg(long)]
+    #[serde(default)]
     pub allow_unsupported_host: bool,
 
     /// libkrun's log level in each sandbox's vmm.log: 0 off, 1 error,
@@ -185,57 +145,93 @@ pub const MIN_MEM_MIB: u32 = 64;
 pub const MAX_MEM_MIB: u32 = 1 << 20;
 
 impl ConfigArgs {
-    /// Merges the file (if any) with the flags and checks the result.
+    /// Reads the keys of the driver-config file `path`. Errors name the
+    /// file and, where the TOML parser points at one, the line.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        toml::from_str(&text).map_err(|e| {
+            // One line: the message and the offending line of the file.
+            let location = e
+                .span()
+                .map(|span| {
+                    let start = span.start.min(text.len());
+                    let line_no = text[..start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    format!(" (line {line_no}: {line})")
+                })
+                .unwrap_or_default();
+            Error::Config {
+                path: path.to_owned(),
+                message: format!("{}{location}", e.message().trim()),
+            }
+        })
+    }
+
+    /// Each setting given here wins over the one in `file`.
+    fn over(self, file: Self) -> Self {
+        Self {
+            driver_config: self.driver_config,
+            name: self.name.or(file.name),
+            state_dir: self.state_dir.or(file.state_dir),
+            kernel: self.kernel.or(file.kernel),
+            kernel_args: self.kernel_args.or(file.kernel_args),
+            vcpus: self.vcpus.or(file.vcpus),
+            mem_mib: self.mem_mib.or(file.mem_mib),
+            default_image: self.default_image.or(file.default_image),
+            allow_unsupported_host: self.allow_unsupported_host || file.allow_unsupported_host,
+            krun_log_level: self.krun_log_level.or(file.krun_log_level),
+            log_level: self.log_level.or(file.log_level),
+            writable_layer: self.writable_layer.or(file.writable_layer),
+            network: self.network.or(file.network),
+            boot_timeout_secs: self.boot_timeout_secs.or(file.boot_timeout_secs),
+            stop_timeout_secs: self.stop_timeout_secs.or(file.stop_timeout_secs),
+            console_log_max_mib: self.console_log_max_mib.or(file.console_log_max_mib),
+        }
+    }
+
+    /// Merges the file (if any) with the flags, fills in the defaults and
+    /// checks the result.
     pub fn resolve(&self) -> Result<Config> {
-        let file = match &self.driver_config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
+        let given = match &self.driver_config {
+            Some(path) => self.clone().over(Self::from_file(path)?),
+            None => self.clone(),
         };
-        let origin = self.driver_config.clone();
-        let pick = |flag: Option<String>, key: Option<String>| flag.or(key);
-        let state_dir = match self.state_dir.clone().or(file.state_dir) {
+        let state_dir = match given.state_dir {
             Some(dir) => dir,
             None => default_state_dir()?,
         };
         let config = Config {
-            name: pick(self.name.clone(), file.name).unwrap_or_else(|| "vm".to_owned()),
+            name: given.name.unwrap_or_else(|| "vm".to_owned()),
             state_dir,
-            kernel: self.kernel.clone().or(file.kernel),
-            kernel_args: pick(self.kernel_args.clone(), file.kernel_args).unwrap_or_default(),
-            vcpus: self.vcpus.or(file.vcpus).unwrap_or(2),
-            mem_mib: self.mem_mib.or(file.mem_mib).unwrap_or(1024),
-            default_image: pick(self.default_image.clone(), file.default_image)
-                .filter(|s| !s.trim().is_empty()),
-            allow_unsupported_host: self.allow_unsupported_host
-                || file.allow_unsupported_host.unwrap_or(false),
-            krun_log_level: self.krun_log_level.or(file.krun_log_level).unwrap_or(2),
-            log_level: pick(self.log_level.clone(), file.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
-            writable_layer: self
-                .writable_layer
-                .or(file.writable_layer)
-                .unwrap_or(LayerMode::Auto),
-            network: self.network.or(file.network).unwrap_or(NetworkMode::Tsi),
-            boot_timeout: match self.boot_timeout_secs.or(file.boot_timeout_secs) {
-                Some(0) => None,
-                Some(secs) => Some(Duration::from_secs(secs)),
-                None => Some(Duration::from_secs(60)),
+            kernel: given.kernel,
+            kernel_args: given.kernel_args.unwrap_or_default(),
+            vcpus: given.vcpus.unwrap_or(2),
+            mem_mib: given.mem_mib.unwrap_or(1024),
+            default_image: given.default_image.filter(|s| !s.trim().is_empty()),
+            allow_unsupported_host: given.allow_unsupported_host,
+            krun_log_level: given.krun_log_level.unwrap_or(2),
+            log_level: given.log_level.unwrap_or_else(|| "info".to_owned()),
+            writable_layer: given.writable_layer.unwrap_or(LayerMode::Auto),
+            network: given.network.unwrap_or(NetworkMode::Tsi),
+            boot_timeout: match given.boot_timeout_secs.unwrap_or(60) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
             },
-            stop_timeout: Duration::from_secs(
-                self.stop_timeout_secs
-                    .or(file.stop_timeout_secs)
-                    .unwrap_or(5),
-            ),
-            console_log_max_bytes: self
+            stop_timeout: Duration::from_secs(given.stop_timeout_secs.unwrap_or(5)),
+            console_log_max_bytes: given
                 .console_log_max_mib
-                .or(file.console_log_max_mib)
                 .unwrap_or(16)
                 .saturating_mul(1 << 20),
         };
-        config.validate().map_err(|message| match origin {
-            Some(path) => Error::Config { path, message },
-            None => Error::Setting(message),
-        })?;
+        config
+            .validate()
+            .map_err(|message| match &self.driver_config {
+                Some(path) => Error::Config {
+                    path: path.clone(),
+                    message,
+                },
+                None => Error::Setting(message),
+            })?;
         Ok(config)
     }
 }
@@ -398,6 +394,49 @@ boot_timeout_secs = 0
             .to_string();
         assert!(err.contains("socket_path"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn the_config_path_itself_is_not_a_file_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "driver_config = \"/other.toml\"\n");
+        let err = args_with_file(path).resolve().unwrap_err().to_string();
+        assert!(err.contains("driver_config"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn flags_and_file_keys_are_one_struct() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: ConfigArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "allow_unsupported_host = true\nstop_timeout_secs = 9\nconsole_log_max_mib = 2\n",
+        );
+        let cli = Cli::try_parse_from([
+            "driver".as_ref(),
+            "--driver-config".as_ref(),
+            path.as_os_str(),
+            "--state-dir=/s".as_ref(),
+            "--network=none".as_ref(),
+            "--boot-timeout-secs=7".as_ref(),
+            "--kernel-args=loglevel=7".as_ref(),
+        ])
+        .unwrap();
+        let config = cli.config.resolve().unwrap();
+        assert!(config.allow_unsupported_host, "a file-only switch is kept");
+        assert_eq!(config.stop_timeout, Duration::from_secs(9));
+        assert_eq!(config.console_log_max_bytes, 2 << 20);
+        assert_eq!(config.network, NetworkMode::None);
+        assert_eq!(config.boot_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(config.kernel_args, "loglevel=7");
+        assert_eq!(config.state_dir, PathBuf::from("/s"));
     }
 
     #[test]
@@ -425,7 +464,7 @@ boot_timeout_secs = 0
         let err = args_with_file("/nonexistent/vm.toml".into())
             .resolve()
             .unwrap_err();
-        assert!(crate::error::chain(&err).contains("/nonexistent/vm.toml"));
+        assert!(driver_lifecycle::error_chain(&err).contains("/nonexistent/vm.toml"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::broadcast;
@@ -151,10 +151,6 @@ impl ConsoleLog {
         }
         Ok(Subscription { history, live })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// The last `lines` lines of `text`, joined by newlines.
@@ -182,19 +178,10 @@ pub fn tail_bytes(bytes: &[u8], lines: usize) -> &[u8] {
     bytes
 }
 
-/// The last `lines` lines of a file, or "" when it cannot be read.
-pub fn file_tail(path: &Path, lines: usize) -> String {
-    std::fs::read(path)
-        .map(|bytes| {
-            String::from_utf8_lossy(tail_bytes(&bytes, lines))
-                .trim_end()
-                .to_owned()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

@@ -1,9 +1,10 @@
 //! The driver's core: the registry of sandboxes, their lifecycle, and the
 //! supervision of one VMM child per running sandbox.
 //!
-//! Every state change goes through the registry lock and is published on a
-//! broadcast channel while the lock is held, so a watcher that subscribes
-//! and snapshots under the same lock sees every change exactly once.
+//! Every state change goes through the registry lock and is published to
+//! the shared [`WatchFeed`] while the lock is held, so the feed's picture
+//! and its change stream follow the registry in order; the feed serves
+//! `WatchSandboxes` (snapshot, changes, resync on lag).
 //! Lifecycle operations on one sandbox (create, stop, start, delete) are
 //! serialised by a per-sandbox async lock; each boot runs in its own task,
 //! identified by a generation number so a late result of an old boot never
@@ -15,15 +16,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use openshell_proto::compute::v1::{
-    DriverPlatformEvent, DriverSandbox, WatchSandboxesDeletedEvent, WatchSandboxesEvent,
-    WatchSandboxesPlatformEvent, WatchSandboxesSandboxEvent, watch_sandboxes_event,
-};
+use openshell_driver_kit::WatchFeed;
+use openshell_proto::compute::v1::{DriverPlatformEvent, DriverSandbox};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::io::AsyncReadExt as _;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NetworkMode};
@@ -105,13 +104,27 @@ struct Registry {
     entries: BTreeMap<String, Entry>,
     /// Ids being created, reserved so two creates cannot race.
     creating: HashSet<String>,
-    events: broadcast::Sender<WatchSandboxesEvent>,
+    feed: Arc<WatchFeed>,
     next_generation: u64,
 }
 
 impl Registry {
+    /// Puts the entry's current status in the watch feed (a no-op when it
+    /// did not change).
     fn publish_sandbox(&self, entry: &Entry) {
-        let _ = self.events.send(sandbox_event(entry.snapshot()));
+        self.feed.upsert(entry.snapshot());
+    }
+
+    /// Publishes the status of `id`, if registered.
+    fn publish(&self, id: &SandboxId) {
+        if let Some(entry) = self.entries.get(id.as_str()) {
+            self.publish_sandbox(entry);
+        }
+    }
+
+    /// Sends a platform event about `id` to the current watchers.
+    fn publish_event(&self, id: &SandboxId, event: DriverPlatformEvent) {
+        self.feed.publish_platform_event(id.as_str(), event);
     }
 }
 
@@ -122,6 +135,7 @@ struct Inner {
     host: HostPaths,
     program: PathBuf,
     launcher: Launcher,
+    feed: Arc<WatchFeed>,
     registry: Mutex<Registry>,
 }
 
@@ -132,6 +146,7 @@ pub struct Driver {
 }
 
 /// How a boot task ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     /// Stopped on request (stop, delete, driver shutdown): whoever asked
     /// sets the phase.
@@ -140,34 +155,20 @@ enum Outcome {
     Ended(Phase),
 }
 
-/// Start of a watch stream: the current sandboxes and a receiver for what
-/// happens next, taken under one lock.
-pub struct WatchStart {
-    pub snapshots: Vec<DriverSandbox>,
-    pub events: broadcast::Receiver<WatchSandboxesEvent>,
-}
-
+/// A platform event from this driver, stamped now.
 fn platform_event(
-    id: &str,
     kind: &str,
     reason: &str,
     message: String,
     metadata: HashMap<String, String>,
-) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::PlatformEvent(
-            WatchSandboxesPlatformEvent {
-                sandbox_id: id.to_owned(),
-                event: Some(DriverPlatformEvent {
-                    timestamp_ms: state::now_ms(),
-                    source: "vm".to_owned(),
-                    r#type: kind.to_owned(),
-                    reason: reason.to_owned(),
-                    message,
-                    metadata,
-                }),
-            },
-        )),
+) -> DriverPlatformEvent {
+    DriverPlatformEvent {
+        timestamp_ms: openshell_wire::time::now_millis(),
+        source: "vm".to_owned(),
+        r#type: kind.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        metadata,
     }
 }
 
@@ -180,7 +181,7 @@ impl Driver {
         state.prepare()?;
         let program = std::env::current_exe()
             .map_err(|e| Error::io("find the driver's own executable", "/proc/self/exe", e))?;
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let feed = Arc::new(WatchFeed::new(EVENT_BUFFER));
         let driver = Self {
             inner: Arc::new(Inner {
                 cache: ImageCache::new(state.images_dir()),
@@ -188,10 +189,11 @@ impl Driver {
                 host,
                 program,
                 launcher: Launcher::start()?,
+                feed: Arc::clone(&feed),
                 registry: Mutex::new(Registry {
                     entries: BTreeMap::new(),
                     creating: HashSet::new(),
-                    events,
+                    feed,
                     next_generation: 1,
                 }),
                 config,
@@ -250,13 +252,13 @@ impl Driver {
             let (request, meta) = match loaded {
                 Ok(loaded) => loaded,
                 Err(error) => {
-                    tracing::warn!(sandbox_id = %dir.id, error = %crate::error::chain(&error), "cannot restore sandbox; leaving its directory alone");
+                    tracing::warn!(sandbox_id = %dir.id, error = %driver_lifecycle::error_chain(&error), "cannot restore sandbox; leaving its directory alone");
                     continue;
                 }
             };
             // Mounts left behind by a driver that was killed.
             if let Err(error) = layer::deactivate(&dir) {
-                tracing::warn!(sandbox_id = %dir.id, error = %crate::error::chain(&error), "cannot unmount a leftover writable layer");
+                tracing::warn!(sandbox_id = %dir.id, error = %driver_lifecycle::error_chain(&error), "cannot unmount a leftover writable layer");
             }
             let phase = if dir.is_stopped() {
                 Phase::Stopped
@@ -280,7 +282,7 @@ impl Driver {
                 },
                 workspace: meta.workspace.clone(),
                 phase,
-                since_ms: state::now_ms(),
+                since_ms: openshell_wire::time::now_millis(),
                 deleting: false,
                 op: Arc::default(),
                 run: None,
@@ -289,15 +291,20 @@ impl Driver {
             tracing::info!(sandbox_id = %dir.id, phase = entry.phase.label(), "restored sandbox");
             registry.entries.insert(dir.id.as_str().to_owned(), entry);
             if launch {
-                let _ = registry.events.send(platform_event(
-                    dir.id.as_str(),
-                    "Normal",
-                    "Restoring",
-                    "Booting the sandbox again after a driver restart".to_owned(),
-                    HashMap::new(),
-                ));
+                registry.publish_event(
+                    &dir.id,
+                    platform_event(
+                        "Normal",
+                        "Restoring",
+                        "Booting the sandbox again after a driver restart".to_owned(),
+                        HashMap::new(),
+                    ),
+                );
+                // start_run publishes the sandbox.
                 self.start_run(&mut registry, &dir.id);
                 relaunched += 1;
+            } else {
+                registry.publish(&dir.id);
             }
         }
         Ok(relaunched)
@@ -319,37 +326,42 @@ impl Driver {
             done,
         });
         entry.phase = Phase::Provisioning;
-        entry.since_ms = state::now_ms();
+        entry.since_ms = openshell_wire::time::now_millis();
         entry.console.begin_boot();
-        if let Some(entry) = registry.entries.get(id.as_str()) {
-            registry.publish_sandbox(entry);
-        }
+        registry.publish(id);
         let driver = self.clone();
-        let id = id.clone();
+        let dir = self.inner.state.sandbox(id);
         tokio::spawn(async move {
-            let dir = driver.inner.state.sandbox(&id);
             let outcome = driver.boot(&dir, generation, &stop).await;
-            if let Some(console) = driver.console_of(&id) {
-                console.end_boot();
-            }
-            let dir_for_unmount = dir.clone();
-            match tokio::task::spawn_blocking(move || layer::deactivate(&dir_for_unmount)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(sandbox_id = %id, error = %crate::error::chain(&error), "cannot unmount the writable layer");
-                }
-                Err(error) => tracing::warn!(sandbox_id = %id, %error, "unmount task failed"),
-            }
-            if let Outcome::Ended(phase) = outcome {
-                if let Some(tombstone) = phase.tombstone(state::now_ms())
-                    && let Err(error) = dir.write_tombstone(&tombstone)
-                {
-                    tracing::warn!(sandbox_id = %id, error = %crate::error::chain(&error), "cannot record how the sandbox ended");
-                }
-                driver.finish_run(&id, generation, phase);
-            }
+            driver.end_boot(&dir, generation, outcome).await;
             let _ = done_tx.send(true);
         });
+    }
+
+    /// After a boot: closes its console output, unmounts its writable
+    /// layer and, when it ended on its own, records how (tombstone, phase,
+    /// event).
+    async fn end_boot(&self, dir: &SandboxDir, generation: u64, outcome: Outcome) {
+        let id = &dir.id;
+        if let Some(console) = self.console_of(id) {
+            console.end_boot();
+        }
+        let dir_for_unmount = dir.clone();
+        match tokio::task::spawn_blocking(move || layer::deactivate(&dir_for_unmount)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(sandbox_id = %id, error = %driver_lifecycle::error_chain(&error), "cannot unmount the writable layer");
+            }
+            Err(error) => tracing::warn!(sandbox_id = %id, %error, "unmount task failed"),
+        }
+        if let Outcome::Ended(phase) = outcome {
+            if let Some(tombstone) = phase.tombstone(openshell_wire::time::now_millis())
+                && let Err(error) = dir.write_tombstone(&tombstone)
+            {
+                tracing::warn!(sandbox_id = %id, error = %driver_lifecycle::error_chain(&error), "cannot record how the sandbox ended");
+            }
+            self.finish_run(id, generation, phase);
+        }
     }
 
     fn console_of(&self, id: &SandboxId) -> Option<Arc<ConsoleLog>> {
@@ -371,40 +383,17 @@ impl Driver {
         }
         tracing::info!(sandbox_id = %id, from = entry.phase.label(), to = phase.label(), "sandbox phase changed");
         entry.phase = phase;
-        entry.since_ms = state::now_ms();
-        if let Some(entry) = registry.entries.get(id.as_str()) {
-            registry.publish_sandbox(entry);
-        }
+        entry.since_ms = openshell_wire::time::now_millis();
+        registry.publish(id);
         true
     }
 
     /// The boot ended on its own: record the phase and forget the run.
     fn finish_run(&self, id: &SandboxId, generation: u64, phase: Phase) {
-        let (reason, kind, message) = match &phase {
-            Phase::Exited { code, message } => (
-                "Exited",
-                if *code == Some(0) {
-                    "Normal"
-                } else {
-                    "Warning"
-                },
-                message.clone(),
-            ),
-            Phase::BootFailed { message } => ("BootFailed", "Warning", message.clone()),
-            Phase::ProvisioningFailed { message } => {
-                ("ProvisioningFailed", "Warning", message.clone())
-            }
-            other => ("PhaseChanged", "Normal", other.label().to_owned()),
-        };
+        let event = ending_event(&phase);
         if self.set_phase(id, generation, phase) {
             let mut registry = self.registry();
-            let _ = registry.events.send(platform_event(
-                id.as_str(),
-                kind,
-                reason,
-                message,
-                HashMap::new(),
-            ));
+            registry.publish_event(id, event);
             if let Some(entry) = registry.entries.get_mut(id.as_str()) {
                 entry.run = None;
             }
@@ -419,10 +408,8 @@ impl Driver {
         message: String,
         metadata: HashMap<String, String>,
     ) {
-        let registry = self.registry();
-        let _ = registry
-            .events
-            .send(platform_event(id.as_str(), kind, reason, message, metadata));
+        self.registry()
+            .publish_event(id, platform_event(kind, reason, message, metadata));
     }
 
     /// One boot: provision, launch the VMM, supervise it.
@@ -434,11 +421,11 @@ impl Driver {
         let launch_file = match prepared {
             Ok(file) => file,
             Err(error) => {
-                tracing::warn!(sandbox_id = %dir.id, error = %crate::error::chain(&error), "provisioning failed");
+                tracing::warn!(sandbox_id = %dir.id, error = %driver_lifecycle::error_chain(&error), "provisioning failed");
                 return Outcome::Ended(match error {
                     Error::HostUnsupported(message) => Phase::HostUnsupported { message },
                     other => Phase::ProvisioningFailed {
-                        message: crate::error::chain(&other),
+                        message: driver_lifecycle::error_chain(&other),
                     },
                 });
             }
@@ -457,7 +444,7 @@ impl Driver {
                 return Outcome::Ended(Phase::BootFailed {
                     message: format!(
                         "the VMM could not be started: {}",
-                        crate::error::chain(&error)
+                        driver_lifecycle::error_chain(&error)
                     ),
                 });
             }
@@ -542,95 +529,48 @@ impl Driver {
         mut vmm: Vmm,
         stop: &CancellationToken,
     ) -> Outcome {
-        let id = dir.id.clone();
-        let (pid, spawned_at_us) = (vmm.pid, vmm.spawned_at_us);
-        let console = self.console_of(&id);
-        let console_pump = vmm.console.take().map(|mut pipe| {
-            let console = console.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0_u8; 16 << 10];
-                loop {
-                    match pipe.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if let Some(console) = &console
-                                && let Err(error) = console.append(&buf[..n], state::now_ms())
-                            {
-                                tracing::warn!(error = %crate::error::chain(&error), "cannot write the console log");
-                            }
-                        }
-                    }
-                }
-            })
-        });
-        let (status_tx, mut status_rx) = tokio::sync::mpsc::unbounded_channel();
-        let log_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
-        let log_reader = vmm.log.take().map(|pipe| {
-            let path = dir.vmm_log();
-            let tail = log_tail.clone();
-            tokio::spawn(read_vmm_log(pipe, path, tail, status_tx))
-        });
+        let console = self.console_of(&dir.id);
+        let mut pumps = Pumps::start(&mut vmm, dir, console.clone());
+        let mut progress = BootProgress::default();
+        let ending = self
+            .wait_for_exit(dir, generation, &mut vmm, &mut pumps, &mut progress, stop)
+            .await;
+        // The pipes end when the process is gone; their last lines still
+        // count (a final status line can arrive after the exit).
+        for line in pumps.drain().await {
+            self.report_status(&dir.id, generation, &vmm, &mut progress, line);
+        }
+        let tails = Tails {
+            console: console.map(|c| c.boot_tail(TAIL_LINES)).unwrap_or_default(),
+            log: pumps.log_tail(),
+        };
+        classify_exit(ending, &progress, &tails, self.inner.config.boot_timeout)
+    }
 
+    /// Waits for the VMM to exit while passing its status lines on,
+    /// stopping it on request (SIGTERM, then SIGKILL after the stop
+    /// timeout) and killing it at the boot timeout.
+    async fn wait_for_exit(
+        &self,
+        dir: &SandboxDir,
+        generation: u64,
+        vmm: &mut Vmm,
+        pumps: &mut Pumps,
+        progress: &mut BootProgress,
+        stop: &CancellationToken,
+    ) -> Ending {
         let boot_deadline = self
             .inner
             .config
             .boot_timeout
             .map(|t| tokio::time::Instant::now() + t);
-        let mut guest_root = false;
-        let mut entered = false;
-        let mut setup_error: Option<String> = None;
         let mut stopping = false;
         let mut timed_out = false;
         let mut kill_at: Option<tokio::time::Instant> = None;
-        let handle_status = |line: StatusLine,
-                             entered: &mut bool,
-                             guest_root: &mut bool,
-                             setup_error: &mut Option<String>| {
-            match line {
-                StatusLine::Configuring { .. } => {}
-                StatusLine::Entering { at_us } => {
-                    *entered = true;
-                    let micros = at_us.saturating_sub(spawned_at_us);
-                    tracing::debug!(sandbox_id = %id, spawn_to_enter_us = micros, "VMM entered libkrun");
-                    self.event(
-                        &id,
-                        "Normal",
-                        "VmmStarted",
-                        format!("VMM pid {pid} entered libkrun {micros} µs after spawn"),
-                        HashMap::from([
-                            ("vmm_pid".to_owned(), pid.to_string()),
-                            ("spawn_to_enter_us".to_owned(), micros.to_string()),
-                        ]),
-                    );
-                }
-                StatusLine::GuestRoot { at_us } => {
-                    if !*guest_root {
-                        *guest_root = true;
-                        let micros = at_us.saturating_sub(spawned_at_us);
-                        self.set_phase(&id, generation, Phase::Running { pid });
-                        self.event(
-                            &id,
-                            "Normal",
-                            "GuestBooted",
-                            format!(
-                                "The guest reached its root filesystem {} ms after spawn",
-                                micros / 1000
-                            ),
-                            HashMap::from([
-                                ("vmm_pid".to_owned(), pid.to_string()),
-                                ("spawn_to_guest_root_us".to_owned(), micros.to_string()),
-                            ]),
-                        );
-                    }
-                }
-                StatusLine::SetupFailed { message, .. } => *setup_error = Some(message),
-            }
-        };
-
-        let exit = loop {
+        let status = loop {
             let boot_timer = async {
                 match boot_deadline {
-                    Some(deadline) if !guest_root && !timed_out && !stopping => {
+                    Some(deadline) if !progress.guest_root && !timed_out && !stopping => {
                         tokio::time::sleep_until(deadline).await;
                     }
                     _ => std::future::pending().await,
@@ -643,9 +583,9 @@ impl Driver {
                 }
             };
             tokio::select! {
-                line = status_rx.recv() => {
+                line = pumps.status.recv() => {
                     if let Some(line) = line {
-                        handle_status(line, &mut entered, &mut guest_root, &mut setup_error);
+                        self.report_status(&dir.id, generation, vmm, progress, line);
                     }
                 }
                 () = stop.cancelled(), if !stopping => {
@@ -654,7 +594,7 @@ impl Driver {
                     kill_at = Some(tokio::time::Instant::now() + self.inner.config.stop_timeout);
                 }
                 () = kill_timer => {
-                    tracing::warn!(sandbox_id = %id, pid, "VMM did not stop after SIGTERM; sending SIGKILL");
+                    tracing::warn!(sandbox_id = %dir.id, pid = vmm.pid, "VMM did not stop after SIGTERM; sending SIGKILL");
                     vmm.signal(nix::sys::signal::Signal::SIGKILL);
                     kill_at = None;
                 }
@@ -665,93 +605,56 @@ impl Driver {
                 status = vmm.wait() => break status,
             }
         };
-        // The pipes end when the process is gone; their last lines still
-        // count (a final status line can arrive after the exit).
-        for task in [log_reader, console_pump].into_iter().flatten() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        Ending {
+            status,
+            stopping,
+            timed_out,
         }
-        while let Ok(line) = status_rx.try_recv() {
-            handle_status(line, &mut entered, &mut guest_root, &mut setup_error);
-        }
+    }
 
-        if stopping {
-            return Outcome::Stopped;
-        }
-        let status = match exit {
-            Ok(status) => status,
-            Err(error) => {
-                return Outcome::Ended(Phase::BootFailed {
-                    message: format!("waiting for the VMM failed: {error}"),
-                });
+    /// Records a status line and turns what it marks into a phase change
+    /// and platform events.
+    fn report_status(
+        &self,
+        id: &SandboxId,
+        generation: u64,
+        vmm: &Vmm,
+        progress: &mut BootProgress,
+        line: StatusLine,
+    ) {
+        let pid = vmm.pid;
+        match progress.apply(line, vmm.spawned_at_us) {
+            None => {}
+            Some(Milestone::Entered { micros }) => {
+                tracing::debug!(sandbox_id = %id, spawn_to_enter_us = micros, "VMM entered libkrun");
+                self.event(
+                    id,
+                    "Normal",
+                    "VmmStarted",
+                    format!("VMM pid {pid} entered libkrun {micros} µs after spawn"),
+                    HashMap::from([
+                        ("vmm_pid".to_owned(), pid.to_string()),
+                        ("spawn_to_enter_us".to_owned(), micros.to_string()),
+                    ]),
+                );
             }
-        };
-        let console_tail = console.map(|c| c.boot_tail(TAIL_LINES)).unwrap_or_default();
-        let log_tail = {
-            let tail = log_tail.lock().unwrap_or_else(PoisonError::into_inner);
-            tail.iter().cloned().collect::<Vec<_>>().join("\n")
-        };
-        let with_tails = |headline: String| {
-            let mut message = headline;
-            message.push_str("\nconsole (last lines):\n");
-            message.push_str(if console_tail.is_empty() {
-                "(no output)"
-            } else {
-                &console_tail
-            });
-            message.push_str("\nVMM log (last lines):\n");
-            message.push_str(if log_tail.is_empty() {
-                "(empty)"
-            } else {
-                &log_tail
-            });
-            message
-        };
-        if timed_out {
-            let secs = self.inner.config.boot_timeout.map_or(0, |t| t.as_secs());
-            return Outcome::Ended(Phase::BootFailed {
-                message: with_tails(format!(
-                    "the guest did not reach its root filesystem within {secs} s; the VM was killed"
-                )),
-            });
-        }
-        let phase = match VmmExit::classify(status, entered, guest_root) {
-            VmmExit::Guest(code) => Phase::Exited {
-                code: Some(code),
-                message: match guest_code_meaning(code) {
-                    Some(meaning) => format!("The guest exited with code {code}: {meaning}"),
-                    None => format!("The guest exited with code {code}"),
-                },
-            },
-            VmmExit::Setup(failure) => Phase::BootFailed {
-                message: with_tails(format!(
-                    "the VMM failed before starting the VM ({}, exit code {}): {}",
-                    failure.describe(),
-                    failure.code(),
-                    setup_error.unwrap_or_default()
-                )),
-            },
-            VmmExit::NoBoot(code) => Phase::BootFailed {
-                message: with_tails(format!(
-                    "the VM stopped before the guest reached its root filesystem (VMM exit code \
-                     {code})"
-                )),
-            },
-            VmmExit::Signal(signal) => {
-                let name = nix::sys::signal::Signal::try_from(signal)
-                    .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
-                if guest_root {
-                    Phase::Exited {
-                        code: None,
-                        message: format!("The VMM was killed by {name} while the guest ran"),
-                    }
-                } else {
-                    Phase::BootFailed {
-                        message: with_tails(format!("the VMM was killed by {name} during boot")),
-                    }
-                }
+            Some(Milestone::GuestRoot { micros }) => {
+                self.set_phase(id, generation, Phase::Running { pid });
+                self.event(
+                    id,
+                    "Normal",
+                    "GuestBooted",
+                    format!(
+                        "The guest reached its root filesystem {} ms after spawn",
+                        micros / 1000
+                    ),
+                    HashMap::from([
+                        ("vmm_pid".to_owned(), pid.to_string()),
+                        ("spawn_to_guest_root_us".to_owned(), micros.to_string()),
+                    ]),
+                );
             }
-        };
-        Outcome::Ended(phase)
+        }
     }
 
     // ---- RPC operations ----
@@ -805,7 +708,7 @@ impl Driver {
                 name: request.name.clone(),
                 workspace: sandbox.workspace.clone(),
                 phase: Phase::Provisioning,
-                since_ms: state::now_ms(),
+                since_ms: openshell_wire::time::now_millis(),
                 deleting: false,
                 op: Arc::default(),
                 run: None,
@@ -813,13 +716,15 @@ impl Driver {
             },
         );
         tracing::info!(sandbox_id = %id, name = %request.name, image = %request.image, "sandbox created");
-        let _ = registry.events.send(platform_event(
-            id.as_str(),
-            "Normal",
-            "Scheduled",
-            format!("Sandbox accepted; image {}", request.image),
-            HashMap::new(),
-        ));
+        registry.publish_event(
+            &id,
+            platform_event(
+                "Normal",
+                "Scheduled",
+                format!("Sandbox accepted; image {}", request.image),
+                HashMap::new(),
+            ),
+        );
         self.start_run(&mut registry, &id);
         Ok(())
     }
@@ -846,7 +751,7 @@ impl Driver {
                     image,
                     layer: None,
                     workspace: sandbox.workspace.clone(),
-                    created_ms: state::now_ms(),
+                    created_ms: openshell_wire::time::now_millis(),
                 },
             )
         })();
@@ -899,19 +804,19 @@ impl Driver {
             if changed {
                 tracing::info!(sandbox_id = %id, from = entry.phase.label(), "sandbox stopped");
                 entry.phase = Phase::Stopped;
-                entry.since_ms = state::now_ms();
+                entry.since_ms = openshell_wire::time::now_millis();
             }
-            if let Some(entry) = registry.entries.get(id.as_str()) {
-                registry.publish_sandbox(entry);
-            }
+            registry.publish(&id);
             if changed {
-                let _ = registry.events.send(platform_event(
-                    id.as_str(),
-                    "Normal",
-                    "Stopped",
-                    "The VM was stopped; its writable layer is kept".to_owned(),
-                    HashMap::new(),
-                ));
+                registry.publish_event(
+                    &id,
+                    platform_event(
+                        "Normal",
+                        "Stopped",
+                        "The VM was stopped; its writable layer is kept".to_owned(),
+                        HashMap::new(),
+                    ),
+                );
             }
         }
         Ok(())
@@ -960,9 +865,7 @@ impl Driver {
             };
             entry.deleting = true;
             let run = entry.run.take();
-            if let Some(entry) = registry.entries.get(id.as_str()) {
-                registry.publish_sandbox(entry);
-            }
+            registry.publish(&id);
             run
         };
         if let Some(run) = run {
@@ -979,31 +882,19 @@ impl Driver {
             if let Some(entry) = registry.entries.get_mut(id.as_str()) {
                 entry.deleting = false;
             }
-            if let Some(entry) = registry.entries.get(id.as_str()) {
-                registry.publish_sandbox(entry);
-            }
+            registry.publish(&id);
             return Err(error);
         }
         registry.entries.remove(id.as_str());
         tracing::info!(sandbox_id = %id, "sandbox deleted");
-        let _ = registry.events.send(WatchSandboxesEvent {
-            payload: Some(watch_sandboxes_event::Payload::Deleted(
-                WatchSandboxesDeletedEvent {
-                    sandbox_id: id.as_str().to_owned(),
-                },
-            )),
-        });
+        registry.feed.remove(id.as_str());
         Ok(true)
     }
 
-    /// Snapshots and a receiver for later events, with no gap between them.
-    pub fn watch(&self) -> WatchStart {
-        let registry = self.registry();
-        let events = registry.events.subscribe();
-        let mut snapshots: Vec<DriverSandbox> =
-            registry.entries.values().map(Entry::snapshot).collect();
-        snapshots.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
-        WatchStart { snapshots, events }
+    /// The feed `WatchSandboxes` serves: every sandbox's status as the
+    /// registry holds it, and the platform events.
+    pub fn feed(&self) -> &Arc<WatchFeed> {
+        &self.inner.feed
     }
 
     /// The console log of a sandbox.
@@ -1025,11 +916,11 @@ impl Driver {
                 .filter_map(|e| e.run.take())
                 .collect()
         };
-        if runs.is_empty() {
-            return;
+        if !runs.is_empty() {
+            tracing::info!(count = runs.len(), "stopping VMs before exit");
+            futures::future::join_all(runs.into_iter().map(Run::finish)).await;
         }
-        tracing::info!(count = runs.len(), "stopping VMs before exit");
-        futures::future::join_all(runs.into_iter().map(Run::finish)).await;
+        self.inner.feed.close();
     }
 
     /// Cache keys used by sandboxes on disk.
@@ -1078,17 +969,6 @@ fn find<'r>(
     entry.ok_or_else(|| Error::NotFound(if id.is_empty() { name } else { id }.to_owned()))
 }
 
-/// A `sandbox` watch event.
-pub fn sandbox_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
-    WatchSandboxesEvent {
-        payload: Some(watch_sandboxes_event::Payload::Sandbox(
-            WatchSandboxesSandboxEvent {
-                sandbox: Some(sandbox),
-            },
-        )),
-    }
-}
-
 /// The guest kernel command line for ELF kernels.
 pub fn kernel_cmdline(extra: &str) -> String {
     let mut cmdline = format!(
@@ -1123,6 +1003,251 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
+/// The platform event announcing that a boot ended on its own in `phase`.
+fn ending_event(phase: &Phase) -> DriverPlatformEvent {
+    let (kind, reason, message) = match phase {
+        Phase::Exited { code, message } => (
+            if *code == Some(0) {
+                "Normal"
+            } else {
+                "Warning"
+            },
+            "Exited",
+            message.clone(),
+        ),
+        Phase::BootFailed { message } => ("Warning", "BootFailed", message.clone()),
+        Phase::ProvisioningFailed { message } => ("Warning", "ProvisioningFailed", message.clone()),
+        other => ("Normal", "PhaseChanged", other.label().to_owned()),
+    };
+    platform_event(kind, reason, message, HashMap::new())
+}
+
+/// The tasks copying a VMM's console and log pipes, and the status lines
+/// found in its log.
+struct Pumps {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    status: tokio::sync::mpsc::UnboundedReceiver<StatusLine>,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Pumps {
+    /// Takes the VMM's pipes: the console goes to `console`, the log to
+    /// vmm.log (its last lines kept, its status lines passed on).
+    fn start(vmm: &mut Vmm, dir: &SandboxDir, console: Option<Arc<ConsoleLog>>) -> Self {
+        let mut tasks = Vec::new();
+        if let Some(pipe) = vmm.console.take() {
+            tasks.push(tokio::spawn(copy_console(pipe, console)));
+        }
+        let (status_tx, status) = tokio::sync::mpsc::unbounded_channel();
+        let log_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        if let Some(pipe) = vmm.log.take() {
+            tasks.push(tokio::spawn(read_vmm_log(
+                pipe,
+                dir.vmm_log(),
+                log_tail.clone(),
+                status_tx,
+            )));
+        }
+        Self {
+            tasks,
+            status,
+            log_tail,
+        }
+    }
+
+    /// Lets the copying tasks finish (bounded: a pipe a grandchild still
+    /// holds open must not hold supervision up) and returns the status
+    /// lines not read yet.
+    async fn drain(&mut self) -> Vec<StatusLine> {
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        let mut lines = Vec::new();
+        while let Ok(line) = self.status.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// The last lines of vmm.log that were not status lines.
+    fn log_tail(&self) -> String {
+        let tail = self.log_tail.lock().unwrap_or_else(PoisonError::into_inner);
+        tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Copies the VMM's console pipe into the console log.
+async fn copy_console(
+    mut pipe: tokio::net::unix::pipe::Receiver,
+    console: Option<Arc<ConsoleLog>>,
+) {
+    let mut buf = vec![0_u8; 16 << 10];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if let Some(console) = &console
+                    && let Err(error) =
+                        console.append(&buf[..n], openshell_wire::time::now_millis())
+                {
+                    tracing::warn!(error = %driver_lifecycle::error_chain(&error), "cannot write the console log");
+                }
+            }
+        }
+    }
+}
+
+/// What the VMM reported about its boot so far.
+#[derive(Debug, Default)]
+struct BootProgress {
+    /// It reported `entering`: libkrun owns the process from then on.
+    entered: bool,
+    /// It reported `guest-root`: the guest booted.
+    guest_root: bool,
+    /// The message of a `setup-failed` line.
+    setup_error: Option<String>,
+}
+
+/// A point of a boot worth telling watchers about; times are µs after
+/// the spawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Milestone {
+    Entered { micros: u64 },
+    GuestRoot { micros: u64 },
+}
+
+impl BootProgress {
+    /// Records `line`; returns the milestone it marks, if any (the guest
+    /// root only the first time).
+    fn apply(&mut self, line: StatusLine, spawned_at_us: u64) -> Option<Milestone> {
+        match line {
+            StatusLine::Configuring { .. } => None,
+            StatusLine::Entering { at_us } => {
+                self.entered = true;
+                Some(Milestone::Entered {
+                    micros: at_us.saturating_sub(spawned_at_us),
+                })
+            }
+            StatusLine::GuestRoot { at_us } => {
+                if self.guest_root {
+                    return None;
+                }
+                self.guest_root = true;
+                Some(Milestone::GuestRoot {
+                    micros: at_us.saturating_sub(spawned_at_us),
+                })
+            }
+            StatusLine::SetupFailed { message, .. } => {
+                self.setup_error = Some(message);
+                None
+            }
+        }
+    }
+}
+
+/// How waiting for a VMM ended.
+#[derive(Debug)]
+struct Ending {
+    /// The exit status, or why it could not be read.
+    status: std::io::Result<std::process::ExitStatus>,
+    /// It was stopped on request.
+    stopping: bool,
+    /// It was killed at the boot timeout.
+    timed_out: bool,
+}
+
+/// The last lines of the console and of vmm.log, quoted in boot failures.
+#[derive(Debug, Default)]
+struct Tails {
+    console: String,
+    log: String,
+}
+
+impl Tails {
+    fn quote(&self, headline: String) -> String {
+        let mut message = headline;
+        message.push_str("\nconsole (last lines):\n");
+        message.push_str(if self.console.is_empty() {
+            "(no output)"
+        } else {
+            &self.console
+        });
+        message.push_str("\nVMM log (last lines):\n");
+        message.push_str(if self.log.is_empty() {
+            "(empty)"
+        } else {
+            &self.log
+        });
+        message
+    }
+}
+
+/// What the end of a VMM means for its sandbox.
+fn classify_exit(
+    ending: Ending,
+    progress: &BootProgress,
+    tails: &Tails,
+    boot_timeout: Option<Duration>,
+) -> Outcome {
+    if ending.stopping {
+        return Outcome::Stopped;
+    }
+    let status = match ending.status {
+        Ok(status) => status,
+        Err(error) => {
+            return Outcome::Ended(Phase::BootFailed {
+                message: format!("waiting for the VMM failed: {error}"),
+            });
+        }
+    };
+    if ending.timed_out {
+        let secs = boot_timeout.map_or(0, |t| t.as_secs());
+        return Outcome::Ended(Phase::BootFailed {
+            message: tails.quote(format!(
+                "the guest did not reach its root filesystem within {secs} s; the VM was killed"
+            )),
+        });
+    }
+    let phase = match VmmExit::classify(status, progress.entered, progress.guest_root) {
+        VmmExit::Guest(code) => Phase::Exited {
+            code: Some(code),
+            message: match guest_code_meaning(code) {
+                Some(meaning) => format!("The guest exited with code {code}: {meaning}"),
+                None => format!("The guest exited with code {code}"),
+            },
+        },
+        VmmExit::Setup(failure) => Phase::BootFailed {
+            message: tails.quote(format!(
+                "the VMM failed before starting the VM ({}, exit code {}): {}",
+                failure.describe(),
+                failure.code(),
+                progress.setup_error.as_deref().unwrap_or_default()
+            )),
+        },
+        VmmExit::NoBoot(code) => Phase::BootFailed {
+            message: tails.quote(format!(
+                "the VM stopped before the guest reached its root filesystem (VMM exit code \
+                 {code})"
+            )),
+        },
+        VmmExit::Signal(signal) => {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+            if progress.guest_root {
+                Phase::Exited {
+                    code: None,
+                    message: format!("The VMM was killed by {name} while the guest ran"),
+                }
+            } else {
+                Phase::BootFailed {
+                    message: tails.quote(format!("the VMM was killed by {name} during boot")),
+                }
+            }
+        }
+    };
+    Outcome::Ended(phase)
+}
+
 /// Copies the VMM's stderr to vmm.log, keeps its last lines, and passes
 /// status lines on.
 async fn read_vmm_log(
@@ -1153,5 +1278,214 @@ async fn read_vmm_log(
             }
             tail.push_back(line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+    use std::process::ExitStatus;
+
+    use super::*;
+    use crate::launch::SetupFailure;
+
+    fn exited(code: i32) -> Ending {
+        Ending {
+            status: Ok(ExitStatus::from_raw(code << 8)),
+            stopping: false,
+            timed_out: false,
+        }
+    }
+
+    fn killed(signal: i32) -> Ending {
+        Ending {
+            status: Ok(ExitStatus::from_raw(signal)),
+            stopping: false,
+            timed_out: false,
+        }
+    }
+
+    fn booted() -> BootProgress {
+        BootProgress {
+            entered: true,
+            guest_root: true,
+            setup_error: None,
+        }
+    }
+
+    fn tails() -> Tails {
+        Tails {
+            console: "kernel panic".to_owned(),
+            log: String::new(),
+        }
+    }
+
+    fn message(outcome: &Outcome) -> &str {
+        match outcome {
+            Outcome::Ended(
+                Phase::BootFailed { message }
+                | Phase::Exited { message, .. }
+                | Phase::ProvisioningFailed { message },
+            ) => message,
+            other => panic!("no message in {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_lines_mark_each_milestone_once() {
+        let mut progress = BootProgress::default();
+        assert_eq!(
+            progress.apply(StatusLine::Configuring { at_us: 150 }, 100),
+            None
+        );
+        assert_eq!(
+            progress.apply(StatusLine::Entering { at_us: 400 }, 100),
+            Some(Milestone::Entered { micros: 300 })
+        );
+        assert!(progress.entered && !progress.guest_root);
+        assert_eq!(
+            progress.apply(StatusLine::GuestRoot { at_us: 50 }, 100),
+            Some(Milestone::GuestRoot { micros: 0 }),
+            "a clock that went backwards gives 0, not a panic"
+        );
+        assert_eq!(
+            progress.apply(StatusLine::GuestRoot { at_us: 900 }, 100),
+            None,
+            "the guest boots once"
+        );
+        assert_eq!(
+            progress.apply(
+                StatusLine::SetupFailed {
+                    at_us: 1,
+                    message: "no kvm".to_owned()
+                },
+                100
+            ),
+            None
+        );
+        assert_eq!(progress.setup_error.as_deref(), Some("no kvm"));
+    }
+
+    #[test]
+    fn a_stop_request_wins_over_how_the_vmm_ended() {
+        let mut ending = killed(15);
+        ending.stopping = true;
+        ending.timed_out = true;
+        assert_eq!(
+            classify_exit(ending, &BootProgress::default(), &tails(), None),
+            Outcome::Stopped
+        );
+    }
+
+    #[test]
+    fn guest_exits_are_exited_with_the_code_and_its_meaning() {
+        let outcome = classify_exit(exited(3), &booted(), &tails(), None);
+        assert_eq!(
+            outcome,
+            Outcome::Ended(Phase::Exited {
+                code: Some(3),
+                message: "The guest exited with code 3".to_owned()
+            })
+        );
+        let outcome = classify_exit(exited(127), &booted(), &tails(), None);
+        assert_eq!(
+            message(&outcome),
+            "The guest exited with code 127: the command was not found in the image"
+        );
+        let outcome = classify_exit(killed(9), &booted(), &tails(), None);
+        assert_eq!(
+            outcome,
+            Outcome::Ended(Phase::Exited {
+                code: None,
+                message: "The VMM was killed by SIGKILL while the guest ran".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn boot_failures_quote_the_tails() {
+        let progress = BootProgress {
+            entered: false,
+            guest_root: false,
+            setup_error: Some("cannot open /dev/kvm".to_owned()),
+        };
+        let code = i32::from(SetupFailure::KrunStart.code());
+        let outcome = classify_exit(exited(code), &progress, &tails(), None);
+        let text = message(&outcome);
+        assert!(matches!(outcome, Outcome::Ended(Phase::BootFailed { .. })));
+        assert!(text.contains("cannot open /dev/kvm"), "{text}");
+        assert!(text.contains(&format!("exit code {code}")), "{text}");
+        assert!(
+            text.contains("console (last lines):\nkernel panic"),
+            "{text}"
+        );
+        assert!(text.contains("VMM log (last lines):\n(empty)"), "{text}");
+
+        let entered = BootProgress {
+            entered: true,
+            ..BootProgress::default()
+        };
+        let outcome = classify_exit(killed(11), &entered, &Tails::default(), None);
+        let text = message(&outcome);
+        assert!(text.contains("killed by SIGSEGV during boot"), "{text}");
+        assert!(text.contains("(no output)"), "{text}");
+    }
+
+    #[test]
+    fn the_boot_timeout_and_wait_errors_are_boot_failures() {
+        let mut ending = killed(9);
+        ending.timed_out = true;
+        let outcome = classify_exit(
+            ending,
+            &BootProgress::default(),
+            &tails(),
+            Some(Duration::from_secs(42)),
+        );
+        assert!(message(&outcome).contains("within 42 s"), "{outcome:?}");
+
+        let ending = Ending {
+            status: Err(std::io::Error::other("ECHILD")),
+            stopping: false,
+            timed_out: true,
+        };
+        let outcome = classify_exit(ending, &booted(), &tails(), None);
+        assert!(
+            message(&outcome).starts_with("waiting for the VMM failed: ECHILD"),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn ending_events_are_warnings_unless_the_guest_succeeded() {
+        let event = ending_event(&Phase::Exited {
+            code: Some(0),
+            message: "done".to_owned(),
+        });
+        assert_eq!(
+            (
+                event.r#type.as_str(),
+                event.reason.as_str(),
+                event.message.as_str()
+            ),
+            ("Normal", "Exited", "done")
+        );
+        let event = ending_event(&Phase::Exited {
+            code: None,
+            message: "killed".to_owned(),
+        });
+        assert_eq!(event.r#type, "Warning");
+        let event = ending_event(&Phase::ProvisioningFailed {
+            message: "umoci".to_owned(),
+        });
+        assert_eq!(
+            (event.r#type.as_str(), event.reason.as_str()),
+            ("Warning", "ProvisioningFailed")
+        );
+        let event = ending_event(&Phase::Stopped);
+        assert_eq!(
+            (event.reason.as_str(), event.message.as_str()),
+            ("PhaseChanged", "stopped")
+        );
+        assert_eq!(event.source, "vm");
     }
 }

@@ -80,18 +80,6 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The message with every source appended, as one line.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         use tonic::Code;
@@ -109,7 +97,7 @@ impl From<Error> for tonic::Status {
             | Error::Krun { .. }
             | Error::CorruptState { .. } => Code::Internal,
         };
-        tonic::Status::new(code, chain(&error))
+        tonic::Status::new(code, driver_lifecycle::error_chain(&error))
     }
 }
 

@@ -610,7 +610,7 @@ impl ImageCache {
                     &CacheEntry {
                         digest: digest.clone(),
                         source: source.clone(),
-                        created_ms: state::now_ms(),
+                        created_ms: openshell_wire::time::now_millis(),
                     },
                 )?;
                 if entry.exists() {

@@ -42,7 +42,7 @@ pub fn create(dir: &SandboxDir, lower: &Path, mode: LayerMode) -> Result<LayerKi
             Err(error) => {
                 tracing::warn!(
                     sandbox_id = %dir.id,
-                    error = %crate::error::chain(&error),
+                    error = %driver_lifecycle::error_chain(&error),
                     "overlayfs is unavailable; giving the sandbox a full copy of its image instead"
                 );
                 let _ = std::fs::remove_dir(dir.upper());

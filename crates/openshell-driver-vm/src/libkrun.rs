@@ -8,7 +8,10 @@
 //! and ends it with the guest's exit code.
 //!
 //! Only the VMM child (`openshell-driver-vm vmm`) uses this module.
-#![allow(unsafe_code)]
+#![expect(
+    unsafe_code,
+    reason = "the libkrun C API is only reachable through unsafe calls; each has a SAFETY note"
+)]
 
 use std::ffi::{CString, c_char};
 use std::os::fd::RawFd;

@@ -2,8 +2,9 @@
 //! `openshell.compute.logs.v1.SandboxLogs`, both thin layers over
 //! [`Driver`].
 
-use std::collections::HashSet;
 use std::pin::Pin;
+
+use futures::StreamExt as _;
 
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
@@ -15,8 +16,8 @@ use openshell_proto::compute::v1::{
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
     GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesDeletedEvent,
-    WatchSandboxesEvent, WatchSandboxesRequest, watch_sandboxes_event,
+    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
+    WatchSandboxesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::console::LiveOutput;
-use crate::driver::{Driver, sandbox_event};
+use crate::driver::Driver;
 
 /// Name reported in `GetCapabilities`.
 pub const DRIVER_NAME: &str = "openshell-driver-vm";
@@ -172,70 +173,14 @@ impl ComputeDriver for Service {
         &self,
         _request: Request<WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let driver = self.driver.clone();
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let mut start = driver.watch();
-            let mut known: HashSet<String> = HashSet::new();
-            loop {
-                for snapshot in std::mem::take(&mut start.snapshots) {
-                    known.insert(snapshot.id.clone());
-                    if tx.send(Ok(sandbox_event(snapshot))).await.is_err() {
-                        return;
-                    }
-                }
-                loop {
-                    let event = tokio::select! {
-                        event = start.events.recv() => event,
-                        () = stop.cancelled() => return,
-                        () = tx.closed() => return,
-                    };
-                    match event {
-                        Ok(event) => {
-                            match &event.payload {
-                                Some(watch_sandboxes_event::Payload::Sandbox(s)) => {
-                                    if let Some(sandbox) = &s.sandbox {
-                                        known.insert(sandbox.id.clone());
-                                    }
-                                }
-                                Some(watch_sandboxes_event::Payload::Deleted(d)) => {
-                                    known.remove(&d.sandbox_id);
-                                }
-                                _ => {}
-                            }
-                            if tx.send(Ok(event)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            // Fell behind: start over from a fresh snapshot,
-                            // reporting sandboxes that vanished meanwhile.
-                            tracing::warn!(missed, "a watcher fell behind; resynchronising it");
-                            start = driver.watch();
-                            let current: HashSet<String> =
-                                start.snapshots.iter().map(|s| s.id.clone()).collect();
-                            for gone in known.difference(&current) {
-                                let deleted = WatchSandboxesEvent {
-                                    payload: Some(watch_sandboxes_event::Payload::Deleted(
-                                        WatchSandboxesDeletedEvent {
-                                            sandbox_id: gone.clone(),
-                                        },
-                                    )),
-                                };
-                                if tx.send(Ok(deleted)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            known = current;
-                            break;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The feed serves snapshot, changes and resync; the stream also
+        // ends when the server shuts down.
+        let stream = self
+            .driver
+            .feed()
+            .watch()
+            .take_until(self.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn ensure_workspace(
@@ -300,7 +245,7 @@ impl SandboxLogs for Service {
                              console.log has all of it]\n"
                         )
                         .into_bytes(),
-                        crate::state::now_ms(),
+                        openshell_wire::time::now_millis(),
                     ),
                 };
                 if tx.send(Ok(item)).await.is_err() {

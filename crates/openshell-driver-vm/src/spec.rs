@@ -218,7 +218,11 @@ fn struct_integer(key: &str, value: &prost_types::Value, min: u64, max: u64) -> 
             "driver_config.{key} must be a whole number from {min} to {max}, not {number}"
         )));
     }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked above: a whole number within min..=max, both u64"
+    )]
     Ok(number as u64)
 }
 

@@ -51,14 +51,6 @@ pub const REASON_BOOT_FAILED: &str = "BootFailed";
 pub const REASON_PROVISIONING_FAILED: &str = "ProvisioningFailed";
 
 impl Phase {
-    /// A boot is being prepared or runs.
-    pub fn is_active(&self) -> bool {
-        matches!(
-            self,
-            Self::Provisioning | Self::Booting { .. } | Self::Running { .. }
-        )
-    }
-
     /// The tombstone that records this phase, for phases that end a boot on
     /// their own.
     pub fn tombstone(&self, at_ms: i64) -> Option<Tombstone> {
@@ -121,7 +113,7 @@ fn condition(
 
 /// The observed status of a sandbox in `phase` since `since_ms`.
 pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> DriverSandboxStatus {
-    let since = rfc3339(since_ms);
+    let since = openshell_wire::time::rfc3339_millis(since_ms);
     let ready_false =
         |reason: &str, message: &str| condition("Ready", "False", reason, message, &since);
     let conditions = if deleting {
@@ -171,40 +163,9 @@ pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> Drive
     }
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40.000Z");
-    }
 
     fn only(status: &DriverSandboxStatus, kind: &str) -> DriverCondition {
         status
@@ -213,6 +174,15 @@ mod tests {
             .find(|c| c.r#type == kind)
             .cloned()
             .unwrap()
+    }
+
+    #[test]
+    fn conditions_carry_the_wire_timestamp() {
+        let ready = only(
+            &status("n", &Phase::Running { pid: 1 }, false, 951_782_400_123),
+            "Ready",
+        );
+        assert_eq!(ready.last_transition_time, "2000-02-29T00:00:00.123Z");
     }
 
     #[test]

@@ -42,7 +42,11 @@ fn status(line: &StatusLine) {
 fn fail(failure: SetupFailure, error: &Error) -> u8 {
     status(&StatusLine::SetupFailed {
         at_us: monotonic_us(),
-        message: format!("{}: {}", failure.describe(), crate::error::chain(error)),
+        message: format!(
+            "{}: {}",
+            failure.describe(),
+            driver_lifecycle::error_chain(error)
+        ),
     });
     failure.code()
 }

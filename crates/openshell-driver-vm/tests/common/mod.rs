@@ -1,7 +1,10 @@
 //! Helpers for tests and benchmarks that run the real `openshell-driver-vm`
 //! binary as a managed driver (the test process plays the gateway).
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "shared by several test and bench targets, each using only part of it"
+)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

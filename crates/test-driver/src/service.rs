@@ -147,9 +147,16 @@ pub struct TestDriver {
     inner: Arc<Inner>,
 }
 
+/// Now, cut to whole milliseconds (the precision of the RFC 3339 text), so
+/// both time encodings denote the same instant.
+fn now() -> SystemTime {
+    let millis = u64::try_from(openshell_wire::time::now_millis()).unwrap_or(0);
+    std::time::UNIX_EPOCH + Duration::from_millis(millis)
+}
+
 /// A condition stamped now, in both time encodings.
 fn condition(kind: &str, status: &str, reason: &str, message: &str) -> DriverCondition {
-    contract::condition(kind, status, reason, message, SystemTime::now())
+    contract::condition(kind, status, reason, message, now())
 }
 
 /// The runtime identity of sandbox `id`: stable for the sandbox's life.
@@ -418,7 +425,7 @@ impl TestDriver {
         };
         self.inner
             .feed
-            .publish_platform_event(id, contract::stamp_event(event, SystemTime::now()));
+            .publish_platform_event(id, contract::stamp_event(event, now()));
     }
 
     fn log(&self, id: &str, entry: &mut Entry, line: String) {
@@ -1212,6 +1219,11 @@ mod tests {
                     for condition in &status.conditions {
                         let (text, ts) = both_times_ms(condition);
                         assert_eq!(text, ts, "{condition:?}");
+                        assert_eq!(
+                            contract::condition_time(condition),
+                            openshell_wire::time::parse_rfc3339(&condition.last_transition_time),
+                            "{condition:?}"
+                        );
                         conditions += 1;
                     }
                     if !stopping && status.conditions.iter().any(|c| c.reason == "Running") {

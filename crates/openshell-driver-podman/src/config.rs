@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use openshell_driver_kit::contract::AdmissionPolicy;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -120,6 +121,21 @@ pub struct SettingsArgs {
     /// with the EngineUnavailable condition [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub engine_unavailable_after: Option<u64>,
+
+    /// Accept a non-empty `template.driver_config` from callers, as the
+    /// admission policy reported to 1.x gateways says (`allow_driver_config`).
+    /// The driver takes no per-sandbox settings, so enabling this only
+    /// changes the refusal of such keys from FAILED_PRECONDITION to
+    /// INVALID_ARGUMENT naming the key [default: false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_driver_config: Option<bool>,
 }
 
 /// The file's `ulimits`, a table or a list, as `NAME=SOFT[:HARD]` entries
@@ -198,6 +214,7 @@ impl SettingsArgs {
             engine_unavailable_after: self
                 .engine_unavailable_after
                 .or(file.engine_unavailable_after),
+            allow_driver_config: self.allow_driver_config.or(file.allow_driver_config),
         }
     }
 }
@@ -387,6 +404,8 @@ pub struct Settings {
     pub default_image: Option<String>,
     pub stop_timeout: Duration,
     pub engine_unavailable_after: Duration,
+    /// The admission policy acknowledged to 1.x gateways.
+    pub admission: AdmissionPolicy,
 }
 
 /// Checks a driver instance name: it ends up in labels, container names and
@@ -514,6 +533,10 @@ impl Settings {
             engine_unavailable_after: given
                 .engine_unavailable_after
                 .map_or(DEFAULT_ENGINE_UNAVAILABLE_AFTER, Duration::from_secs),
+            admission: AdmissionPolicy {
+                allow_driver_config: given.allow_driver_config.unwrap_or(false),
+                ..AdmissionPolicy::default()
+            },
             name,
         })
     }

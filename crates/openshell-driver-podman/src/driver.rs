@@ -4,9 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use openshell_driver_kit::contract;
 use openshell_driver_kit::{KeyLocks, WatchStream};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
     DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverSandbox, EnsureWorkspaceRequest,
     EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
@@ -15,6 +17,10 @@ use openshell_proto::compute::v1::{
     StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
     ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesRequest,
 };
+use openshell_proto::compute::v1::{
+    GpuResourceCapabilities, MemoryResourceCapabilities, ResourceCapabilities,
+};
+use openshell_proto::extension::v1::PeerMetadata;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -29,6 +35,14 @@ use crate::watch::Observer;
 
 /// Name the driver reports for itself.
 pub const DRIVER_NAME: &str = "openshell-driver-podman";
+
+/// The implementation name in the driver's 1.x metadata.
+pub const IMPLEMENTATION_NAME: &str = "openshell-compute-plane/podman";
+
+/// The driver's 1.x negotiation metadata.
+pub fn metadata() -> PeerMetadata {
+    contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[])
+}
 
 /// How long the first full list of sandboxes may take at startup.
 const FIRST_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -140,18 +154,60 @@ impl PodmanDriver {
         .map_err(|e| Error::Internal(format!("a sandbox operation task failed: {e}")))?
     }
 
-    pub fn capabilities(&self) -> GetCapabilitiesResponse {
-        GetCapabilitiesResponse {
+    /// The capabilities, for a v0.0.111 gateway (`gateway` absent) or a
+    /// 1.x gateway whose metadata must negotiate. The 1.x fields are always
+    /// filled; v0.0.111 gateways skip them. Cheap and free of side effects:
+    /// 1.x gateways ask before every create and start.
+    pub fn capabilities(&self, gateway: Option<&PeerMetadata>) -> Result<GetCapabilitiesResponse> {
+        let ours = metadata();
+        if let Some(gateway) = gateway {
+            contract::negotiate("the gateway", &ours, Some(gateway))
+                .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        }
+        Ok(GetCapabilitiesResponse {
             driver_name: DRIVER_NAME.to_owned(),
             driver_version: env!("CARGO_PKG_VERSION").to_owned(),
             default_image: self.core.settings.default_image.clone().unwrap_or_default(),
             gateway_manages_lifecycle: true,
-        }
+            supports_sandbox_authentication: false,
+            // Ready=True means the container's main process runs.
+            driver_reports_runtime_readiness: true,
+            resource_capabilities: Some(ResourceCapabilities {
+                cpu: Some(CpuResourceCapabilities {
+                    limit_supported: true,
+                }),
+                memory: Some(MemoryResourceCapabilities {
+                    limit_supported: true,
+                }),
+                gpu: Some(GpuResourceCapabilities {
+                    default_selection_supported: false,
+                    count_selection_supported: false,
+                }),
+            }),
+            rootfs_tar_staging_dir: String::new(),
+            rootfs_tar_max_bytes: 0,
+            extension: Some(ours),
+            resource_admission_policy: self.core.settings.admission.encode(),
+        })
     }
 
     /// Everything ValidateSandboxCreate checks, including the engine's
-    /// image store.
+    /// image store. `sandbox_token` is used; `launch_authentication` is
+    /// accepted and ignored: checking it needs a supervisor component inside
+    /// the sandbox, which this project does not have.
     pub async fn validate(&self, sandbox: Option<&DriverSandbox>) -> Result<Plan> {
+        let caller_config = sandbox
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.template.as_ref())
+            .and_then(|t| t.driver_config.as_ref())
+            .is_some_and(|c| !c.fields.is_empty());
+        if caller_config && !self.core.settings.admission.allow_driver_config {
+            return Err(Error::FailedPrecondition(
+                "caller driver config is disabled; a gateway administrator must enable \
+                 allow_driver_config"
+                    .to_owned(),
+            ));
+        }
         let plan = plan(
             sandbox,
             &self.core.settings.name,
@@ -183,7 +239,9 @@ impl PodmanDriver {
         Ok(plan)
     }
 
-    pub async fn create(&self, sandbox: Option<&DriverSandbox>) -> Result<()> {
+    /// Creates and starts the sandbox; returns its container id, the
+    /// runtime identity.
+    pub async fn create(&self, sandbox: Option<&DriverSandbox>) -> Result<String> {
         let plan = self.validate(sandbox).await?;
         if self.core.find(&plan.id).await?.is_some() {
             return Err(Error::AlreadyExists(format!(
@@ -226,7 +284,7 @@ impl PodmanDriver {
         }
         tracing::info!(sandbox_id = %plan.id, sandbox = %plan.name, container = %created.id, image = %plan.image, "sandbox created");
         self.observer.refresh(&plan.id, &created.id).await;
-        Ok(())
+        Ok(created.id)
     }
 
     /// A start failure as the sandbox condition to record and the error to
@@ -295,7 +353,8 @@ impl PodmanDriver {
         Ok(())
     }
 
-    pub async fn start(&self, id: &str) -> Result<()> {
+    /// Starts the sandbox; returns its container id, the runtime identity.
+    pub async fn start(&self, id: &str) -> Result<String> {
         check_sandbox_id(id)?;
         let container = self.core.require(id).await?;
         let status = self
@@ -331,7 +390,7 @@ impl PodmanDriver {
         self.core.state.clear_start_failure(id).await?;
         tracing::info!(sandbox_id = %id, container = %container.id, "sandbox started");
         self.observer.refresh(id, &container.id).await;
-        Ok(())
+        Ok(container.id)
     }
 
     /// Removes the sandbox; `Ok(false)` when there was nothing to remove.
@@ -426,9 +485,21 @@ fn field<T>(value: Option<T>, name: &str) -> Result<T> {
 impl ComputeDriver for PodmanDriver {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> std::result::Result<Response<GetCapabilitiesResponse>, Status> {
-        Ok(Response::new(self.capabilities()))
+        Ok(Response::new(
+            self.capabilities(request.get_ref().gateway.as_ref())?,
+        ))
+    }
+
+    async fn authenticate_sandbox(
+        &self,
+        _request: Request<AuthenticateSandboxRequest>,
+    ) -> std::result::Result<Response<AuthenticateSandboxResponse>, Status> {
+        Err(Status::unimplemented(
+            "this driver does not authenticate sandbox credentials \
+             (supports_sandbox_authentication is false)",
+        ))
     }
 
     async fn get_gateway_listener_requirements(
@@ -475,11 +546,12 @@ impl ComputeDriver for PodmanDriver {
     ) -> std::result::Result<Response<CreateSandboxResponse>, Status> {
         let sandbox = field(request.into_inner().sandbox, "sandbox")?;
         let id = sandbox.id.clone();
-        self.owned(&id, move |driver| async move {
-            driver.create(Some(&sandbox)).await
-        })
-        .await?;
-        Ok(Response::new(CreateSandboxResponse {}))
+        let runtime_identity = self
+            .owned(&id, move |driver| async move {
+                driver.create(Some(&sandbox)).await
+            })
+            .await?;
+        Ok(Response::new(CreateSandboxResponse { runtime_identity }))
     }
 
     async fn stop_sandbox(
@@ -499,13 +571,17 @@ impl ComputeDriver for PodmanDriver {
         &self,
         request: Request<StartSandboxRequest>,
     ) -> std::result::Result<Response<StartSandboxResponse>, Status> {
+        // launch_authentication, generation_id and
+        // expected_runtime_identity are accepted and not used (see
+        // `validate`).
         let id = request.into_inner().sandbox_id;
-        self.owned(
-            &id.clone(),
-            move |driver| async move { driver.start(&id).await },
-        )
-        .await?;
-        Ok(Response::new(StartSandboxResponse {}))
+        let runtime_identity = self
+            .owned(
+                &id.clone(),
+                move |driver| async move { driver.start(&id).await },
+            )
+            .await?;
+        Ok(Response::new(StartSandboxResponse { runtime_identity }))
     }
 
     async fn delete_sandbox(

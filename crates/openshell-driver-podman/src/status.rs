@@ -5,6 +5,9 @@
 //! `ContainerStarting`) as provisioning and any other `Ready=False` reason as
 //! an error; no `Ready` condition at all also reads as provisioning.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openshell_driver_kit::contract;
 use openshell_proto::compute::v1::{DriverCondition, DriverSandbox, DriverSandboxStatus};
 
 use crate::podman::types::ContainerInspect;
@@ -34,30 +37,45 @@ pub mod reason {
 /// Podman's "zero" time, meaning "never".
 const ZERO_TIME_PREFIX: &str = "0001-01-01";
 
-/// A Podman time (RFC 3339, any offset, nanoseconds) in the wire's one
-/// form; empty for "never" and for anything that is not a time.
-fn time(value: &str) -> String {
+/// A Podman time (RFC 3339, any offset, nanoseconds); `None` for "never"
+/// and for anything that is not a time.
+fn time(value: &str) -> Option<SystemTime> {
     if value.starts_with(ZERO_TIME_PREFIX) {
-        return String::new();
+        return None;
     }
     openshell_wire::time::parse_rfc3339(value)
-        .map(openshell_wire::time::rfc3339)
-        .unwrap_or_default()
 }
 
+/// `at` cut to whole milliseconds, the precision of the RFC 3339 text, so
+/// both encodings of a condition's time denote the same instant.
+fn whole_millis(at: SystemTime) -> SystemTime {
+    let millis = at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    UNIX_EPOCH + Duration::from_millis(millis)
+}
+
+/// A condition stamped `at` in both time encodings (RFC 3339 text for
+/// v0.0.111 gateways, a Timestamp for 1.x); neither when the time is not
+/// known.
 pub fn condition(
     kind: &str,
     status: bool,
     reason: &str,
     message: impl Into<String>,
-    at: &str,
+    at: Option<SystemTime>,
 ) -> DriverCondition {
-    DriverCondition {
-        r#type: kind.to_owned(),
-        status: if status { "True" } else { "False" }.to_owned(),
-        reason: reason.to_owned(),
-        message: message.into(),
-        last_transition_time: at.to_owned(),
+    let status = if status { "True" } else { "False" };
+    let message = message.into();
+    match at {
+        Some(at) => contract::condition(kind, status, reason, &message, whole_millis(at)),
+        None => DriverCondition {
+            r#type: kind.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            ..Default::default()
+        },
     }
 }
 
@@ -91,7 +109,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
     let finished = time(&state.finished_at);
     let created = time(&inspect.created);
     let failure = facts.start_failure;
-    let stopped_pair = |message: String, at: &str| {
+    let stopped_pair = |message: String, at: Option<SystemTime>| {
         let ready = match failure {
             Some(f) => condition(READY, false, &f.reason, f.message.clone(), at),
             None => condition(READY, false, reason::CONTAINER_STOPPED, message.clone(), at),
@@ -101,7 +119,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
             ready,
         ]
     };
-    let failed = |f: &StartFailure, at: &str| {
+    let failed = |f: &StartFailure, at: Option<SystemTime>| {
         vec![condition(READY, false, &f.reason, f.message.clone(), at)]
     };
 
@@ -111,7 +129,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
             true,
             reason::RUNNING,
             "container is running",
-            &started,
+            started,
         )],
         "paused" => vec![
             condition(
@@ -119,31 +137,31 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
                 true,
                 reason::CONTAINER_PAUSED,
                 "container is paused",
-                &started,
+                started,
             ),
             condition(
                 READY,
                 false,
                 reason::CONTAINER_PAUSED,
                 "container is paused",
-                &started,
+                started,
             ),
         ],
         "created" | "configured" | "initialized" => {
             if facts.stopped {
                 stopped_pair(
                     "stopped through StopSandbox before it ran".to_owned(),
-                    &created,
+                    created,
                 )
             } else if let Some(f) = failure {
-                failed(f, &created)
+                failed(f, created)
             } else if state.status == "initialized" {
                 vec![condition(
                     READY,
                     false,
                     reason::CONTAINER_STARTING,
                     "container is starting",
-                    &created,
+                    created,
                 )]
             } else {
                 vec![condition(
@@ -151,7 +169,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
                     false,
                     reason::CONTAINER_CREATED,
                     "container is created and not started yet",
-                    &created,
+                    created,
                 )]
             }
         }
@@ -160,16 +178,16 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
             false,
             reason::CONTAINER_STOPPING,
             "container is stopping",
-            &started,
+            started,
         )],
         "exited" | "stopped" => {
             if facts.stopped {
                 stopped_pair(
                     format!("stopped through StopSandbox ({})", exit_message(inspect)),
-                    &finished,
+                    finished,
                 )
             } else if let Some(f) = failure {
-                failed(f, &finished)
+                failed(f, finished)
             } else if state.oom_killed {
                 let limit = u64::try_from(inspect.host_config.memory)
                     .ok()
@@ -185,7 +203,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
                         "killed by the kernel because it ran out of memory{limit}; raise \
                          template.resources.limits.memory"
                     ),
-                    &finished,
+                    finished,
                 )]
             } else {
                 vec![condition(
@@ -193,7 +211,7 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
                     false,
                     reason::CONTAINER_EXITED,
                     exit_message(inspect),
-                    &finished,
+                    finished,
                 )]
             }
         }
@@ -202,14 +220,14 @@ fn conditions(facts: Facts<'_>) -> (Vec<DriverCondition>, bool) {
             false,
             reason::CONTAINER_REMOVING,
             "container is being removed",
-            &finished,
+            finished,
         )],
         other => vec![DriverCondition {
             r#type: READY.to_owned(),
             status: "Unknown".to_owned(),
             reason: reason::UNKNOWN_STATE.to_owned(),
             message: format!("Podman reports the container as {other:?}"),
-            last_transition_time: String::new(),
+            ..Default::default()
         }],
     };
     (list, state.status == "removing")
@@ -237,6 +255,7 @@ pub fn observe(facts: Facts<'_>) -> DriverSandbox {
             sandbox_fd: String::new(),
             conditions,
             deleting,
+            ..Default::default()
         }),
         workspace: inspect
             .label(LABEL_WORKSPACE)
@@ -246,7 +265,7 @@ pub fn observe(facts: Facts<'_>) -> DriverSandbox {
 }
 
 /// A last-known sandbox, marked as unreachable because the engine is.
-pub fn engine_unavailable(last: &DriverSandbox, message: &str, since: &str) -> DriverSandbox {
+pub fn engine_unavailable(last: &DriverSandbox, message: &str, since: SystemTime) -> DriverSandbox {
     let mut sandbox = last.clone();
     let status = sandbox.status.get_or_insert_with(Default::default);
     status.conditions = vec![condition(
@@ -254,7 +273,7 @@ pub fn engine_unavailable(last: &DriverSandbox, message: &str, since: &str) -> D
         false,
         reason::ENGINE_UNAVAILABLE,
         message,
-        since,
+        Some(since),
     )];
     status.deleting = false;
     sandbox
@@ -335,13 +354,30 @@ mod tests {
 
     #[test]
     fn podman_times_become_utc_milliseconds() {
-        assert_eq!(
+        let c = condition(
+            READY,
+            true,
+            "r",
+            "",
             time("2026-11-23T11:00:01.123456789+01:00"),
-            "2026-11-23T10:00:01.123Z"
         );
-        assert_eq!(time("0001-01-01T00:00:00Z"), "");
-        assert_eq!(time(""), "");
-        assert_eq!(time("yesterday"), "");
+        assert_eq!(c.last_transition_time, "2026-11-23T10:00:01.123Z");
+        assert_eq!(
+            c.transition_time,
+            Some(prost_types::Timestamp {
+                seconds: 1_795_428_001,
+                nanos: 123_000_000
+            })
+        );
+        assert_eq!(
+            contract::condition_time(&c),
+            openshell_wire::time::parse_rfc3339(&c.last_transition_time)
+        );
+        assert_eq!(time("0001-01-01T00:00:00Z"), None);
+        assert_eq!(time(""), None);
+        assert_eq!(time("yesterday"), None);
+        let unknown = condition(READY, false, "r", "", None);
+        assert!(unknown.last_transition_time.is_empty() && unknown.transition_time.is_none());
     }
 
     #[test]
@@ -466,7 +502,7 @@ mod tests {
     #[test]
     fn unavailable_replaces_conditions() {
         let s = observed("running", 0, false, false, None);
-        let u = engine_unavailable(&s, "no engine", "t");
+        let u = engine_unavailable(&s, "no engine", SystemTime::now());
         assert_eq!(
             ready_of(&u),
             (

@@ -168,12 +168,11 @@ impl Observer {
             return None;
         }
         let message = self.unavailable_message(&shared.down_reason);
-        let at = openshell_wire::time::rfc3339(wall);
         Some(
             self.feed
                 .list()
                 .iter()
-                .map(|sandbox| status::engine_unavailable(sandbox, &message, &at))
+                .map(|sandbox| status::engine_unavailable(sandbox, &message, wall))
                 .collect(),
         )
     }
@@ -206,7 +205,6 @@ impl Observer {
         }
         shared.unavailable_reported = true;
         let message = self.unavailable_message(&shared.down_reason);
-        let at = openshell_wire::time::rfc3339(wall);
         drop(shared);
         let known = self.feed.list();
         tracing::warn!(
@@ -215,7 +213,7 @@ impl Observer {
         );
         for sandbox in known {
             self.feed
-                .upsert(status::engine_unavailable(&sandbox, &message, &at));
+                .upsert(status::engine_unavailable(&sandbox, &message, wall));
         }
     }
 
@@ -412,14 +410,17 @@ pub fn platform_event(event: &Event, stopped_on_request: bool) -> Option<DriverP
     if !exit_code.is_empty() && event.action == "died" {
         metadata.insert("exit_code".to_owned(), exit_code);
     }
-    Some(DriverPlatformEvent {
-        timestamp_ms: event.timestamp_ms(),
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(event.timestamp_ms()).unwrap_or(0));
+    let platform = DriverPlatformEvent {
         source: "podman".to_owned(),
         r#type: kind.to_owned(),
         reason: reason.to_owned(),
         message,
         metadata,
-    })
+        ..Default::default()
+    };
+    Some(openshell_driver_kit::contract::stamp_event(platform, at))
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use common::{
     IMAGE, LONG, Standalone, base_args, engine_or_skip, event_deleted, event_sandbox, get,
     is_suspended, ready_condition, ready_true, sandbox, unique, wait_for, watch_until,
 };
+use openshell_driver_kit::contract::{self, AdmissionPolicy};
 use openshell_proto::compute::logs::v1::{LogStream, StreamLogsRequest};
+use openshell_proto::compute::v1::AuthenticateSandboxRequest;
 use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
 use openshell_proto::compute::v1::{
     CreateSandboxRequest, DeleteSandboxRequest, DriverResourceRequirements, DriverSandbox,
@@ -19,6 +21,7 @@ use openshell_proto::compute::v1::{
     GpuResourceRequirements, ListSandboxesRequest, ResourceRequirements, StartSandboxRequest,
     StopSandboxRequest, ValidateSandboxCreateRequest, WatchSandboxesRequest,
 };
+use openshell_proto::extension::v1::ProtocolVersion;
 use tonic::transport::Channel;
 
 type Client = ComputeDriverClient<Channel>;
@@ -46,7 +49,7 @@ async fn start(client: &mut Client, id: &str) -> Result<(), tonic::Status> {
     client
         .start_sandbox(StartSandboxRequest {
             sandbox_id: id.to_owned(),
-            sandbox_name: String::new(),
+            ..Default::default()
         })
         .await
         .map(drop)
@@ -122,7 +125,7 @@ async fn full_lifecycle_through_grpc() {
     let mut client = driver.client().await;
 
     let caps = client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -232,6 +235,134 @@ async fn full_lifecycle_through_grpc() {
             .is_empty()
     );
     assert!(list_ids(&mut client).await.is_empty());
+}
+
+/// The instant both encodings of a condition's time denote, in ms.
+fn both_times_ms(condition: &openshell_proto::compute::v1::DriverCondition) -> (i128, i128) {
+    let text = openshell_wire::time::parse_rfc3339(&condition.last_transition_time)
+        .expect("RFC 3339 text");
+    let text_ms = text
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis();
+    let ts = condition.transition_time.expect("a Timestamp");
+    let ts_ms = i128::from(ts.seconds) * 1000 + i128::from(ts.nanos) / 1_000_000;
+    (i128::try_from(text_ms).expect("fits"), ts_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_contract_generations_are_answered() {
+    let engine = engine_or_skip!();
+    let instance = unique("gens");
+    engine.clean_up_instance(&instance);
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Standalone::start(
+        dir.path(),
+        &base_args(&engine, &instance, &dir.path().join("state")),
+    )
+    .await;
+    let mut client = driver.client().await;
+
+    let legacy = client
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .expect("a v0.0.111 gateway sends no metadata")
+        .into_inner();
+    let extension = legacy.extension.as_ref().expect("1.x metadata always sent");
+    assert_eq!(
+        extension.implementation_name,
+        "openshell-compute-plane/podman"
+    );
+    assert_eq!(
+        legacy.resource_admission_policy,
+        AdmissionPolicy::default().encode()
+    );
+    assert!(legacy.driver_reports_runtime_readiness);
+    assert!(!legacy.supports_sandbox_authentication);
+    let resources = legacy.resource_capabilities.expect("resource capabilities");
+    assert!(resources.cpu.expect("cpu").limit_supported);
+    assert!(resources.memory.expect("memory").limit_supported);
+    let gpu = resources.gpu.expect("gpu");
+    assert!(!gpu.default_selection_supported && !gpu.count_selection_supported);
+
+    let gateway = contract::peer_metadata("openshell-compute-plane/gateway", "x", &[]);
+    let negotiated = client
+        .get_capabilities(GetCapabilitiesRequest {
+            gateway: Some(gateway.clone()),
+        })
+        .await
+        .expect("this project's gateway negotiates")
+        .into_inner();
+    assert_eq!(
+        negotiated.resource_admission_policy,
+        legacy.resource_admission_policy
+    );
+    let mut future = gateway;
+    future.protocol_version = Some(ProtocolVersion { major: 2, minor: 1 });
+    let refused = client
+        .get_capabilities(GetCapabilitiesRequest {
+            gateway: Some(future),
+        })
+        .await
+        .expect_err("major 2 is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    for version in ["2.1", "1.0"] {
+        assert!(refused.message().contains(version), "{}", refused.message());
+    }
+
+    let denied = client
+        .authenticate_sandbox(AuthenticateSandboxRequest {
+            credential: "c".into(),
+        })
+        .await
+        .expect_err("not offered");
+    assert_eq!(denied.code(), tonic::Code::Unimplemented);
+
+    let mut with_config = sandbox("gens", &LONG);
+    if let Some(template) = with_config.spec.as_mut().and_then(|s| s.template.as_mut()) {
+        template.driver_config = Some(prost_types::Struct {
+            fields: [("x".to_owned(), prost_types::Value::default())].into(),
+        });
+    }
+    let refused = create(&mut client, &with_config)
+        .await
+        .expect_err("caller driver config is off by default");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("allow_driver_config"));
+
+    let mut request = sandbox("gens", &LONG);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.launch_authentication = b"bundle".to_vec();
+    }
+    let id = request.id.clone();
+    let created = client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox: Some(request),
+        })
+        .await
+        .expect("create, launch authentication accepted")
+        .into_inner();
+    let running = get(&mut client, &id).await.unwrap();
+    let status = running.status.as_ref().expect("status");
+    assert_eq!(created.runtime_identity, status.instance_id);
+    assert!(!status.conditions.is_empty());
+    for condition in &status.conditions {
+        let (text, ts) = both_times_ms(condition);
+        assert_eq!(text, ts, "{condition:?}");
+    }
+    stop(&mut client, &id).await.expect("stop");
+    let started = client
+        .start_sandbox(StartSandboxRequest {
+            sandbox_id: id.clone(),
+            launch_authentication: b"fresh".to_vec(),
+            expected_runtime_identity: created.runtime_identity.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    assert_eq!(started.runtime_identity, created.runtime_identity);
+    assert!(delete(&mut client, &id).await.expect("delete"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

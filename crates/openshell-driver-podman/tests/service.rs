@@ -94,7 +94,7 @@ async fn a_managed_driver_runs_and_stops_its_own_service() {
 
     let mut client = common::client(&common::managed_socket(dir.path(), &instance)).await;
     let caps = client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap()
         .into_inner();

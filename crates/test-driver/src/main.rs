@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use driver_lifecycle::{CancellationToken, ServeArgs};
+use openshell_driver_kit::contract::AdmissionPolicy;
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogsServer;
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriverServer;
 use openshell_test_driver::{Behaviour, TestDriver};
@@ -80,6 +81,18 @@ struct BehaviourArgs {
     /// this file, so tests can see what a gateway forwarded.
     #[arg(long, value_name = "PATH")]
     call_log: Option<PathBuf>,
+    /// Accept a non-empty `template.driver_config` in create and validate
+    /// requests, and acknowledge `allow_driver_config = true` in the
+    /// admission policy reported to 1.x gateways.
+    #[arg(long)]
+    #[serde(default)]
+    allow_driver_config: bool,
+    /// Answer WatchSandboxes only once its first event exists (headers and
+    /// first message together, as grpc-go and grpcio servers do), instead
+    /// of at once.
+    #[arg(long)]
+    #[serde(default)]
+    lazy_watch_headers: bool,
 
     /// Misbehave: write a few stderr lines and exit with this code before
     /// binding.
@@ -144,6 +157,8 @@ impl BehaviourArgs {
             state_file: self.state_file.or(file.state_file),
             platform_events: self.platform_events || file.platform_events,
             call_log: self.call_log.or(file.call_log),
+            allow_driver_config: self.allow_driver_config || file.allow_driver_config,
+            lazy_watch_headers: self.lazy_watch_headers || file.lazy_watch_headers,
             exit_early: self.exit_early.or(file.exit_early),
             never_ready: self.never_ready || file.never_ready,
             ignore_ready_fd: self.ignore_ready_fd || file.ignore_ready_fd,
@@ -199,7 +214,7 @@ async fn probe(socket: PathBuf) -> anyhow::Result<()> {
     let mut client =
         openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient::new(channel);
     let caps = client
-        .get_capabilities(openshell_proto::compute::v1::GetCapabilitiesRequest {})
+        .get_capabilities(openshell_proto::compute::v1::GetCapabilitiesRequest::default())
         .await?
         .into_inner();
     println!("{}", caps.driver_name);
@@ -296,6 +311,11 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
         state_file,
         platform_events: args.platform_events,
         call_log: args.call_log,
+        admission: AdmissionPolicy {
+            allow_driver_config: args.allow_driver_config,
+            ..AdmissionPolicy::default()
+        },
+        lazy_watch_headers: args.lazy_watch_headers,
         ..defaults
     });
 
@@ -332,6 +352,7 @@ mod tests {
             provision_delay_ms: Some(7),
             minimal: true,
             stall: vec!["GetSandbox".into()],
+            lazy_watch_headers: true,
             ..BehaviourArgs::default()
         };
         let flags = BehaviourArgs {
@@ -343,6 +364,8 @@ mod tests {
         assert_eq!(merged.provision_delay_ms, Some(7));
         assert!(merged.minimal);
         assert_eq!(merged.stall, ["GetSandbox"]);
+        assert!(merged.lazy_watch_headers);
+        assert!(!merged.allow_driver_config);
     }
 
     #[test]

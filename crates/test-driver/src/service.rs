@@ -5,25 +5,29 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use openshell_driver_kit::{WatchFeed, WatchStream};
+use openshell_driver_kit::WatchFeed;
+use openshell_driver_kit::contract::{self, AdmissionPolicy};
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
     DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverCondition, DriverPlatformEvent,
     DriverSandbox, DriverSandboxStatus, EnsureWorkspaceRequest, EnsureWorkspaceResponse,
     GetCapabilitiesRequest, GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
     GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
-    ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
+    GpuResourceCapabilities, ListSandboxesRequest, ListSandboxesResponse,
+    MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest, StartSandboxResponse,
     StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
-    ValidateSandboxCreateResponse, WatchSandboxesRequest,
+    ValidateSandboxCreateResponse, WatchSandboxesEvent, WatchSandboxesRequest,
 };
+use openshell_proto::extension::v1::PeerMetadata;
 use prost::Message as _;
 use tokio::sync::broadcast;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 /// How the driver behaves, good and bad.
@@ -48,6 +52,13 @@ pub struct Behaviour {
     pub platform_events: bool,
     /// Append `<Rpc> <sandbox>` for every call received to this file.
     pub call_log: Option<PathBuf>,
+    /// The admission policy acknowledged to 1.x gateways; its
+    /// `allow_driver_config` also decides whether create and validate
+    /// accept a non-empty `template.driver_config`.
+    pub admission: AdmissionPolicy,
+    /// Answer WatchSandboxes only once the first event is available, like
+    /// gRPC servers that send response headers with the first message.
+    pub lazy_watch_headers: bool,
 }
 
 impl Default for Behaviour {
@@ -64,9 +75,20 @@ impl Default for Behaviour {
             state_file: None,
             platform_events: false,
             call_log: None,
+            admission: AdmissionPolicy::default(),
+            lazy_watch_headers: false,
         }
     }
 }
+
+/// The implementation name this driver reports in its 1.x metadata.
+pub const IMPLEMENTATION_NAME: &str = "openshell-compute-plane/test-driver";
+
+/// Longest sandbox name: a DNS label.
+const MAX_NAME_BYTES: usize = 63;
+
+/// How much of a caller's input an error message repeats.
+const ECHO_BYTES: usize = 100;
 
 /// Images whose name starts with this are reported as absent.
 pub const MISSING_IMAGE_PREFIX: &str = "missing/";
@@ -113,6 +135,10 @@ struct Inner {
     feed: Arc<WatchFeed>,
     logs: broadcast::Sender<LogUpdate>,
     calls: AtomicU64,
+    /// This driver's 1.x metadata, built once.
+    metadata: PeerMetadata,
+    /// `behaviour.admission` encoded once, so every answer is byte-identical.
+    admission_policy: String,
 }
 
 /// The test driver. Cheap to clone; clones share state.
@@ -121,14 +147,21 @@ pub struct TestDriver {
     inner: Arc<Inner>,
 }
 
+/// Now, cut to whole milliseconds (the precision of the RFC 3339 text), so
+/// both time encodings denote the same instant.
+fn now() -> SystemTime {
+    let millis = u64::try_from(openshell_wire::time::now_millis()).unwrap_or(0);
+    std::time::UNIX_EPOCH + Duration::from_millis(millis)
+}
+
+/// A condition stamped now, in both time encodings.
 fn condition(kind: &str, status: &str, reason: &str, message: &str) -> DriverCondition {
-    DriverCondition {
-        r#type: kind.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-        last_transition_time: openshell_wire::time::now_rfc3339(),
-    }
+    contract::condition(kind, status, reason, message, now())
+}
+
+/// The runtime identity of sandbox `id`: stable for the sandbox's life.
+fn runtime_identity(id: &str) -> String {
+    format!("test-driver/{id}")
 }
 
 fn status_for(name: &str, phase: Phase, deleting: bool) -> DriverSandboxStatus {
@@ -184,6 +217,61 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// A DNS-label-like name: `[a-z0-9]([a-z0-9-]*[a-z0-9])?`, at most 63
+/// bytes. Every name the gateway accepts passes (it also wants a leading
+/// letter).
+fn check_name(name: &str) -> Result<(), Status> {
+    let echo = contract::truncate(name, ECHO_BYTES);
+    if name.is_empty() {
+        return Err(Status::invalid_argument("sandbox name is required"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "sandbox name {echo:?} contains control characters"
+        )));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "sandbox name {echo:?} is {} bytes; at most {MAX_NAME_BYTES} are allowed",
+            name.len()
+        )));
+    }
+    let bytes = name.as_bytes();
+    let inner_ok = bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    let ends_ok = |b: Option<&u8>| b.is_some_and(|b| *b != b'-');
+    if !inner_ok || !ends_ok(bytes.first()) || !ends_ok(bytes.last()) {
+        return Err(Status::invalid_argument(format!(
+            "sandbox name {echo:?} must be a DNS label: lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `text` is a non-negative Kubernetes-style quantity: a decimal
+/// number (no sign) with an optional SI, binary or exponent suffix, e.g.
+/// `500m`, `2`, `1.5`, `512Mi`, `1e3`.
+fn valid_quantity(text: &str) -> bool {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(end);
+    let digits = number.bytes().filter(u8::is_ascii_digit).count();
+    if digits == 0 || number.matches('.').count() > 1 {
+        return false;
+    }
+    match suffix {
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
+            true
+        }
+        _ => suffix
+            .strip_prefix(['e', 'E'])
+            .is_some_and(|exp| !exp.is_empty() && exp.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
 fn valid_env_key(key: &str) -> bool {
     let mut bytes = key.bytes();
     bytes
@@ -197,9 +285,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl TestDriver {
     pub fn new(behaviour: Behaviour) -> Self {
         let (logs, _) = broadcast::channel(1024);
+        let metadata = contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]);
+        let admission_policy = behaviour.admission.encode();
         let driver = Self {
             inner: Arc::new(Inner {
                 behaviour,
+                metadata,
+                admission_policy,
                 sandboxes: Mutex::new(BTreeMap::new()),
                 feed: Arc::new(WatchFeed::new(1024)),
                 logs,
@@ -318,22 +410,22 @@ impl TestDriver {
         if !self.inner.behaviour.platform_events {
             return;
         }
-        self.inner.feed.publish_platform_event(
-            id,
-            DriverPlatformEvent {
-                timestamp_ms: openshell_wire::time::now_millis(),
-                source: "test".to_owned(),
-                r#type: kind.to_owned(),
-                reason: reason.to_owned(),
-                message: message.to_owned(),
-                metadata: [(
-                    "driver".to_owned(),
-                    self.inner.behaviour.driver_name.clone(),
-                )]
-                .into_iter()
-                .collect(),
-            },
-        );
+        let event = DriverPlatformEvent {
+            source: "test".to_owned(),
+            r#type: kind.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            metadata: [(
+                "driver".to_owned(),
+                self.inner.behaviour.driver_name.clone(),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        self.inner
+            .feed
+            .publish_platform_event(id, contract::stamp_event(event, now()));
     }
 
     fn log(&self, id: &str, entry: &mut Entry, line: String) {
@@ -390,15 +482,58 @@ impl TestDriver {
         if !valid_id(&sandbox.id) {
             return Err(Status::invalid_argument(format!(
                 "sandbox id {:?} must match [A-Za-z0-9._-]{{1,128}}",
-                sandbox.id
+                contract::truncate(&sandbox.id, ECHO_BYTES)
             )));
         }
-        if sandbox.name.is_empty() {
-            return Err(Status::invalid_argument("sandbox name is required"));
+        check_name(&sandbox.name)?;
+        if sandbox.spec.is_none() {
+            return Err(Status::invalid_argument(format!(
+                "sandbox {:?} has no spec; create and validate requests must carry one",
+                sandbox.name
+            )));
         }
         let mut sandbox = sandbox.clone();
         let spec = sandbox.spec.get_or_insert_with(Default::default);
+        // `sandbox_token` and `launch_authentication` are accepted and never
+        // used: checking launch authentication needs a supervisor component
+        // inside the sandbox, which this project does not have.
         let template = spec.template.get_or_insert_with(Default::default);
+        if let Some(resources) = &template.resources {
+            for (field, value) in [
+                ("cpu_request", &resources.cpu_request),
+                ("cpu_limit", &resources.cpu_limit),
+                ("memory_request", &resources.memory_request),
+                ("memory_limit", &resources.memory_limit),
+            ] {
+                if !value.is_empty() && !valid_quantity(value) {
+                    return Err(Status::invalid_argument(format!(
+                        "template.resources.{field} {:?} is not a quantity; use a non-negative \
+                         number with an optional unit, e.g. \"500m\", \"2\" or \"512Mi\"",
+                        contract::truncate(value, ECHO_BYTES)
+                    )));
+                }
+            }
+        }
+        if spec
+            .resource_requirements
+            .as_ref()
+            .is_some_and(|r| r.gpu.is_some())
+        {
+            return Err(Status::failed_precondition(
+                "this sandbox asks for a GPU, but the test driver has none; remove the GPU request",
+            ));
+        }
+        if !self.inner.behaviour.admission.allow_driver_config
+            && template
+                .driver_config
+                .as_ref()
+                .is_some_and(|c| !c.fields.is_empty())
+        {
+            return Err(Status::failed_precondition(
+                "caller driver config is disabled; a gateway administrator must enable \
+                 allow_driver_config",
+            ));
+        }
         if template.image.is_empty() {
             template
                 .image
@@ -418,7 +553,8 @@ impl TestDriver {
         for key in spec.environment.keys().chain(template.environment.keys()) {
             if !valid_env_key(key) {
                 return Err(Status::invalid_argument(format!(
-                    "environment variable name {key:?} is invalid; use letters, digits and '_', not starting with a digit"
+                    "environment variable name {:?} is invalid; use letters, digits and '_', not starting with a digit",
+                    contract::truncate(key, ECHO_BYTES)
                 )));
             }
         }
@@ -501,16 +637,53 @@ fn target<'a>(id: &'a str, name: &'a str) -> &'a str {
 impl ComputeDriver for TestDriver {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
         self.enter("GetCapabilities", "").await;
+        // v0.0.111 gateways send no metadata; a 1.x gateway's is checked.
+        if let Some(gateway) = request.get_ref().gateway.as_ref() {
+            contract::negotiate("the gateway", &self.inner.metadata, Some(gateway))
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         let b = &self.inner.behaviour;
         Ok(Response::new(GetCapabilitiesResponse {
             driver_name: b.driver_name.clone(),
             driver_version: b.driver_version.clone(),
             default_image: b.default_image.clone(),
             gateway_manages_lifecycle: b.gateway_manages_lifecycle,
+            supports_sandbox_authentication: false,
+            // Ready is reported when the (simulated) workload runs.
+            driver_reports_runtime_readiness: true,
+            // Limits are checked and kept in the spec; nothing runs that
+            // could exceed them. There are no GPUs.
+            resource_capabilities: Some(ResourceCapabilities {
+                cpu: Some(CpuResourceCapabilities {
+                    limit_supported: true,
+                }),
+                memory: Some(MemoryResourceCapabilities {
+                    limit_supported: true,
+                }),
+                gpu: Some(GpuResourceCapabilities {
+                    default_selection_supported: false,
+                    count_selection_supported: false,
+                }),
+            }),
+            rootfs_tar_staging_dir: String::new(),
+            rootfs_tar_max_bytes: 0,
+            extension: Some(self.inner.metadata.clone()),
+            resource_admission_policy: self.inner.admission_policy.clone(),
         }))
+    }
+
+    async fn authenticate_sandbox(
+        &self,
+        _request: Request<AuthenticateSandboxRequest>,
+    ) -> Result<Response<AuthenticateSandboxResponse>, Status> {
+        self.enter("AuthenticateSandbox", "").await;
+        Err(Status::unimplemented(
+            "this driver does not authenticate sandbox credentials \
+             (supports_sandbox_authentication is false)",
+        ))
     }
 
     async fn get_gateway_listener_requirements(
@@ -603,7 +776,9 @@ impl ComputeDriver for TestDriver {
         );
         self.provision(&mut state, &id, Some(sandbox));
         self.persist(&state);
-        Ok(Response::new(CreateSandboxResponse {}))
+        Ok(Response::new(CreateSandboxResponse {
+            runtime_identity: runtime_identity(&id),
+        }))
     }
 
     async fn stop_sandbox(
@@ -647,7 +822,9 @@ impl ComputeDriver for TestDriver {
             self.provision(&mut state, &key, None);
         }
         self.persist(&state);
-        Ok(Response::new(StartSandboxResponse {}))
+        Ok(Response::new(StartSandboxResponse {
+            runtime_identity: runtime_identity(&key),
+        }))
     }
 
     async fn delete_sandbox(
@@ -677,14 +854,23 @@ impl ComputeDriver for TestDriver {
         Ok(Response::new(DeleteSandboxResponse { deleted: true }))
     }
 
-    type WatchSandboxesStream = WatchStream;
+    type WatchSandboxesStream = BoxStream<WatchSandboxesEvent>;
 
     async fn watch_sandboxes(
         &self,
         _request: Request<WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
         self.enter("WatchSandboxes", "").await;
-        Ok(Response::new(self.inner.feed.watch()))
+        let mut stream = self.inner.feed.watch();
+        if !self.inner.behaviour.lazy_watch_headers {
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        // Hold the response (and so its headers) until there is a first
+        // event, then send that event first.
+        let first = stream.next().await;
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(first).chain(stream),
+        )))
     }
 
     async fn ensure_workspace(
@@ -776,7 +962,399 @@ impl SandboxLogs for TestDriver {
 mod tests {
     use super::*;
     use openshell_proto::compute::v1::watch_sandboxes_event::Payload;
-    use tokio_stream::StreamExt as _;
+
+    use openshell_proto::compute::v1::{
+        DriverResourceRequirements, DriverSandboxSpec, DriverSandboxTemplate,
+        GpuResourceRequirements, ResourceRequirements,
+    };
+
+    fn sandbox(id: &str, name: &str) -> DriverSandbox {
+        DriverSandbox {
+            id: id.into(),
+            name: name.into(),
+            spec: Some(DriverSandboxSpec::default()),
+            ..Default::default()
+        }
+    }
+
+    fn quick() -> TestDriver {
+        TestDriver::new(Behaviour {
+            provision_delay: Duration::from_millis(1),
+            ..Behaviour::default()
+        })
+    }
+
+    async fn capabilities(
+        driver: &TestDriver,
+        gateway: Option<PeerMetadata>,
+    ) -> Result<GetCapabilitiesResponse, Status> {
+        driver
+            .get_capabilities(Request::new(GetCapabilitiesRequest { gateway }))
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// Validate's and Create's answer for `sandbox`; both must agree.
+    async fn admit(driver: &TestDriver, sandbox: DriverSandbox) -> Result<(), Status> {
+        let validated = driver
+            .validate_sandbox_create(Request::new(ValidateSandboxCreateRequest {
+                sandbox: Some(sandbox.clone()),
+            }))
+            .await
+            .map(|_| ());
+        let created = driver
+            .create_sandbox(Request::new(CreateSandboxRequest {
+                sandbox: Some(sandbox),
+            }))
+            .await
+            .map(|_| ());
+        assert_eq!(
+            validated.as_ref().map_err(Status::code),
+            created.as_ref().map_err(Status::code),
+            "validate and create disagree"
+        );
+        created
+    }
+
+    fn with_template(edit: impl FnOnce(&mut DriverSandboxTemplate)) -> DriverSandbox {
+        let mut s = sandbox("s1", "one");
+        let spec = s.spec.get_or_insert_with(Default::default);
+        edit(spec.template.get_or_insert_with(Default::default));
+        s
+    }
+
+    fn refused(result: Result<(), Status>, code: tonic::Code, needle: &str) -> String {
+        let status = result.expect_err("refused");
+        assert_eq!(status.code(), code, "{}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{needle:?} not in {:?}",
+            status.message()
+        );
+        status.message().to_owned()
+    }
+
+    #[tokio::test]
+    async fn capabilities_answer_both_generations() {
+        let driver = quick();
+        let legacy = capabilities(&driver, None)
+            .await
+            .expect("no metadata is fine");
+        let extension = legacy.extension.clone().expect("1.x metadata always sent");
+        assert_eq!(extension.implementation_name, IMPLEMENTATION_NAME);
+        assert_eq!(
+            legacy.resource_admission_policy,
+            AdmissionPolicy::default().encode()
+        );
+        assert!(legacy.driver_reports_runtime_readiness);
+        assert!(!legacy.supports_sandbox_authentication);
+        let gpu = legacy
+            .resource_capabilities
+            .and_then(|r| r.gpu)
+            .expect("gpu capabilities");
+        assert!(!gpu.default_selection_supported && !gpu.count_selection_supported);
+
+        let ours = contract::peer_metadata("openshell-compute-plane/gateway", "x", &[]);
+        let negotiated = capabilities(&driver, Some(ours))
+            .await
+            .expect("this project's gateway negotiates");
+        assert_eq!(
+            negotiated.resource_admission_policy,
+            legacy.resource_admission_policy
+        );
+
+        let mut future = contract::peer_metadata("openshell-compute-plane/gateway", "x", &[]);
+        future.protocol_version =
+            Some(openshell_proto::extension::v1::ProtocolVersion { major: 2, minor: 3 });
+        let status = capabilities(&driver, Some(future))
+            .await
+            .expect_err("major 2 is refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        for version in ["2.3", "1.0"] {
+            assert!(status.message().contains(version), "{}", status.message());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_admission_policy_follows_the_switch() {
+        let driver = TestDriver::new(Behaviour {
+            admission: AdmissionPolicy {
+                allow_driver_config: true,
+                ..AdmissionPolicy::default()
+            },
+            ..Behaviour::default()
+        });
+        let policy = capabilities(&driver, None)
+            .await
+            .expect("caps")
+            .resource_admission_policy;
+        let decoded = AdmissionPolicy::decode(&policy).expect("our own encoding");
+        assert!(decoded.allow_driver_config);
+        let config = prost_types::Struct {
+            fields: [("x".to_owned(), prost_types::Value::default())]
+                .into_iter()
+                .collect(),
+        };
+        admit(&driver, with_template(|t| t.driver_config = Some(config)))
+            .await
+            .expect("allowed driver config is accepted");
+    }
+
+    #[tokio::test]
+    async fn driver_config_is_refused_unless_allowed() {
+        let config = prost_types::Struct {
+            fields: [("x".to_owned(), prost_types::Value::default())]
+                .into_iter()
+                .collect(),
+        };
+        refused(
+            admit(&quick(), with_template(|t| t.driver_config = Some(config))).await,
+            tonic::Code::FailedPrecondition,
+            "caller driver config is disabled",
+        );
+        // An empty Struct is no driver config.
+        admit(
+            &quick(),
+            with_template(|t| t.driver_config = Some(prost_types::Struct::default())),
+        )
+        .await
+        .expect("empty driver config");
+    }
+
+    #[tokio::test]
+    async fn authenticate_is_unimplemented() {
+        let status = quick()
+            .authenticate_sandbox(Request::new(AuthenticateSandboxRequest {
+                credential: "c".into(),
+            }))
+            .await
+            .expect_err("not offered");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert!(
+            status
+                .message()
+                .contains("supports_sandbox_authentication is false")
+        );
+    }
+
+    #[tokio::test]
+    async fn create_and_start_report_the_same_runtime_identity() {
+        let driver = quick();
+        let mut s = sandbox("s1", "one");
+        if let Some(spec) = s.spec.as_mut() {
+            spec.launch_authentication = b"bundle".to_vec();
+        }
+        let created = driver
+            .create_sandbox(Request::new(CreateSandboxRequest { sandbox: Some(s) }))
+            .await
+            .expect("launch authentication is accepted")
+            .into_inner();
+        assert!(!created.runtime_identity.is_empty());
+        driver
+            .stop_sandbox(Request::new(StopSandboxRequest {
+                sandbox_id: "s1".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("stop");
+        let started = driver
+            .start_sandbox(Request::new(StartSandboxRequest {
+                sandbox_id: "s1".into(),
+                launch_authentication: b"fresh".to_vec(),
+                ..Default::default()
+            }))
+            .await
+            .expect("start")
+            .into_inner();
+        assert_eq!(started.runtime_identity, created.runtime_identity);
+        let other = driver
+            .create_sandbox(Request::new(CreateSandboxRequest {
+                sandbox: Some(sandbox("s2", "two")),
+            }))
+            .await
+            .expect("second")
+            .into_inner();
+        assert_ne!(other.runtime_identity, created.runtime_identity);
+    }
+
+    /// The instant both encodings of a condition's time denote, in ms.
+    fn both_times_ms(condition: &DriverCondition) -> (i128, i128) {
+        let text = openshell_wire::time::parse_rfc3339(&condition.last_transition_time)
+            .expect("RFC 3339 text");
+        let text_ms = text
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_millis();
+        let ts = condition.transition_time.expect("Timestamp");
+        let ts_ms = i128::from(ts.seconds) * 1000 + i128::from(ts.nanos) / 1_000_000;
+        (i128::try_from(text_ms).expect("fits"), ts_ms)
+    }
+
+    #[tokio::test]
+    async fn conditions_and_events_carry_both_time_encodings() {
+        let driver = TestDriver::new(Behaviour {
+            provision_delay: Duration::from_millis(1),
+            platform_events: true,
+            ..Behaviour::default()
+        });
+        let mut watch = driver
+            .watch_sandboxes(Request::new(WatchSandboxesRequest {}))
+            .await
+            .expect("watch")
+            .into_inner();
+        driver
+            .create_sandbox(Request::new(CreateSandboxRequest {
+                sandbox: Some(sandbox("s1", "one")),
+            }))
+            .await
+            .expect("create");
+        // Events published before the watch subscribed are not replayed, so
+        // wait for Running, then stop: the Stopped event is then certain.
+        let mut stopping = false;
+        let mut conditions = 0;
+        loop {
+            match next(&mut watch).await {
+                Payload::Sandbox(s) => {
+                    let status = s.sandbox.and_then(|s| s.status).expect("status");
+                    for condition in &status.conditions {
+                        let (text, ts) = both_times_ms(condition);
+                        assert_eq!(text, ts, "{condition:?}");
+                        assert_eq!(
+                            contract::condition_time(condition),
+                            openshell_wire::time::parse_rfc3339(&condition.last_transition_time),
+                            "{condition:?}"
+                        );
+                        conditions += 1;
+                    }
+                    if !stopping && status.conditions.iter().any(|c| c.reason == "Running") {
+                        stopping = true;
+                        driver
+                            .stop_sandbox(Request::new(StopSandboxRequest {
+                                sandbox_id: "s1".into(),
+                                ..Default::default()
+                            }))
+                            .await
+                            .expect("stop");
+                    }
+                }
+                Payload::PlatformEvent(e) => {
+                    let event = e.event.expect("event");
+                    let at = event.event_time.expect("event_time");
+                    assert_eq!(
+                        i128::from(event.timestamp_ms),
+                        i128::from(at.seconds) * 1000 + i128::from(at.nanos) / 1_000_000
+                    );
+                    if event.reason == "Stopped" {
+                        break;
+                    }
+                }
+                Payload::Deleted(_) => panic!("nothing was deleted"),
+            }
+        }
+        // Running, then Stopped's two conditions, at least.
+        assert!(conditions >= 3, "{conditions}");
+    }
+
+    #[tokio::test]
+    async fn malformed_sandboxes_are_refused_by_validate_and_create() {
+        let driver = quick();
+        let mut no_spec = sandbox("s1", "one");
+        no_spec.spec = None;
+        refused(
+            admit(&driver, no_spec).await,
+            tonic::Code::InvalidArgument,
+            "no spec",
+        );
+        refused(
+            admit(&driver, sandbox("s1", "")).await,
+            tonic::Code::InvalidArgument,
+            "name is required",
+        );
+        refused(
+            admit(&driver, sandbox("s1", "a\u{1b}[31mb")).await,
+            tonic::Code::InvalidArgument,
+            "control characters",
+        );
+        for bad in [
+            "Upper",
+            "-lead",
+            "trail-",
+            "dot.ted",
+            "under_score",
+            "sp ace",
+        ] {
+            refused(
+                admit(&driver, sandbox("s1", bad)).await,
+                tonic::Code::InvalidArgument,
+                "DNS label",
+            );
+        }
+        let long = "a".repeat(400);
+        let message = refused(
+            admit(&driver, sandbox("s1", &long)).await,
+            tonic::Code::InvalidArgument,
+            "400 bytes",
+        );
+        assert!(message.len() < 250, "input echoed in full: {message}");
+        for good in ["a", "0", "a-b", "sandbox-1", &"a".repeat(63)] {
+            let fresh = quick();
+            admit(&fresh, sandbox("s1", good))
+                .await
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_quantities_are_refused() {
+        let driver = quick();
+        let huge = format!("1{}", "x".repeat(300));
+        for (field, bad) in [
+            ("cpu_limit", "NaN"),
+            ("cpu_request", "-1"),
+            ("memory_limit", "lots"),
+            ("memory_request", "1.2.3Gi"),
+            ("cpu_limit", "1e"),
+            ("memory_limit", huge.as_str()),
+        ] {
+            let mut resources = DriverResourceRequirements::default();
+            match field {
+                "cpu_limit" => resources.cpu_limit = bad.into(),
+                "cpu_request" => resources.cpu_request = bad.into(),
+                "memory_limit" => resources.memory_limit = bad.into(),
+                _ => resources.memory_request = bad.into(),
+            }
+            let message = refused(
+                admit(&driver, with_template(|t| t.resources = Some(resources))).await,
+                tonic::Code::InvalidArgument,
+                field,
+            );
+            assert!(message.len() < 300, "input echoed in full: {message}");
+        }
+        let good = DriverResourceRequirements {
+            cpu_request: "500m".into(),
+            cpu_limit: "1.5".into(),
+            memory_request: "512Mi".into(),
+            memory_limit: "1e9".into(),
+        };
+        admit(&driver, with_template(|t| t.resources = Some(good)))
+            .await
+            .expect("well-formed quantities");
+    }
+
+    #[tokio::test]
+    async fn gpu_requests_are_a_failed_precondition() {
+        let mut s = sandbox("s1", "one");
+        if let Some(spec) = s.spec.as_mut() {
+            spec.resource_requirements = Some(ResourceRequirements {
+                gpu: Some(GpuResourceRequirements { count: Some(1) }),
+            });
+        }
+        refused(
+            admit(&quick(), s).await,
+            tonic::Code::FailedPrecondition,
+            "GPU",
+        );
+    }
 
     #[test]
     fn transition_times_are_rfc3339() {
@@ -790,7 +1368,7 @@ mod tests {
         }
     }
 
-    async fn next(stream: &mut WatchStream) -> Payload {
+    async fn next(stream: &mut BoxStream<WatchSandboxesEvent>) -> Payload {
         tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("an event in time")
@@ -813,11 +1391,7 @@ mod tests {
             .into_inner();
         driver
             .create_sandbox(Request::new(CreateSandboxRequest {
-                sandbox: Some(DriverSandbox {
-                    id: "s1".into(),
-                    name: "one".into(),
-                    ..Default::default()
-                }),
+                sandbox: Some(sandbox("s1", "one")),
             }))
             .await
             .expect("create");

@@ -1,4 +1,6 @@
-//! Command line, environment and `gateway.toml`, merged into [`Settings`].
+//! The sources of the gateway's settings: the command line (with the
+//! environment variables clap reads) and `gateway.toml`. They are merged,
+//! and drivers are selected, in [`crate::settings`].
 //!
 //! Precedence: a flag beats its environment variable, which beats the TOML
 //! file, which beats the built-in default. Unknown keys in the gateway's own
@@ -13,9 +15,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, ValueEnum};
 
+use crate::drivers::plan::{DriverTable, FlagSource, normalize_name};
 use crate::error::{Error, Result};
-use crate::listen::ListenAddr;
-use crate::selection::{self, DriverPlan, ListOrigin, SelectionInput};
 
 /// The gateway's command line. Every flag except `--config` and
 /// `--check-config` also has a TOML key under `[openshell.gateway]`.
@@ -122,13 +123,6 @@ pub struct CliSources {
     pub compute_driver_socket: Option<FlagSource>,
 }
 
-/// A value given on the command line or through its environment variable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlagSource {
-    CommandLine,
-    Env,
-}
-
 fn flag_source(matches: &ArgMatches, id: &str) -> Option<FlagSource> {
     match matches.value_source(id)? {
         ValueSource::CommandLine => Some(FlagSource::CommandLine),
@@ -175,17 +169,6 @@ pub const GATEWAY_KEYS: &[&str] = &[
     "reconcile_interval_secs",
     "orphan_grace_secs",
 ];
-
-/// One `[openshell.drivers.NAME]` table.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DriverTable {
-    pub socket_path: Option<PathBuf>,
-    pub expect_driver_name: Option<String>,
-    pub binary: Option<PathBuf>,
-    pub ready_timeout: Option<Duration>,
-    /// Every other key, passed to a managed driver as its config file.
-    pub passthrough: toml::Table,
-}
 
 /// `[openshell.gateway]` as written in the file.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -303,7 +286,7 @@ fn article(word: &str) -> &'static str {
 }
 
 /// A duration in seconds that must be positive and finite.
-fn positive_seconds(secs: f64) -> std::result::Result<Duration, String> {
+pub(crate) fn positive_seconds(secs: f64) -> std::result::Result<Duration, String> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("must be a positive number of seconds, not {secs}"));
     }
@@ -416,8 +399,7 @@ fn parse_drivers(
     let mut spelled: BTreeMap<String, String> = BTreeMap::new();
     for (key, value) in tables {
         let table_path = format!("openshell.drivers.{}", quote_key(key));
-        let name = selection::normalize_name(key)
-            .map_err(|e| reader.error(format!("[{table_path}]: {e}")))?;
+        let name = normalize_name(key).map_err(|e| reader.error(format!("[{table_path}]: {e}")))?;
         if let Some(previous) = spelled.insert(name.clone(), key.clone()) {
             return Err(reader.error(format!(
                 "[openshell.drivers.{}] and [{table_path}] are the same driver '{name}'; merge them",
@@ -481,217 +463,6 @@ impl Default for Timeouts {
             reconcile_interval: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(60),
         }
-    }
-}
-
-/// Everything the gateway needs to start, resolved from all sources.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub drivers: Vec<DriverPlan>,
-    /// Selection notes worth a warning (ignored keys, overridden sockets).
-    pub warnings: Vec<String>,
-    pub listen: ListenAddr,
-    pub allow_remote: bool,
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub log_format: LogFormat,
-    pub log_level: Option<String>,
-    pub timeouts: Timeouts,
-    pub config_file: Option<PathBuf>,
-}
-
-/// The default config file, when it exists.
-pub fn default_config_file() -> Option<PathBuf> {
-    let path = directories::BaseDirs::new()?
-        .config_dir()
-        .join("openshell")
-        .join("gateway.toml");
-    path.is_file().then_some(path)
-}
-
-fn default_state_dir() -> Result<PathBuf> {
-    directories::BaseDirs::new()
-        .and_then(|dirs| dirs.state_dir().map(|d| d.join("openshell")))
-        .ok_or_else(|| {
-            Error::Config(
-                "cannot tell where this user's state directory is (no $XDG_STATE_HOME or $HOME); \
-                 set --state-dir"
-                    .to_owned(),
-            )
-        })
-}
-
-/// Makes a command-line path absolute against the working directory.
-fn absolute(flag: &str, path: &Path) -> Result<PathBuf> {
-    if path.as_os_str().is_empty() {
-        return Err(Error::Config(format!("{flag} is empty")));
-    }
-    std::path::absolute(path).map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
-}
-
-fn flag_seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>> {
-    secs.map(|s| positive_seconds(s).map_err(|e| Error::Config(format!("{flag} {e}"))))
-        .transpose()
-}
-
-/// Merges the command line, the environment (already folded in by clap) and
-/// the config file into [`Settings`]. Nothing is created or started.
-pub fn resolve(cli: &Cli, sources: CliSources) -> Result<Settings> {
-    let config_path = match &cli.config {
-        Some(path) => Some(absolute("--config", path)?),
-        None => default_config_file(),
-    };
-    let file = match &config_path {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    resolve_with(cli, sources, &file)
-}
-
-/// [`resolve`] with the config file already read.
-pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result<Settings> {
-    let gw = &file.gateway;
-
-    // An environment variable that is set but empty counts as unset; an
-    // empty flag is a mistake worth an error.
-    let blank_env = |source: Option<FlagSource>, values: &[&str]| {
-        source == Some(FlagSource::Env) && values.iter().all(|v| v.trim().is_empty())
-    };
-    let drivers: Vec<&str> = cli.drivers.iter().map(String::as_str).collect();
-    let drivers_source = sources
-        .drivers
-        .filter(|_| !drivers.is_empty() && !blank_env(sources.drivers, &drivers));
-    let list = if let Some(source) = drivers_source {
-        let origin = match source {
-            FlagSource::CommandLine => ListOrigin::CommandLine,
-            FlagSource::Env => ListOrigin::Env,
-        };
-        let entries: Vec<String> = cli
-            .drivers
-            .iter()
-            .flat_map(|value| value.split(','))
-            .map(str::to_owned)
-            .collect();
-        Some((entries, origin))
-    } else {
-        gw.compute_drivers
-            .clone()
-            .map(|entries| (entries, ListOrigin::File(file.path.clone())))
-    };
-    let socket_flag = cli
-        .compute_driver_socket
-        .as_deref()
-        .filter(|path| !blank_env(sources.compute_driver_socket, &[path]))
-        .map(|path| {
-            let source = sources
-                .compute_driver_socket
-                .unwrap_or(FlagSource::CommandLine);
-            (path, source)
-        });
-    let selection = selection::select(&SelectionInput {
-        list,
-        compute_driver_socket: socket_flag,
-        tables: &file.drivers,
-    })?;
-
-    let run_dir = match (&cli.run_dir, &gw.run_dir) {
-        (Some(dir), _) => absolute("--run-dir", dir)?,
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => openshell_wire::paths::default_run_dir(),
-    };
-    let state_dir = match (&cli.state_dir, &gw.state_dir) {
-        (Some(dir), _) => absolute("--state-dir", dir)?,
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => default_state_dir()?,
-    };
-    let listen = match (&cli.listen, &gw.listen) {
-        (Some(text), _) => {
-            ListenAddr::parse(text).map_err(|e| Error::Config(format!("--listen: {e}")))?
-        }
-        (None, Some(text)) => ListenAddr::parse(text).map_err(|e| {
-            Error::Config(format!(
-                "{}: openshell.gateway.listen: {e}",
-                file.path.display()
-            ))
-        })?,
-        (None, None) => {
-            let path = run_dir.join(openshell_wire::paths::GATEWAY_SOCKET_NAME);
-            driver_lifecycle::socket::check_socket_path(&path).map_err(|e| {
-                Error::Config(format!(
-                    "the default listen socket is unusable: {e}; set --run-dir or --listen"
-                ))
-            })?;
-            ListenAddr::Unix(path)
-        }
-    };
-    let allow_remote = cli.allow_remote.or(gw.allow_remote).unwrap_or(false);
-    if !listen.is_local() && !allow_remote {
-        return Err(Error::Config(format!(
-            "--listen {listen} can be reached from other machines, and the gateway API has no \
-             authentication; listen on 127.0.0.1 or a Unix socket, or pass --allow-remote to accept that"
-        )));
-    }
-    let defaults = Timeouts::default();
-    let timeouts = Timeouts {
-        driver_call: flag_seconds("--driver-call-timeout", cli.driver_call_timeout)?
-            .or(gw.driver_call_timeout)
-            .unwrap_or(defaults.driver_call),
-        driver_connect: flag_seconds("--driver-connect-timeout", cli.driver_connect_timeout)?
-            .or(gw.driver_connect_timeout)
-            .unwrap_or(defaults.driver_connect),
-        reconcile_interval: gw.reconcile_interval.unwrap_or(defaults.reconcile_interval),
-        orphan_grace: gw.orphan_grace.unwrap_or(defaults.orphan_grace),
-    };
-    Ok(Settings {
-        drivers: selection.plans,
-        warnings: selection.warnings,
-        listen,
-        allow_remote,
-        state_dir,
-        run_dir,
-        log_format: cli.log_format.or(gw.log_format).unwrap_or_default(),
-        log_level: cli
-            .log_level
-            .clone()
-            .or_else(|| {
-                std::env::var("RUST_LOG")
-                    .ok()
-                    .filter(|v| !v.trim().is_empty())
-            })
-            .or_else(|| gw.log_level.clone()),
-        timeouts,
-        config_file: (!file.path.as_os_str().is_empty()).then(|| file.path.clone()),
-    })
-}
-
-impl Settings {
-    /// A human-readable summary, for `--check-config`.
-    pub fn describe(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "config file: {}",
-            self.config_file
-                .as_ref()
-                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
-        );
-        let _ = writeln!(out, "listen: {}", self.listen);
-        let _ = writeln!(out, "state dir: {}", self.state_dir.display());
-        let _ = writeln!(out, "run dir: {}", self.run_dir.display());
-        let _ = writeln!(
-            out,
-            "driver call timeout: {:?}; attach timeout: {:?}",
-            self.timeouts.driver_call, self.timeouts.driver_connect
-        );
-        for (i, plan) in self.drivers.iter().enumerate() {
-            let default = if i == 0 { " (default)" } else { "" };
-            let _ = writeln!(out, "driver {}{default}: {}", plan.name, plan.describe());
-        }
-        for warning in &self.warnings {
-            let _ = writeln!(out, "warning: {warning}");
-        }
-        out
     }
 }
 
@@ -873,150 +644,12 @@ mod tests {
         assert!(message.contains("/etc/openshell/gateway.toml"), "{message}");
     }
 
-    fn cli(args: &[&str]) -> (Cli, CliSources) {
-        let mut argv = vec![
-            "openshell-gateway",
-            "--state-dir",
-            "/tmp/os-state",
-            "--run-dir",
-            "/tmp/os-run",
-        ];
-        argv.extend_from_slice(args);
-        parse_cli(argv).unwrap()
-    }
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
 
-    #[test]
-    fn flags_override_the_file() {
-        let file = parse(
-            r#"
-            [openshell.gateway]
-            compute_drivers = ["kyma@/run/kyma.sock"]
-            listen = "tcp://127.0.0.1:7000"
-            log_format = "json"
-            state_dir = "/var/lib/os"
-            driver_call_timeout_secs = 9
-            "#,
-        )
-        .unwrap();
-        let (args, sources) = cli(&[
-            "--drivers",
-            "podman",
-            "--listen",
-            "unix:///tmp/os-run/g.sock",
-        ]);
-        let settings = resolve_with(&args, sources, &file).unwrap();
-        assert_eq!(settings.drivers.len(), 1);
-        assert_eq!(settings.drivers[0].name, "podman");
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(PathBuf::from("/tmp/os-run/g.sock"))
-        );
-        assert_eq!(settings.log_format, LogFormat::Json);
-        assert_eq!(settings.state_dir, PathBuf::from("/tmp/os-state"));
-        assert_eq!(settings.timeouts.driver_call, Duration::from_secs(9));
-
-        let (args, sources) = cli(&[]);
-        let settings = resolve_with(&args, sources, &file).unwrap();
-        assert_eq!(settings.drivers[0].name, "kyma");
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Tcp("127.0.0.1:7000".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn empty_environment_values_count_as_unset() {
-        let file = parse("[openshell.gateway]\ncompute_drivers = [\"podman\"]\n").unwrap();
-        let (mut args, _) = cli(&[]);
-        args.drivers = vec![" ".to_owned()];
-        args.compute_driver_socket = Some(String::new());
-        let env = CliSources {
-            drivers: Some(FlagSource::Env),
-            compute_driver_socket: Some(FlagSource::Env),
-        };
-        let settings = resolve_with(&args, env, &file).unwrap();
-        assert_eq!(settings.drivers[0].name, "podman");
-        assert!(settings.drivers[0].is_managed());
-        // The same values given as flags are mistakes.
-        let flags = CliSources {
-            drivers: Some(FlagSource::CommandLine),
-            compute_driver_socket: Some(FlagSource::CommandLine),
-        };
-        let message = resolve_with(&args, flags, &file).unwrap_err().to_string();
-        assert!(message.contains("--drivers: entry 1"), "{message}");
-    }
-
-    #[test]
-    fn default_listen_is_gateway_sock_in_the_run_dir() {
-        let (args, sources) = cli(&["--drivers", "vm"]);
-        let settings = resolve_with(&args, sources, &FileConfig::default()).unwrap();
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(PathBuf::from("/tmp/os-run/gateway.sock"))
-        );
-        assert!(!settings.allow_remote);
-    }
-
-    #[test]
-    fn default_listen_is_where_the_cli_looks() {
-        let (args, sources) = parse_cli([
-            "openshell-gateway",
-            "--state-dir",
-            "/tmp/os-state",
-            "--drivers",
-            "vm",
-        ])
-        .unwrap();
-        let settings = resolve_with(&args, sources, &FileConfig::default()).unwrap();
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(openshell_wire::paths::default_gateway_socket())
-        );
-    }
-
-    #[test]
-    fn remote_listen_needs_allow_remote() {
-        let (args, sources) = cli(&["--drivers", "vm", "--listen", "tcp://0.0.0.0:7000"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(message.contains("--allow-remote"), "{message}");
-        let (args, sources) = cli(&[
-            "--drivers",
-            "vm",
-            "--listen",
-            "tcp://0.0.0.0:7000",
-            "--allow-remote",
-        ]);
-        assert!(
-            resolve_with(&args, sources, &FileConfig::default())
-                .unwrap()
-                .allow_remote
-        );
-        let (args, sources) = cli(&[
-            "--drivers",
-            "vm",
-            "--listen",
-            "tcp://0.0.0.0:7000",
-            "--allow-remote=false",
-        ]);
-        assert!(resolve_with(&args, sources, &FileConfig::default()).is_err());
-    }
-
-    #[test]
-    fn bad_flag_values_are_config_errors() {
-        let (args, sources) = cli(&["--drivers", "vm", "--driver-call-timeout", "0"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("--driver-call-timeout must be a positive"),
-            "{message}"
-        );
-        let (args, sources) = cli(&["--drivers", "vm", "--listen", "gateway.sock"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(message.contains("--listen: listen address"), "{message}");
+        #[test]
+        fn config_parser_never_panics(text in "(\\[openshell(\\.(gateway|drivers(\\.[a-zA-Z\" ]{1,6})?))?\\]\n|[a-z_]{1,12} = (\"[^\"\n]{0,20}\"|[0-9.-]{1,6}|true|\\[\\]|\\{\\})\n){0,8}") {
+            let _ = FileConfig::parse(&text, Path::new("/x.toml"));
+        }
     }
 }

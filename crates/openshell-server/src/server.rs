@@ -24,15 +24,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::acquire::{self, AcquireContext};
-use crate::config::Settings;
+use crate::api::listen::ListenAddr;
+use crate::api::service::GatewayService;
+use crate::drivers::acquire::{self, AcquireContext};
+use crate::drivers::registry::{DriverRuntime, Registry, RuntimeOptions};
+use crate::drivers::watcher;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
-use crate::listen::ListenAddr;
-use crate::registry::{DriverRuntime, Registry};
-use crate::service::GatewayService;
-use crate::store::Store;
-use crate::watcher;
+use crate::settings::Settings;
+use crate::state::store::Store;
 
 /// How long in-flight requests may run after a stop signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -145,8 +145,13 @@ async fn start_drivers(
         .enumerate()
         .map(|(index, plan)| async move {
             let acquired = acquire::acquire(plan, ctx).await?;
-            DriverRuntime::initialize(plan, acquired, settings.timeouts.driver_call, index == 0)
-                .await
+            let options = RuntimeOptions {
+                name: plan.name.clone(),
+                expect_driver_name: plan.expect_driver_name.clone(),
+                call_timeout: settings.timeouts.driver_call,
+                is_default: index == 0,
+            };
+            DriverRuntime::initialize(options, acquired).await
         });
     let results = join_all(attempts).await;
     let mut runtimes = Vec::new();

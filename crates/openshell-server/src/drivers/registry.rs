@@ -9,11 +9,23 @@ use driver_lifecycle::{DriverGuard, DriverHealth};
 use openshell_proto::gateway::v1::{self as gw, DriverState};
 use tokio::sync::{Notify, watch};
 
-use crate::acquire::Acquired;
-use crate::driver::{Capabilities, RemoteComputeDriver};
+use crate::api::translate::WORKSPACE;
+use crate::drivers::acquire::{self, Acquired};
+use crate::drivers::remote::{Capabilities, RemoteComputeDriver};
 use crate::error::{Error, Result};
-use crate::selection::DriverPlan;
-use crate::translate::WORKSPACE;
+
+/// What [`DriverRuntime::initialize`] needs besides the acquired endpoint.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// The configured name.
+    pub name: String,
+    /// The `driver_name` the driver must report, when configured.
+    pub expect_driver_name: Option<String>,
+    /// Deadline of every unary call.
+    pub call_timeout: std::time::Duration,
+    /// Whether creates that name no driver go here.
+    pub is_default: bool,
+}
 
 /// A driver's health as the gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,26 +95,34 @@ impl DriverRuntime {
     /// Asks a freshly acquired driver for its capabilities and the optional
     /// bits, checks `expect_driver_name`, and builds the runtime. On failure
     /// the guard is shut down before the error is returned.
-    pub async fn initialize(
-        plan: &DriverPlan,
-        acquired: Acquired,
-        call_timeout: std::time::Duration,
-        is_default: bool,
-    ) -> Result<Self> {
+    pub async fn initialize(options: RuntimeOptions, acquired: Acquired) -> Result<Self> {
+        let RuntimeOptions {
+            name,
+            expect_driver_name,
+            call_timeout,
+            is_default,
+        } = options;
         let Acquired {
             endpoint,
             guard,
             channel,
         } = acquired;
-        let driver = RemoteComputeDriver::new(&plan.name, channel, call_timeout);
-        match Self::probe(plan, &driver, &endpoint.socket).await {
+        let driver = RemoteComputeDriver::new(&name, channel, call_timeout);
+        match Self::probe(
+            &name,
+            expect_driver_name.as_deref(),
+            &driver,
+            &endpoint.socket,
+        )
+        .await
+        {
             Ok(capabilities) => {
                 let managed = guard.is_managed();
                 let health = guard.health();
                 let status = DriverStatus::ready(guard.pid().unwrap_or(0), 0);
                 let (status, _) = watch::channel(status);
                 tracing::info!(
-                    driver = %plan.name,
+                    driver = %name,
                     managed,
                     socket = %endpoint.socket.display(),
                     pid = guard.pid(),
@@ -115,7 +135,7 @@ impl DriverRuntime {
                     "driver ready"
                 );
                 Ok(Self {
-                    name: plan.name.clone(),
+                    name,
                     socket: endpoint.socket,
                     managed,
                     is_default,
@@ -128,22 +148,21 @@ impl DriverRuntime {
                 })
             }
             Err(error) => {
-                if let Err(stop) = guard.shutdown().await {
-                    tracing::warn!(driver = %plan.name, error = %stop, "could not stop the driver after a failed start");
-                }
+                acquire::release(&name, guard, "initialize").await;
                 Err(error)
             }
         }
     }
 
     async fn probe(
-        plan: &DriverPlan,
+        name: &str,
+        expect_driver_name: Option<&str>,
         driver: &RemoteComputeDriver,
         socket: &std::path::Path,
     ) -> Result<Capabilities> {
         let init_error = |rpc: &'static str, error: Error| match error {
             Error::DriverCall { code, message, .. } => Error::DriverInit {
-                driver: plan.name.clone(),
+                driver: name.to_owned(),
                 rpc,
                 code,
                 message,
@@ -154,13 +173,13 @@ impl DriverRuntime {
             .capabilities()
             .await
             .map_err(|e| init_error("GetCapabilities", e))?;
-        if let Some(expected) = &plan.expect_driver_name
-            && *expected != response.driver_name
+        if let Some(expected) = expect_driver_name
+            && expected != response.driver_name
         {
             return Err(Error::DriverNameMismatch {
-                driver: plan.name.clone(),
+                driver: name.to_owned(),
                 socket: socket.to_owned(),
-                expected: expected.clone(),
+                expected: expected.to_owned(),
                 actual: response.driver_name,
             });
         }
@@ -169,7 +188,7 @@ impl DriverRuntime {
             .await
             .map_err(|e| init_error("GetGatewayListenerRequirements", e))?;
         for requirement in &requirements {
-            tracing::warn!(driver = %plan.name, reason = %requirement.reason, selector = ?requirement.selector, "driver asks for an extra gateway listener; this gateway serves only its own API and ignores it");
+            tracing::warn!(driver = %name, reason = %requirement.reason, selector = ?requirement.selector, "driver asks for an extra gateway listener; this gateway serves only its own API and ignores it");
         }
         driver
             .ensure_workspace(WORKSPACE)

@@ -26,7 +26,7 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::error::{Error, Result};
-use crate::phase::{phase_from_name, phase_name};
+use crate::phases::{phase_from_name, phase_name};
 
 /// Schema migrations, applied in order; entry `i` brings the database to
 /// version `i + 1`. Never edit an entry once released: append a new one.

@@ -24,12 +24,12 @@ use tokio::sync::{OwnedMutexGuard, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::api::{translate, validate};
 use crate::config::Timeouts;
+use crate::drivers::registry::{DriverRuntime, Registry};
 use crate::error::{Error, Result};
-use crate::phase::{has_running_intent, intent_condition, next_phase, ready_false};
-use crate::registry::{DriverRuntime, Registry};
-use crate::store::{Inserted, ListQuery, SandboxRow, Store, Updated, now_ms};
-use crate::{translate, validate};
+use crate::phases::{has_running_intent, intent_condition, next_phase, ready_false};
+use crate::state::store::{Inserted, ListQuery, SandboxRow, Store, Updated, now_ms};
 
 /// Default and largest page of ListSandboxes.
 pub const DEFAULT_PAGE_SIZE: usize = 100;

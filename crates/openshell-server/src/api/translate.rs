@@ -6,7 +6,7 @@ use openshell_proto::compute::v1::{
 };
 use openshell_proto::gateway::v1 as gw;
 
-use crate::store::SandboxRow;
+use crate::state::store::SandboxRow;
 
 /// The workspace every sandbox of this gateway belongs to. The public API
 /// has no workspaces; drivers that scope resources by workspace see this one.
@@ -204,7 +204,7 @@ mod tests {
             ],
             ..Default::default()
         });
-        r.gateway_condition = Some(crate::phase::ready_false("Stopping", "stop requested", 5));
+        r.gateway_condition = Some(crate::phases::ready_false("Stopping", "stop requested", 5));
         let extra = gw::Condition {
             r#type: "DriverAvailable".into(),
             status: "False".into(),

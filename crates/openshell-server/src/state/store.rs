@@ -192,10 +192,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    let elapsed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+    openshell_wire::time::now_millis()
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {

@@ -224,10 +224,6 @@ impl DriverRuntime {
         self.status.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<DriverStatus> {
-        self.status.subscribe()
-    }
-
     pub fn is_available(&self) -> bool {
         self.status.borrow().state == DriverState::Ready
     }

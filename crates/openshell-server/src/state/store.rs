@@ -502,13 +502,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(|e| Error::store("read the schema version", e))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
+    if version > SCHEMA_VERSION {
         return Err(Error::StoreSchema {
             path: path.to_owned(),
             message: format!(
-                "the database has schema version {version}, newer than this gateway knows ({}); \
-                 run a newer openshell-gateway or point --state-dir elsewhere",
-                MIGRATIONS.len()
+                "the database has schema version {version}, newer than this gateway knows ({SCHEMA_VERSION}); \
+                 run a newer openshell-gateway or point --state-dir elsewhere"
             ),
         });
     }

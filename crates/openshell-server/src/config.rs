@@ -1,10 +1,14 @@
-//! Command line, environment and `gateway.toml`, merged into [`Settings`].
+//! The sources of the gateway's settings: the command line (with the
+//! environment variables clap reads) and `gateway.toml`. They are merged,
+//! and drivers are selected, in [`crate::settings`].
 //!
 //! Precedence: a flag beats its environment variable, which beats the TOML
-//! file, which beats the built-in default. Unknown keys in the gateway's own
-//! tables are errors naming the key's full path; `[openshell.drivers.NAME]`
-//! tables are passed through to managed drivers, minus the keys the gateway
-//! itself reads (see [`GATEWAY_DRIVER_KEYS`]).
+//! file, which beats the built-in default. The file is read with serde:
+//! unknown keys in the gateway's own tables (`[openshell]`,
+//! `[openshell.gateway]`) are errors naming the file, line, column and the
+//! key's full path; `[openshell.drivers.NAME]` tables are passed through to
+//! managed drivers, minus the keys the gateway itself reads (`socket_path`,
+//! `expect_driver_name`, `binary`, `ready_timeout_secs`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,9 +17,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, ValueEnum};
 
+use crate::drivers::plan::{DriverTable, FlagSource, normalize_name};
 use crate::error::{Error, Result};
-use crate::listen::ListenAddr;
-use crate::selection::{self, DriverPlan, ListOrigin, SelectionInput};
 
 /// The gateway's command line. Every flag except `--config` and
 /// `--check-config` also has a TOML key under `[openshell.gateway]`.
@@ -122,13 +125,6 @@ pub struct CliSources {
     pub compute_driver_socket: Option<FlagSource>,
 }
 
-/// A value given on the command line or through its environment variable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlagSource {
-    CommandLine,
-    Env,
-}
-
 fn flag_source(matches: &ArgMatches, id: &str) -> Option<FlagSource> {
     match matches.value_source(id)? {
         ValueSource::CommandLine => Some(FlagSource::CommandLine),
@@ -150,41 +146,6 @@ where
         compute_driver_socket: flag_source(&matches, "compute_driver_socket"),
     };
     Ok((cli, sources))
-}
-
-/// Keys of `[openshell.drivers.NAME]` that the gateway reads itself and does
-/// not pass to the driver.
-pub const GATEWAY_DRIVER_KEYS: &[&str] = &[
-    "socket_path",
-    "expect_driver_name",
-    "binary",
-    "ready_timeout_secs",
-];
-
-/// Keys of `[openshell.gateway]`.
-pub const GATEWAY_KEYS: &[&str] = &[
-    "compute_drivers",
-    "listen",
-    "allow_remote",
-    "state_dir",
-    "run_dir",
-    "log_format",
-    "log_level",
-    "driver_call_timeout_secs",
-    "driver_connect_timeout_secs",
-    "reconcile_interval_secs",
-    "orphan_grace_secs",
-];
-
-/// One `[openshell.drivers.NAME]` table.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DriverTable {
-    pub socket_path: Option<PathBuf>,
-    pub expect_driver_name: Option<String>,
-    pub binary: Option<PathBuf>,
-    pub ready_timeout: Option<Duration>,
-    /// Every other key, passed to a managed driver as its config file.
-    pub passthrough: toml::Table,
 }
 
 /// `[openshell.gateway]` as written in the file.
@@ -212,238 +173,173 @@ pub struct FileConfig {
     pub drivers: BTreeMap<String, DriverTable>,
 }
 
-/// Reads one typed value out of a TOML table, with errors that name the
-/// key's full path and the file.
-struct Reader<'a> {
-    file: &'a Path,
-}
+/// The file as serde reads it. Every table the gateway owns refuses
+/// unknown keys; driver tables keep theirs for the driver.
+mod raw {
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::path::PathBuf;
+    use std::time::Duration;
 
-impl Reader<'_> {
-    fn error(&self, message: impl std::fmt::Display) -> Error {
-        Error::Config(format!("{}: {message}", self.file.display()))
+    use serde::Deserialize;
+    use serde::de::{self, Deserializer, SeqAccess, Visitor};
+
+    use super::LogFormat;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub openshell: Option<Openshell>,
     }
 
-    fn wrong_type(&self, path: &str, expected: &str, value: &toml::Value) -> Error {
-        self.error(format!(
-            "{path} must be {expected}, not {} {}",
-            article(value.type_str()),
-            value.type_str()
-        ))
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Openshell {
+        #[expect(dead_code, reason = "only checked: 1 is the one version there is")]
+        pub version: Option<Version>,
+        pub gateway: Option<Gateway>,
+        pub drivers: Option<BTreeMap<String, Driver>>,
     }
 
-    fn table<'v>(&self, value: &'v toml::Value, path: &str) -> Result<&'v toml::Table> {
-        value
-            .as_table()
-            .ok_or_else(|| self.wrong_type(path, "a table", value))
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Gateway {
+        pub compute_drivers: Option<StringList>,
+        pub listen: Option<NonEmpty>,
+        pub allow_remote: Option<bool>,
+        pub state_dir: Option<AbsolutePath>,
+        pub run_dir: Option<AbsolutePath>,
+        pub log_format: Option<Format>,
+        pub log_level: Option<NonEmpty>,
+        pub driver_call_timeout_secs: Option<Seconds>,
+        pub driver_connect_timeout_secs: Option<Seconds>,
+        pub reconcile_interval_secs: Option<Seconds>,
+        pub orphan_grace_secs: Option<Seconds>,
     }
 
-    fn string(&self, value: &toml::Value, path: &str) -> Result<String> {
+    /// `[openshell.drivers.NAME]`: the keys the gateway reads, and the rest
+    /// passed through untouched.
+    #[derive(Debug, Deserialize)]
+    pub struct Driver {
+        pub socket_path: Option<AbsolutePath>,
+        pub expect_driver_name: Option<NonEmpty>,
+        pub binary: Option<AbsolutePath>,
+        pub ready_timeout_secs: Option<Seconds>,
+        #[serde(flatten)]
+        pub passthrough: toml::Table,
+    }
+
+    fn kind(value: &toml::Value) -> String {
+        let word = value.type_str();
+        let article = if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {word}")
+    }
+
+    /// Declares a newtype read from one TOML value by `check`.
+    macro_rules! leaf {
+        ($name:ident, $inner:ty, $check:expr) => {
+            #[derive(Debug)]
+            pub struct $name(pub $inner);
+
+            impl<'de> Deserialize<'de> for $name {
+                fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    let value = toml::Value::deserialize(d)?;
+                    let check: fn(&toml::Value) -> Result<$inner, String> = $check;
+                    check(&value).map($name).map_err(de::Error::custom)
+                }
+            }
+        };
+    }
+
+    fn text(value: &toml::Value, expected: &str) -> Result<String, String> {
         value
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| self.wrong_type(path, "a string", value))
+            .ok_or_else(|| format!("must be {expected}, not {}", kind(value)))
     }
 
-    fn non_empty_string(&self, value: &toml::Value, path: &str) -> Result<String> {
-        let text = self.string(value, path)?;
+    fn non_empty(value: &toml::Value) -> Result<String, String> {
+        let text = text(value, "a string")?;
         if text.trim().is_empty() {
-            return Err(self.error(format!("{path} is empty")));
+            return Err("is empty".to_owned());
         }
         Ok(text)
     }
 
-    fn bool(&self, value: &toml::Value, path: &str) -> Result<bool> {
-        value
-            .as_bool()
-            .ok_or_else(|| self.wrong_type(path, "true or false", value))
-    }
+    leaf!(NonEmpty, String, non_empty);
 
-    fn absolute_path(&self, value: &toml::Value, path: &str) -> Result<PathBuf> {
-        let text = self.non_empty_string(value, path)?;
+    leaf!(AbsolutePath, PathBuf, |value| {
+        let text = non_empty(value)?;
         if text.contains('\0') {
-            return Err(self.error(format!("{path} contains a NUL byte")));
+            return Err("contains a NUL byte".to_owned());
         }
         if !text.starts_with('/') {
-            return Err(self.error(format!("{path} must be an absolute path, not {text:?}")));
+            return Err(format!("must be an absolute path, not {text:?}"));
         }
         Ok(PathBuf::from(text))
-    }
+    });
 
-    fn seconds(&self, value: &toml::Value, path: &str) -> Result<Duration> {
+    leaf!(Seconds, Duration, |value| {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "seconds beyond 2^53 are refused as too large anyway"
+        )]
         let secs = match value {
-            toml::Value::Integer(n) => {
-                #[allow(clippy::cast_precision_loss)]
-                let n = *n as f64;
-                n
-            }
+            toml::Value::Integer(n) => *n as f64,
             toml::Value::Float(f) => *f,
-            other => return Err(self.wrong_type(path, "a number of seconds", other)),
+            other => return Err(format!("must be a number of seconds, not {}", kind(other))),
         };
-        positive_seconds(secs).map_err(|e| self.error(format!("{path} {e}")))
-    }
+        super::positive_seconds(secs)
+    });
 
-    fn string_array(&self, value: &toml::Value, path: &str) -> Result<Vec<String>> {
-        let array = value
-            .as_array()
-            .ok_or_else(|| self.wrong_type(path, "an array of strings", value))?;
-        array
-            .iter()
-            .enumerate()
-            .map(|(i, item)| self.string(item, &format!("{path}[{i}]")))
-            .collect()
-    }
-}
+    leaf!(Format, LogFormat, |value| {
+        let text = text(value, "\"text\" or \"json\"")?;
+        LogFormat::parse(&text).ok_or_else(|| format!("must be \"text\" or \"json\", not {text:?}"))
+    });
 
-fn article(word: &str) -> &'static str {
-    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
-        "an"
-    } else {
-        "a"
-    }
-}
+    leaf!(Version, (), |value| match value.as_integer() {
+        Some(1) => Ok(()),
+        _ => Err(format!(
+            "must be 1 (the only config version this gateway knows), not {value}"
+        )),
+    });
 
-/// A duration in seconds that must be positive and finite.
-fn positive_seconds(secs: f64) -> std::result::Result<Duration, String> {
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("must be a positive number of seconds, not {secs}"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("is too large ({secs} seconds)"))
-}
+    /// An array of strings; a wrong item is named by its index.
+    #[derive(Debug)]
+    pub struct StringList(pub Vec<String>);
 
-fn unknown_key(reader: &Reader<'_>, path: &str, known: &[&str]) -> Error {
-    reader.error(format!(
-        "unknown key {path}; known keys here: {}",
-        known.join(", ")
-    ))
-}
-
-impl FileConfig {
-    /// Reads and checks `path`.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses `text`, reporting problems against `path`.
-    pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let root: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| Error::ConfigSyntax {
-                path: path.to_owned(),
-                message: e.to_string().trim_end().replace('\n', " "),
-            })?;
-        let reader = Reader { file: path };
-        let mut config = Self {
-            path: path.to_owned(),
-            ..Self::default()
-        };
-        for (key, value) in &root {
-            if key != "openshell" {
-                return Err(unknown_key(&reader, key, &["openshell"]));
-            }
-            let openshell = reader.table(value, "openshell")?;
-            for (key, value) in openshell {
-                let path = format!("openshell.{key}");
-                match key.as_str() {
-                    "version" => match value.as_integer() {
-                        Some(1) => {}
-                        _ => {
-                            return Err(reader.error(format!(
-                                "{path} must be 1 (the only config version this gateway knows), not {value}"
-                            )));
+    impl<'de> Deserialize<'de> for StringList {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Items;
+            impl<'de> Visitor<'de> for Items {
+                type Value = Vec<String>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an array of strings")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(item) = seq.next_element::<toml::Value>()? {
+                        match item {
+                            toml::Value::String(text) => out.push(text),
+                            other => {
+                                return Err(de::Error::custom(format!(
+                                    "[{}] must be a string, not {}",
+                                    out.len(),
+                                    kind(&other)
+                                )));
+                            }
                         }
-                    },
-                    "gateway" => config.gateway = parse_gateway(&reader, value)?,
-                    "drivers" => config.drivers = parse_drivers(&reader, value)?,
-                    _ => {
-                        return Err(unknown_key(
-                            &reader,
-                            &path,
-                            &["version", "gateway", "drivers"],
-                        ));
                     }
+                    Ok(out)
                 }
             }
-        }
-        Ok(config)
-    }
-}
-
-fn parse_gateway(reader: &Reader<'_>, value: &toml::Value) -> Result<GatewayTable> {
-    let table = reader.table(value, "openshell.gateway")?;
-    let mut out = GatewayTable::default();
-    for (key, value) in table {
-        let path = format!("openshell.gateway.{key}");
-        let path = path.as_str();
-        match key.as_str() {
-            "compute_drivers" => out.compute_drivers = Some(reader.string_array(value, path)?),
-            "listen" => out.listen = Some(reader.non_empty_string(value, path)?),
-            "allow_remote" => out.allow_remote = Some(reader.bool(value, path)?),
-            "state_dir" => out.state_dir = Some(reader.absolute_path(value, path)?),
-            "run_dir" => out.run_dir = Some(reader.absolute_path(value, path)?),
-            "log_format" => {
-                let text = reader.string(value, path)?;
-                out.log_format = Some(LogFormat::parse(&text).ok_or_else(|| {
-                    reader.error(format!("{path} must be \"text\" or \"json\", not {text:?}"))
-                })?);
-            }
-            "log_level" => out.log_level = Some(reader.non_empty_string(value, path)?),
-            "driver_call_timeout_secs" => {
-                out.driver_call_timeout = Some(reader.seconds(value, path)?);
-            }
-            "driver_connect_timeout_secs" => {
-                out.driver_connect_timeout = Some(reader.seconds(value, path)?);
-            }
-            "reconcile_interval_secs" => {
-                out.reconcile_interval = Some(reader.seconds(value, path)?);
-            }
-            "orphan_grace_secs" => out.orphan_grace = Some(reader.seconds(value, path)?),
-            _ => return Err(unknown_key(reader, path, GATEWAY_KEYS)),
+            d.deserialize_seq(Items).map(StringList)
         }
     }
-    Ok(out)
-}
-
-fn parse_drivers(
-    reader: &Reader<'_>,
-    value: &toml::Value,
-) -> Result<BTreeMap<String, DriverTable>> {
-    let tables = reader.table(value, "openshell.drivers")?;
-    let mut out: BTreeMap<String, DriverTable> = BTreeMap::new();
-    let mut spelled: BTreeMap<String, String> = BTreeMap::new();
-    for (key, value) in tables {
-        let table_path = format!("openshell.drivers.{}", quote_key(key));
-        let name = selection::normalize_name(key)
-            .map_err(|e| reader.error(format!("[{table_path}]: {e}")))?;
-        if let Some(previous) = spelled.insert(name.clone(), key.clone()) {
-            return Err(reader.error(format!(
-                "[openshell.drivers.{}] and [{table_path}] are the same driver '{name}'; merge them",
-                quote_key(&previous)
-            )));
-        }
-        let table = reader.table(value, &table_path)?;
-        let mut driver = DriverTable::default();
-        for (key, value) in table {
-            let path = format!("{table_path}.{}", quote_key(key));
-            let path = path.as_str();
-            match key.as_str() {
-                "socket_path" => driver.socket_path = Some(reader.absolute_path(value, path)?),
-                "expect_driver_name" => {
-                    driver.expect_driver_name = Some(reader.non_empty_string(value, path)?);
-                }
-                "binary" => driver.binary = Some(reader.absolute_path(value, path)?),
-                "ready_timeout_secs" => driver.ready_timeout = Some(reader.seconds(value, path)?),
-                _ => {
-                    driver.passthrough.insert(key.clone(), value.clone());
-                }
-            }
-        }
-        out.insert(name, driver);
-    }
-    Ok(out)
 }
 
 /// A TOML key as it would be written in a dotted path.
@@ -457,6 +353,190 @@ fn quote_key(key: &str) -> String {
     } else {
         format!("{key:?}")
     }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, tail)| tail)
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+/// The dotted key path toml attaches to a deserialization error (only shown
+/// by its `Display` when no input is set).
+fn error_keys(error: &toml::de::Error) -> Vec<String> {
+    let mut bare = error.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    shown
+        .lines()
+        .rev()
+        .find_map(|line| {
+            line.strip_prefix("in `")?
+                .strip_suffix('`')
+                .map(str::to_owned)
+        })
+        .map(|path| path.split('.').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Rewrites serde's wording in the gateway's: the key's full path, what it
+/// must be, and, for an unknown key, the keys that are known there.
+fn describe_error(message: &str, keys: &[String]) -> String {
+    let path = keys
+        .iter()
+        .map(|k| quote_key(k))
+        .collect::<Vec<_>>()
+        .join(".");
+    let joined = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{}", quote_key(key))
+        }
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        return format!(
+            "unknown key {}; known keys here: {}",
+            joined(field),
+            known.join(", ")
+        );
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "?"));
+        let found = found.split_whitespace().next().unwrap_or(found);
+        let found = match found {
+            "map" => "a table",
+            "sequence" => "an array",
+            "integer" => "an integer",
+            "boolean" => "a boolean",
+            "string" => "a string",
+            "floating" => "a float",
+            other => other,
+        };
+        let expected = match expected {
+            e if e.starts_with("struct ") || e == "a map" => "a table",
+            "a boolean" => "true or false",
+            e => e,
+        };
+        return format!("{path} must be {expected}, not {found}");
+    }
+    if message.starts_with('[') {
+        format!("{path}{message}")
+    } else if path.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{path} {message}")
+    }
+}
+
+/// A duration in seconds that must be positive and finite.
+pub(crate) fn positive_seconds(secs: f64) -> std::result::Result<Duration, String> {
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("must be a positive number of seconds, not {secs}"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("is too large ({secs} seconds)"))
+}
+
+impl FileConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text`, reporting problems against `path` with the line and
+    /// column of the offending key or value.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        // Syntax first, so a broken file is reported as such.
+        text.parse::<toml::Table>()
+            .map_err(|e: toml::de::Error| Error::ConfigSyntax {
+                path: path.to_owned(),
+                message: e.to_string().trim_end().replace('\n', " "),
+            })?;
+        let file: raw::File = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let (line, column) = line_column(text, span.start);
+                    format!(":{line}:{column}")
+                })
+                .unwrap_or_default();
+            Error::Config(format!(
+                "{}{at}: {}",
+                path.display(),
+                describe_error(e.message(), &error_keys(&e))
+            ))
+        })?;
+        let mut config = Self {
+            path: path.to_owned(),
+            ..Self::default()
+        };
+        let Some(openshell) = file.openshell else {
+            return Ok(config);
+        };
+        if let Some(gw) = openshell.gateway {
+            config.gateway = GatewayTable {
+                compute_drivers: gw.compute_drivers.map(|l| l.0),
+                listen: gw.listen.map(|v| v.0),
+                allow_remote: gw.allow_remote,
+                state_dir: gw.state_dir.map(|v| v.0),
+                run_dir: gw.run_dir.map(|v| v.0),
+                log_format: gw.log_format.map(|v| v.0),
+                log_level: gw.log_level.map(|v| v.0),
+                driver_call_timeout: gw.driver_call_timeout_secs.map(|v| v.0),
+                driver_connect_timeout: gw.driver_connect_timeout_secs.map(|v| v.0),
+                reconcile_interval: gw.reconcile_interval_secs.map(|v| v.0),
+                orphan_grace: gw.orphan_grace_secs.map(|v| v.0),
+            };
+        }
+        config.drivers = driver_tables(openshell.drivers.unwrap_or_default(), path)?;
+        Ok(config)
+    }
+}
+
+/// Driver tables keyed by normalised name; two spellings of one name are
+/// refused.
+fn driver_tables(
+    tables: BTreeMap<String, raw::Driver>,
+    file: &Path,
+) -> Result<BTreeMap<String, DriverTable>> {
+    let error = |message: String| Error::Config(format!("{}: {message}", file.display()));
+    let mut out: BTreeMap<String, DriverTable> = BTreeMap::new();
+    let mut spelled: BTreeMap<String, String> = BTreeMap::new();
+    for (key, table) in tables {
+        let table_path = format!("openshell.drivers.{}", quote_key(&key));
+        let name = normalize_name(&key).map_err(|e| error(format!("[{table_path}]: {e}")))?;
+        if let Some(previous) = spelled.insert(name.clone(), key.clone()) {
+            return Err(error(format!(
+                "[openshell.drivers.{}] and [{table_path}] are the same driver '{name}'; merge them",
+                quote_key(&previous)
+            )));
+        }
+        out.insert(
+            name,
+            DriverTable {
+                socket_path: table.socket_path.map(|v| v.0),
+                expect_driver_name: table.expect_driver_name.map(|v| v.0),
+                binary: table.binary.map(|v| v.0),
+                ready_timeout: table.ready_timeout_secs.map(|v| v.0),
+                passthrough: table.passthrough,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// Timing knobs.
@@ -481,217 +561,6 @@ impl Default for Timeouts {
             reconcile_interval: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(60),
         }
-    }
-}
-
-/// Everything the gateway needs to start, resolved from all sources.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub drivers: Vec<DriverPlan>,
-    /// Selection notes worth a warning (ignored keys, overridden sockets).
-    pub warnings: Vec<String>,
-    pub listen: ListenAddr,
-    pub allow_remote: bool,
-    pub state_dir: PathBuf,
-    pub run_dir: PathBuf,
-    pub log_format: LogFormat,
-    pub log_level: Option<String>,
-    pub timeouts: Timeouts,
-    pub config_file: Option<PathBuf>,
-}
-
-/// The default config file, when it exists.
-pub fn default_config_file() -> Option<PathBuf> {
-    let path = directories::BaseDirs::new()?
-        .config_dir()
-        .join("openshell")
-        .join("gateway.toml");
-    path.is_file().then_some(path)
-}
-
-fn default_state_dir() -> Result<PathBuf> {
-    directories::BaseDirs::new()
-        .and_then(|dirs| dirs.state_dir().map(|d| d.join("openshell")))
-        .ok_or_else(|| {
-            Error::Config(
-                "cannot tell where this user's state directory is (no $XDG_STATE_HOME or $HOME); \
-                 set --state-dir"
-                    .to_owned(),
-            )
-        })
-}
-
-/// Makes a command-line path absolute against the working directory.
-fn absolute(flag: &str, path: &Path) -> Result<PathBuf> {
-    if path.as_os_str().is_empty() {
-        return Err(Error::Config(format!("{flag} is empty")));
-    }
-    std::path::absolute(path).map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
-}
-
-fn flag_seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>> {
-    secs.map(|s| positive_seconds(s).map_err(|e| Error::Config(format!("{flag} {e}"))))
-        .transpose()
-}
-
-/// Merges the command line, the environment (already folded in by clap) and
-/// the config file into [`Settings`]. Nothing is created or started.
-pub fn resolve(cli: &Cli, sources: CliSources) -> Result<Settings> {
-    let config_path = match &cli.config {
-        Some(path) => Some(absolute("--config", path)?),
-        None => default_config_file(),
-    };
-    let file = match &config_path {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    resolve_with(cli, sources, &file)
-}
-
-/// [`resolve`] with the config file already read.
-pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result<Settings> {
-    let gw = &file.gateway;
-
-    // An environment variable that is set but empty counts as unset; an
-    // empty flag is a mistake worth an error.
-    let blank_env = |source: Option<FlagSource>, values: &[&str]| {
-        source == Some(FlagSource::Env) && values.iter().all(|v| v.trim().is_empty())
-    };
-    let drivers: Vec<&str> = cli.drivers.iter().map(String::as_str).collect();
-    let drivers_source = sources
-        .drivers
-        .filter(|_| !drivers.is_empty() && !blank_env(sources.drivers, &drivers));
-    let list = if let Some(source) = drivers_source {
-        let origin = match source {
-            FlagSource::CommandLine => ListOrigin::CommandLine,
-            FlagSource::Env => ListOrigin::Env,
-        };
-        let entries: Vec<String> = cli
-            .drivers
-            .iter()
-            .flat_map(|value| value.split(','))
-            .map(str::to_owned)
-            .collect();
-        Some((entries, origin))
-    } else {
-        gw.compute_drivers
-            .clone()
-            .map(|entries| (entries, ListOrigin::File(file.path.clone())))
-    };
-    let socket_flag = cli
-        .compute_driver_socket
-        .as_deref()
-        .filter(|path| !blank_env(sources.compute_driver_socket, &[path]))
-        .map(|path| {
-            let source = sources
-                .compute_driver_socket
-                .unwrap_or(FlagSource::CommandLine);
-            (path, source)
-        });
-    let selection = selection::select(&SelectionInput {
-        list,
-        compute_driver_socket: socket_flag,
-        tables: &file.drivers,
-    })?;
-
-    let run_dir = match (&cli.run_dir, &gw.run_dir) {
-        (Some(dir), _) => absolute("--run-dir", dir)?,
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => openshell_wire::paths::default_run_dir(),
-    };
-    let state_dir = match (&cli.state_dir, &gw.state_dir) {
-        (Some(dir), _) => absolute("--state-dir", dir)?,
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => default_state_dir()?,
-    };
-    let listen = match (&cli.listen, &gw.listen) {
-        (Some(text), _) => {
-            ListenAddr::parse(text).map_err(|e| Error::Config(format!("--listen: {e}")))?
-        }
-        (None, Some(text)) => ListenAddr::parse(text).map_err(|e| {
-            Error::Config(format!(
-                "{}: openshell.gateway.listen: {e}",
-                file.path.display()
-            ))
-        })?,
-        (None, None) => {
-            let path = run_dir.join(openshell_wire::paths::GATEWAY_SOCKET_NAME);
-            driver_lifecycle::socket::check_socket_path(&path).map_err(|e| {
-                Error::Config(format!(
-                    "the default listen socket is unusable: {e}; set --run-dir or --listen"
-                ))
-            })?;
-            ListenAddr::Unix(path)
-        }
-    };
-    let allow_remote = cli.allow_remote.or(gw.allow_remote).unwrap_or(false);
-    if !listen.is_local() && !allow_remote {
-        return Err(Error::Config(format!(
-            "--listen {listen} can be reached from other machines, and the gateway API has no \
-             authentication; listen on 127.0.0.1 or a Unix socket, or pass --allow-remote to accept that"
-        )));
-    }
-    let defaults = Timeouts::default();
-    let timeouts = Timeouts {
-        driver_call: flag_seconds("--driver-call-timeout", cli.driver_call_timeout)?
-            .or(gw.driver_call_timeout)
-            .unwrap_or(defaults.driver_call),
-        driver_connect: flag_seconds("--driver-connect-timeout", cli.driver_connect_timeout)?
-            .or(gw.driver_connect_timeout)
-            .unwrap_or(defaults.driver_connect),
-        reconcile_interval: gw.reconcile_interval.unwrap_or(defaults.reconcile_interval),
-        orphan_grace: gw.orphan_grace.unwrap_or(defaults.orphan_grace),
-    };
-    Ok(Settings {
-        drivers: selection.plans,
-        warnings: selection.warnings,
-        listen,
-        allow_remote,
-        state_dir,
-        run_dir,
-        log_format: cli.log_format.or(gw.log_format).unwrap_or_default(),
-        log_level: cli
-            .log_level
-            .clone()
-            .or_else(|| {
-                std::env::var("RUST_LOG")
-                    .ok()
-                    .filter(|v| !v.trim().is_empty())
-            })
-            .or_else(|| gw.log_level.clone()),
-        timeouts,
-        config_file: (!file.path.as_os_str().is_empty()).then(|| file.path.clone()),
-    })
-}
-
-impl Settings {
-    /// A human-readable summary, for `--check-config`.
-    pub fn describe(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "config file: {}",
-            self.config_file
-                .as_ref()
-                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
-        );
-        let _ = writeln!(out, "listen: {}", self.listen);
-        let _ = writeln!(out, "state dir: {}", self.state_dir.display());
-        let _ = writeln!(out, "run dir: {}", self.run_dir.display());
-        let _ = writeln!(
-            out,
-            "driver call timeout: {:?}; attach timeout: {:?}",
-            self.timeouts.driver_call, self.timeouts.driver_connect
-        );
-        for (i, plan) in self.drivers.iter().enumerate() {
-            let default = if i == 0 { " (default)" } else { "" };
-            let _ = writeln!(out, "driver {}{default}: {}", plan.name, plan.describe());
-        }
-        for warning in &self.warnings {
-            let _ = writeln!(out, "warning: {warning}");
-        }
-        out
     }
 }
 
@@ -861,6 +730,50 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_line_and_column() {
+        let cases = [
+            (
+                "[openshell.gateway]\nlisten = \"unix:///x.sock\"\nlisten_addr = \"x\"",
+                "/etc/openshell/gateway.toml:3:1: unknown key openshell.gateway.listen_addr",
+            ),
+            (
+                "[openshell.gateway]\n\nallow_remote = \"yes\"",
+                "/etc/openshell/gateway.toml:3:16: openshell.gateway.allow_remote must be true or false, not a string",
+            ),
+            (
+                "[openshell.gateway]\ncompute_drivers = [\"vm\", 3]",
+                "/etc/openshell/gateway.toml:2:19: openshell.gateway.compute_drivers[1] must be a string",
+            ),
+            (
+                "[openshell.drivers.vm]\nvcpus = 2\nready_timeout_secs = -1",
+                "/etc/openshell/gateway.toml:3:22: openshell.drivers.vm.ready_timeout_secs must be a positive number of seconds, not -1",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = err(text);
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn driver_tables_pass_unknown_keys_through_untouched() {
+        let config = parse(
+            "[openshell.drivers.podman]\nsocket_path = \"/run/p.sock\"\n[openshell.drivers.podman.extra]\nnested = [1, 2]\n",
+        )
+        .unwrap();
+        let podman = &config.drivers["podman"];
+        assert_eq!(
+            podman.socket_path.as_deref(),
+            Some(Path::new("/run/p.sock"))
+        );
+        assert_eq!(podman.passthrough.keys().collect::<Vec<_>>(), ["extra"]);
+        assert_eq!(
+            podman.passthrough["extra"]["nested"],
+            toml::Value::Array(vec![toml::Value::Integer(1), toml::Value::Integer(2)])
+        );
+    }
+
+    #[test]
     fn same_driver_twice_in_different_case_is_refused() {
         let message = err("[openshell.drivers.vm]\n[openshell.drivers.VM]\n");
         assert!(message.contains("same driver 'vm'"), "{message}");
@@ -873,150 +786,12 @@ mod tests {
         assert!(message.contains("/etc/openshell/gateway.toml"), "{message}");
     }
 
-    fn cli(args: &[&str]) -> (Cli, CliSources) {
-        let mut argv = vec![
-            "openshell-gateway",
-            "--state-dir",
-            "/tmp/os-state",
-            "--run-dir",
-            "/tmp/os-run",
-        ];
-        argv.extend_from_slice(args);
-        parse_cli(argv).unwrap()
-    }
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
 
-    #[test]
-    fn flags_override_the_file() {
-        let file = parse(
-            r#"
-            [openshell.gateway]
-            compute_drivers = ["kyma@/run/kyma.sock"]
-            listen = "tcp://127.0.0.1:7000"
-            log_format = "json"
-            state_dir = "/var/lib/os"
-            driver_call_timeout_secs = 9
-            "#,
-        )
-        .unwrap();
-        let (args, sources) = cli(&[
-            "--drivers",
-            "podman",
-            "--listen",
-            "unix:///tmp/os-run/g.sock",
-        ]);
-        let settings = resolve_with(&args, sources, &file).unwrap();
-        assert_eq!(settings.drivers.len(), 1);
-        assert_eq!(settings.drivers[0].name, "podman");
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(PathBuf::from("/tmp/os-run/g.sock"))
-        );
-        assert_eq!(settings.log_format, LogFormat::Json);
-        assert_eq!(settings.state_dir, PathBuf::from("/tmp/os-state"));
-        assert_eq!(settings.timeouts.driver_call, Duration::from_secs(9));
-
-        let (args, sources) = cli(&[]);
-        let settings = resolve_with(&args, sources, &file).unwrap();
-        assert_eq!(settings.drivers[0].name, "kyma");
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Tcp("127.0.0.1:7000".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn empty_environment_values_count_as_unset() {
-        let file = parse("[openshell.gateway]\ncompute_drivers = [\"podman\"]\n").unwrap();
-        let (mut args, _) = cli(&[]);
-        args.drivers = vec![" ".to_owned()];
-        args.compute_driver_socket = Some(String::new());
-        let env = CliSources {
-            drivers: Some(FlagSource::Env),
-            compute_driver_socket: Some(FlagSource::Env),
-        };
-        let settings = resolve_with(&args, env, &file).unwrap();
-        assert_eq!(settings.drivers[0].name, "podman");
-        assert!(settings.drivers[0].is_managed());
-        // The same values given as flags are mistakes.
-        let flags = CliSources {
-            drivers: Some(FlagSource::CommandLine),
-            compute_driver_socket: Some(FlagSource::CommandLine),
-        };
-        let message = resolve_with(&args, flags, &file).unwrap_err().to_string();
-        assert!(message.contains("--drivers: entry 1"), "{message}");
-    }
-
-    #[test]
-    fn default_listen_is_gateway_sock_in_the_run_dir() {
-        let (args, sources) = cli(&["--drivers", "vm"]);
-        let settings = resolve_with(&args, sources, &FileConfig::default()).unwrap();
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(PathBuf::from("/tmp/os-run/gateway.sock"))
-        );
-        assert!(!settings.allow_remote);
-    }
-
-    #[test]
-    fn default_listen_is_where_the_cli_looks() {
-        let (args, sources) = parse_cli([
-            "openshell-gateway",
-            "--state-dir",
-            "/tmp/os-state",
-            "--drivers",
-            "vm",
-        ])
-        .unwrap();
-        let settings = resolve_with(&args, sources, &FileConfig::default()).unwrap();
-        assert_eq!(
-            settings.listen,
-            ListenAddr::Unix(openshell_wire::paths::default_gateway_socket())
-        );
-    }
-
-    #[test]
-    fn remote_listen_needs_allow_remote() {
-        let (args, sources) = cli(&["--drivers", "vm", "--listen", "tcp://0.0.0.0:7000"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(message.contains("--allow-remote"), "{message}");
-        let (args, sources) = cli(&[
-            "--drivers",
-            "vm",
-            "--listen",
-            "tcp://0.0.0.0:7000",
-            "--allow-remote",
-        ]);
-        assert!(
-            resolve_with(&args, sources, &FileConfig::default())
-                .unwrap()
-                .allow_remote
-        );
-        let (args, sources) = cli(&[
-            "--drivers",
-            "vm",
-            "--listen",
-            "tcp://0.0.0.0:7000",
-            "--allow-remote=false",
-        ]);
-        assert!(resolve_with(&args, sources, &FileConfig::default()).is_err());
-    }
-
-    #[test]
-    fn bad_flag_values_are_config_errors() {
-        let (args, sources) = cli(&["--drivers", "vm", "--driver-call-timeout", "0"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("--driver-call-timeout must be a positive"),
-            "{message}"
-        );
-        let (args, sources) = cli(&["--drivers", "vm", "--listen", "gateway.sock"]);
-        let message = resolve_with(&args, sources, &FileConfig::default())
-            .unwrap_err()
-            .to_string();
-        assert!(message.contains("--listen: listen address"), "{message}");
+        #[test]
+        fn config_parser_never_panics(text in "(\\[openshell(\\.(gateway|drivers(\\.[a-zA-Z\" ]{1,6})?))?\\]\n|[a-z_]{1,12} = (\"[^\"\n]{0,20}\"|[0-9.-]{1,6}|true|\\[\\]|\\{\\})\n){0,8}") {
+            let _ = FileConfig::parse(&text, Path::new("/x.toml"));
+        }
     }
 }

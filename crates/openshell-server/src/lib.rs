@@ -1,34 +1,36 @@
 //! The OpenShell gateway.
 //!
 //! It runs sandboxes through compute drivers: separate processes spoken to
-//! over gRPC on Unix sockets (`openshell.compute.v1.ComputeDriver`). Each
-//! driver is either spawned by the gateway (managed: `vm`, `podman`) or run
-//! by the operator and attached (`NAME@/path/driver.sock`); after
-//! acquisition both are used through the same [`driver::RemoteComputeDriver`].
+//! over gRPC on Unix sockets (`openshell.compute.v1.ComputeDriver`). The
+//! source tree is the map:
 //!
-//! - [`config`] and [`selection`]: command line, environment, `gateway.toml`,
-//!   and the rules that turn `--drivers` into driver plans;
-//! - [`acquire`]: spawning or dialling a driver;
-//! - [`registry`]: the named driver runtimes and their health;
-//! - [`gateway`]: sandbox operations, driver observations, reconciliation,
-//!   startup and shutdown sweeps; [`watcher`]: one watch task per driver;
-//! - [`store`]: SQLite persistence; [`phase`]: public phase derivation;
-//! - [`service`]: the public gRPC API; [`server`]: startup and shutdown order.
+//! - [`drivers`]: everything about drivers, in two halves.
+//!   - **Acquisition** (getting a driver endpoint): [`drivers::plan`] (what
+//!     the operator asked for), [`drivers::managed`] (the one table of
+//!     drivers the gateway can run itself), [`drivers::select`] (`--drivers`
+//!     and friends turned into plans), [`drivers::acquire`] (spawning a
+//!     managed driver or dialling an attached one).
+//!   - **Consumption** (using it, whichever way it came):
+//!     [`drivers::remote`] (the gRPC client, [`drivers::remote::RemoteComputeDriver`]),
+//!     [`drivers::registry`] (named runtimes and their health),
+//!     [`drivers::watcher`] (one watch task per driver).
+//! - [`gateway`]: the sandbox model: operations, observation and
+//!   reconciliation, startup/shutdown sweeps, the public watch.
+//! - [`api`]: the public gRPC service, translation to and from driver
+//!   messages, request validation, listen addresses.
+//! - [`state`]: SQLite persistence; [`phases`]: public phase derivation.
+//! - [`config`] (command line and `gateway.toml`), [`settings`] (them
+//!   merged, drivers selected), [`server`] (startup and shutdown order),
+//!   [`error`].
 
-pub mod acquire;
+pub mod api;
 pub mod config;
-pub mod driver;
+pub mod drivers;
 pub mod error;
 pub mod gateway;
-pub mod listen;
-pub mod phase;
-pub mod registry;
-pub mod selection;
+pub mod phases;
 pub mod server;
-pub mod service;
-pub mod store;
-pub mod translate;
-pub mod validate;
-pub mod watcher;
+pub mod settings;
+pub mod state;
 
 pub use error::{Error, Result};

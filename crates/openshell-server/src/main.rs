@@ -5,8 +5,9 @@
 
 use std::process::ExitCode;
 
-use openshell_server::config::{self, LogFormat, Settings};
+use openshell_server::config::{self, LogFormat};
 use openshell_server::error::error_chain;
+use openshell_server::settings::{self, Settings};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(settings: &Settings) -> Result<(), String> {
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(error) => error.exit(),
     };
-    let settings = match config::resolve(&cli, sources) {
+    let settings = match settings::resolve(&cli, sources) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {}", error_chain(&error));

@@ -24,15 +24,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::acquire::{self, AcquireContext};
-use crate::config::Settings;
+use crate::api::listen::ListenAddr;
+use crate::api::service::GatewayService;
+use crate::drivers::acquire::{self, AcquireContext};
+use crate::drivers::registry::{DriverRuntime, Registry, RuntimeOptions};
+use crate::drivers::watcher;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
-use crate::listen::ListenAddr;
-use crate::registry::{DriverRuntime, Registry};
-use crate::service::GatewayService;
-use crate::store::Store;
-use crate::watcher;
+use crate::settings::Settings;
+use crate::state::store::Store;
 
 /// How long in-flight requests may run after a stop signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -145,8 +145,13 @@ async fn start_drivers(
         .enumerate()
         .map(|(index, plan)| async move {
             let acquired = acquire::acquire(plan, ctx).await?;
-            DriverRuntime::initialize(plan, acquired, settings.timeouts.driver_call, index == 0)
-                .await
+            let options = RuntimeOptions {
+                name: plan.name.clone(),
+                expect_driver_name: plan.expect_driver_name.clone(),
+                call_timeout: settings.timeouts.driver_call,
+                is_default: index == 0,
+            };
+            DriverRuntime::initialize(options, acquired).await
         });
     let results = join_all(attempts).await;
     let mut runtimes = Vec::new();
@@ -197,9 +202,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     let _state_lock = lock_state_dir(&settings.state_dir)?;
     let store = Store::open(&settings.state_dir.join("gateway.db"))?;
-    let uses_run_dir = settings.drivers.iter().any(|p| p.is_managed())
-        || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()));
-    if uses_run_dir {
+    if uses_run_dir(&settings) {
         socket::prepare_private_dir(&settings.run_dir)
             .map_err(|e| Error::Config(format!("run directory: {e}")))?;
     }
@@ -227,64 +230,117 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.timeouts,
         address.clone(),
     ));
-    let watch_cancel = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let startup = async {
-        gateway.report_orphaned_drivers().await?;
-        for runtime in &runtimes {
-            tasks.spawn(watcher::follow_health(
-                Arc::clone(&gateway),
-                Arc::clone(runtime),
-                watch_cancel.clone(),
-            ));
-        }
-        for runtime in &runtimes {
-            gateway.startup_sweep(runtime).await?;
-        }
-        for runtime in &runtimes {
-            let first = match watcher::connect(&gateway, runtime).await {
-                Ok(stream) => Some(stream),
-                Err(error) => {
-                    tracing::warn!(driver = %runtime.name, error = %error, "could not watch the driver at startup; retrying in the background");
-                    None
-                }
-            };
-            tasks.spawn(watcher::run(
-                Arc::clone(&gateway),
-                Arc::clone(runtime),
-                first,
-                watch_cancel.clone(),
-            ));
-        }
-        Ok::<(), Error>(())
-    };
+    let mut watchers = Watchers::default();
     let started = tokio::select! {
-        result = startup => result.map(|()| true),
+        result = recover_and_watch(&gateway, &runtimes, &mut watchers) => result.map(|()| true),
         () = signals.stop.cancelled() => Ok(false),
     };
     if !matches!(started, Ok(true)) {
-        watch_cancel.cancel();
-        while tasks.join_next().await.is_some() {}
-        let failures = stop_drivers(&runtimes).await;
-        for failure in failures {
+        watchers.stop().await;
+        for failure in stop_drivers(&runtimes).await {
             tracing::warn!("{failure}");
         }
         return started.map(drop);
     }
 
+    let (served, socket_file) = serve(listener, &gateway, &signals, &address).await;
+    watchers.stop().await;
+    let mut failures = Vec::new();
+    if let Err(error) = served {
+        failures.push(crate::error::error_chain(&error));
+    }
+    let sweep = tokio::select! {
+        failed = gateway.shutdown_sweep() => failed,
+        () = signals.force.cancelled() => {
+            tracing::warn!("second stop signal; skipping the sandbox stop sweep");
+            Vec::new()
+        }
+    };
+    failures.extend(sweep_failure(&sweep));
+    failures.extend(stop_drivers(&runtimes).await);
+    drop(socket_file);
+    shutdown_outcome(&failures)
+}
+
+/// Whether the run directory must exist: a managed driver's socket or the
+/// default API socket lives there.
+fn uses_run_dir(settings: &Settings) -> bool {
+    settings.drivers.iter().any(|p| p.is_managed())
+        || matches!(&settings.listen, ListenAddr::Unix(p) if p.parent() == Some(settings.run_dir.as_path()))
+}
+
+/// The per-driver health and watch tasks, and the token that ends them.
+#[derive(Default)]
+struct Watchers {
+    cancel: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Watchers {
+    async fn stop(&mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Startup after the drivers are up: warn about orphaned rows, follow each
+/// driver's health, resume interrupted sandboxes, then watch every driver
+/// (a driver that cannot be watched now is retried in the background).
+async fn recover_and_watch(
+    gateway: &Arc<Gateway>,
+    runtimes: &[Arc<DriverRuntime>],
+    watchers: &mut Watchers,
+) -> Result<()> {
+    gateway.report_orphaned_drivers().await?;
+    for runtime in runtimes {
+        watchers.tasks.spawn(watcher::follow_health(
+            Arc::clone(gateway),
+            Arc::clone(runtime),
+            watchers.cancel.clone(),
+        ));
+    }
+    for runtime in runtimes {
+        gateway.startup_sweep(runtime).await?;
+    }
+    for runtime in runtimes {
+        let first = match watcher::connect(gateway, runtime).await {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::warn!(driver = %runtime.name, error = %error, "could not watch the driver at startup; retrying in the background");
+                None
+            }
+        };
+        watchers.tasks.spawn(watcher::run(
+            Arc::clone(gateway),
+            Arc::clone(runtime),
+            first,
+            watchers.cancel.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Serves the API (and gRPC health) on `listener` until the first stop
+/// signal, then drains open requests for up to [`DRAIN_GRACE`]. Hands back
+/// the socket file, which is removed when dropped at the very end.
+async fn serve(
+    listener: Listener,
+    gateway: &Arc<Gateway>,
+    signals: &Signals,
+    address: &str,
+) -> (Result<()>, Option<socket::BoundSocket>) {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GatewayServer<GatewayService>>().await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = GatewayServer::new(GatewayService::new(Arc::clone(&gateway)));
+    let service = GatewayServer::new(GatewayService::new(Arc::clone(gateway)));
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(service);
     let stopping = {
         let stop = signals.stop.clone();
-        let gateway = Arc::clone(&gateway);
-        let health = health.clone();
+        let gateway = Arc::clone(gateway);
         async move {
             stop.cancelled().await;
             tracing::info!("stop requested; shutting down");
@@ -298,7 +354,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     };
     tracing::info!(address = %address, drivers = %gateway.registry.names(), "listening");
-    let (serve, socket_file) = match listener {
+    let (serving, socket_file) = match listener {
         Listener::Unix(listener, file) => (
             tokio::spawn(
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping),
@@ -312,31 +368,22 @@ pub async fn run(settings: Settings) -> Result<()> {
             None,
         ),
     };
-    let served = serve_until_stopped(serve, &signals).await;
+    (serve_until_stopped(serving, signals).await, socket_file)
+}
 
-    // Shutdown, in order.
-    watch_cancel.cancel();
-    while tasks.join_next().await.is_some() {}
-    let mut failures = Vec::new();
-    if let Err(error) = served {
-        failures.push(crate::error::error_chain(&error));
-    }
-    let sweep = tokio::select! {
-        failed = gateway.shutdown_sweep() => failed,
-        () = signals.force.cancelled() => {
-            tracing::warn!("second stop signal; skipping the sandbox stop sweep");
-            Vec::new()
-        }
-    };
-    if !sweep.is_empty() {
-        failures.push(format!(
+/// The shutdown sweep's failures as one line, if any.
+fn sweep_failure(sweep: &[String]) -> Option<String> {
+    (!sweep.is_empty()).then(|| {
+        format!(
             "{} sandbox(es) could not be stopped: {}",
             sweep.len(),
             sweep.join("; ")
-        ));
-    }
-    failures.extend(stop_drivers(&runtimes).await);
-    drop(socket_file);
+        )
+    })
+}
+
+/// The result of a stop: clean, or every cleanup failure in one error.
+fn shutdown_outcome(failures: &[String]) -> Result<()> {
     if failures.is_empty() {
         tracing::info!("stopped");
         Ok(())
@@ -371,5 +418,61 @@ async fn serve_until_stopped(
         Err(join) => Err(Error::Internal(format!(
             "the API server task failed: {join}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, parse_cli};
+    use crate::settings::resolve_with;
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut argv = vec![
+            "openshell-gateway",
+            "--state-dir",
+            "/tmp/os-state",
+            "--run-dir",
+            "/tmp/os-run",
+        ];
+        argv.extend_from_slice(args);
+        let (cli, sources) = parse_cli(argv).unwrap();
+        resolve_with(&cli, sources, &FileConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn run_dir_is_needed_for_managed_drivers_or_the_default_socket() {
+        assert!(uses_run_dir(&settings(&["--drivers", "vm"])));
+        assert!(uses_run_dir(&settings(&["--drivers", "k@/run/k.sock"])));
+        assert!(!uses_run_dir(&settings(&[
+            "--drivers",
+            "k@/run/k.sock",
+            "--listen",
+            "unix:///srv/gw.sock"
+        ])));
+        assert!(!uses_run_dir(&settings(&[
+            "--drivers",
+            "k@/run/k.sock",
+            "--listen",
+            "tcp://127.0.0.1:7000"
+        ])));
+    }
+
+    #[test]
+    fn shutdown_failures_are_collected_into_one_error() {
+        assert_eq!(sweep_failure(&[]), None);
+        assert_eq!(
+            sweep_failure(&[
+                "sandbox 'a': gone".to_owned(),
+                "sandbox 'b': gone".to_owned()
+            ])
+            .as_deref(),
+            Some("2 sandbox(es) could not be stopped: sandbox 'a': gone; sandbox 'b': gone")
+        );
+        assert!(shutdown_outcome(&[]).is_ok());
+        let error = shutdown_outcome(&["x".to_owned(), "y".to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cleanup failed: x; y"), "{error}");
     }
 }

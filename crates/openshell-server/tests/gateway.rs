@@ -149,6 +149,7 @@ async fn forwards_calls_to_an_attached_driver() {
         .find(|c| c.r#type == "Ready")
         .unwrap();
     assert_eq!(ready_condition.reason, "Stopped");
+    assert_rfc3339(&ready_condition.last_transition_time);
     // Idempotent.
     client
         .stop_sandbox(gw::StopSandboxRequest {
@@ -1066,6 +1067,7 @@ async fn a_managed_driver_that_keeps_dying_is_reported_failed() {
         .find(|c| c.r#type == "DriverAvailable")
         .unwrap();
     assert_eq!(condition.reason, "DriverFailed");
+    assert_rfc3339(&condition.last_transition_time);
 }
 
 /// WatchSandboxes filters by driver and by name, and re-sends a driver's
@@ -1211,6 +1213,7 @@ async fn sandboxes_of_an_unconfigured_driver_are_kept() {
         .find(|c| c.r#type == "DriverAvailable")
         .unwrap();
     assert_eq!(condition.reason, "DriverNotConfigured");
+    assert_rfc3339(&condition.last_transition_time);
     assert_status(
         client
             .stop_sandbox(gw::StopSandboxRequest {
@@ -1252,4 +1255,12 @@ async fn sandboxes_of_an_unconfigured_driver_are_kept() {
         .sandbox
         .unwrap();
     assert_eq!(stopped.phase, SandboxPhase::Stopped as i32);
+}
+
+/// Condition times on the public API are RFC 3339, never epoch text.
+fn assert_rfc3339(time: &str) {
+    assert!(
+        time.ends_with('Z') && openshell_wire::time::parse_rfc3339(time).is_some(),
+        "last_transition_time {time:?} is not RFC 3339 UTC"
+    );
 }

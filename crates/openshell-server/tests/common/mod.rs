@@ -2,7 +2,10 @@
 //! `openshell-test-driver` either attached (started here) or managed
 //! (started by the gateway from its config).
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of these helpers; the lint fires only in some of them"
+)]
 
 use std::fs;
 use std::future::Future;

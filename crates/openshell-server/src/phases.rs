@@ -155,14 +155,15 @@ pub fn intent_condition(phase: SandboxPhase, now_ms: i64) -> Option<Condition> {
     Some(ready_false(reason, message, now_ms))
 }
 
-/// A `Ready=False` condition written by the gateway.
+/// A `Ready=False` condition written by the gateway; `now_ms` (milliseconds
+/// since the Unix epoch) becomes an RFC 3339 `last_transition_time`.
 pub fn ready_false(reason: &str, message: &str, now_ms: i64) -> Condition {
     Condition {
         r#type: "Ready".to_owned(),
         status: "False".to_owned(),
         reason: reason.to_owned(),
         message: message.to_owned(),
-        last_transition_time: now_ms.to_string(),
+        last_transition_time: openshell_wire::time::rfc3339_millis(now_ms),
     }
 }
 

@@ -6,7 +6,7 @@ use openshell_proto::compute::v1::{
 };
 use openshell_proto::gateway::v1 as gw;
 
-use crate::store::SandboxRow;
+use crate::state::store::SandboxRow;
 
 /// The workspace every sandbox of this gateway belongs to. The public API
 /// has no workspaces; drivers that scope resources by workspace see this one.
@@ -61,7 +61,17 @@ fn condition(c: &openshell_proto::compute::v1::DriverCondition) -> gw::Condition
         status: c.status.clone(),
         reason: c.reason.clone(),
         message: c.message.clone(),
-        last_transition_time: c.last_transition_time.clone(),
+        last_transition_time: transition_time(&c.last_transition_time),
+    }
+}
+
+/// A condition time in the one wire format. Rows stored by earlier
+/// gateways (and older drivers) carry epoch milliseconds as text; those are
+/// rewritten as RFC 3339 so the public API never shows epoch text.
+pub fn transition_time(text: &str) -> String {
+    match text.trim().parse::<i64>() {
+        Ok(ms) => openshell_wire::time::rfc3339_millis(ms),
+        Err(_) => text.to_owned(),
     }
 }
 
@@ -74,9 +84,13 @@ pub fn public_sandbox(row: &SandboxRow, extra: Option<gw::Condition>) -> gw::San
         .map(|s| s.conditions.iter().map(condition).collect())
         .unwrap_or_default();
     if let Some(own) = &row.gateway_condition {
+        let own = gw::Condition {
+            last_transition_time: transition_time(&own.last_transition_time),
+            ..own.clone()
+        };
         match conditions.iter_mut().find(|c| c.r#type == own.r#type) {
-            Some(slot) => *slot = own.clone(),
-            None => conditions.insert(0, own.clone()),
+            Some(slot) => *slot = own,
+            None => conditions.insert(0, own),
         }
     }
     conditions.extend(extra);
@@ -204,7 +218,7 @@ mod tests {
             ],
             ..Default::default()
         });
-        r.gateway_condition = Some(crate::phase::ready_false("Stopping", "stop requested", 5));
+        r.gateway_condition = Some(crate::phases::ready_false("Stopping", "stop requested", 5));
         let extra = gw::Condition {
             r#type: "DriverAvailable".into(),
             status: "False".into(),
@@ -225,7 +239,35 @@ mod tests {
             ]
         );
         assert_eq!(public.conditions[0].reason, "Stopping");
+        assert_eq!(
+            public.conditions[0].last_transition_time,
+            "1970-01-01T00:00:00.005Z"
+        );
         assert_eq!(public.phase, SandboxPhase::Ready as i32);
         assert_eq!(public.resource_version, 4);
+    }
+
+    #[test]
+    fn condition_times_are_rfc3339() {
+        // What an earlier gateway stored, and what a driver may still send.
+        assert_eq!(transition_time("1764873600123"), "2025-12-04T18:40:00.123Z");
+        assert_eq!(
+            transition_time("2026-12-04T18:29:19.123Z"),
+            "2026-12-04T18:29:19.123Z"
+        );
+        assert_eq!(transition_time(""), "");
+        let mut r = row();
+        r.gateway_condition = Some(gw::Condition {
+            r#type: "Ready".into(),
+            status: "False".into(),
+            last_transition_time: "1764873600123".into(),
+            ..Default::default()
+        });
+        let public = public_sandbox(&r, None);
+        let time = &public.conditions[0].last_transition_time;
+        assert!(
+            openshell_wire::time::parse_rfc3339(time).is_some(),
+            "{time} is not RFC 3339"
+        );
     }
 }

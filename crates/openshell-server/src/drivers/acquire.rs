@@ -1,5 +1,5 @@
-//! Acquisition: turning a [`DriverPlan`] into an endpoint, a guard and a
-//! channel. Managed drivers are spawned with driver-lifecycle; attached ones
+//! Acquisition, last step: turning a [`DriverPlan`] into an endpoint, a
+//! guard and a channel. Managed drivers are spawned with driver-lifecycle; attached ones
 //! are dialled. Nothing after this module knows which way a driver came.
 
 use std::ffi::OsString;
@@ -14,11 +14,9 @@ use driver_lifecycle::{
 };
 use tonic::transport::Channel;
 
+use crate::drivers::managed::ManagedDriver;
+use crate::drivers::plan::{Acquisition, DriverPlan};
 use crate::error::{Error, Result};
-use crate::selection::{self, Acquisition, DriverPlan};
-
-/// Default time a managed driver has to become ready.
-pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An acquired driver endpoint.
 #[derive(Debug)]
@@ -60,10 +58,14 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Finds a managed driver's executable: the table's `binary`, else
-/// `openshell-driver-<name>` next to the gateway, else on `PATH`.
-pub fn resolve_binary(plan: &DriverPlan, ctx: &AcquireContext) -> Result<PathBuf> {
-    let program = format!("openshell-driver-{}", plan.name);
+/// Finds a managed driver's executable: the table's `binary`, else the
+/// row's program next to the gateway, else on `PATH`.
+pub fn resolve_binary(
+    plan: &DriverPlan,
+    row: &ManagedDriver,
+    ctx: &AcquireContext,
+) -> Result<PathBuf> {
+    let program = row.program.to_owned();
     let mut looked = Vec::new();
     if let Some(binary) = &plan.binary {
         if is_executable_file(binary) {
@@ -142,34 +144,11 @@ fn libc_o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
-/// What the construction path of each managed driver adds to the generic
-/// spawn: the environment it needs from the operator's session beyond the
-/// lifecycle allowlist, and how long it may take to become ready.
-struct ManagedDefaults {
-    env: &'static [&'static str],
-    ready_timeout: Duration,
-}
-
-impl ManagedDefaults {
-    fn for_driver(name: &str) -> Self {
-        match name {
-            // The Podman driver may have to start `podman system service`
-            // and take its first listing before it binds; Podman's own
-            // client settings point it at an engine.
-            "podman" => Self {
-                env: &["CONTAINER_HOST", "CONTAINER_CONNECTION", "CONTAINERS_CONF"],
-                ready_timeout: Duration::from_secs(30),
-            },
-            // libkrunfw.so.5 may live outside the system library path.
-            "vm" => Self {
-                env: &["LD_LIBRARY_PATH"],
-                ready_timeout: DEFAULT_READY_TIMEOUT,
-            },
-            _ => Self {
-                env: &[],
-                ready_timeout: DEFAULT_READY_TIMEOUT,
-            },
-        }
+/// Stops a driver whose acquisition or start failed at a later step. The
+/// one place a guard is released on a failure path; `step` says what failed.
+pub async fn release(name: &str, guard: DriverGuard, step: &str) {
+    if let Err(stop) = guard.shutdown().await {
+        tracing::warn!(driver = %name, step, error = %stop, "could not stop the driver after a failed step");
     }
 }
 
@@ -177,9 +156,9 @@ impl ManagedDefaults {
 pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired> {
     let lifecycle = |source| Error::lifecycle(&plan.name, source);
     match &plan.acquisition {
-        Acquisition::Managed => {
-            let binary = resolve_binary(plan, ctx)?;
-            let config_path = ctx.run_dir.join(format!("{}.toml", plan.name));
+        Acquisition::Managed(row) => {
+            let binary = resolve_binary(plan, row, ctx)?;
+            let config_path = row.config_path(&ctx.run_dir);
             let config = driver_config(plan, &ctx.state_dir);
             let text = toml::to_string(&config).map_err(|e| {
                 Error::Config(format!(
@@ -188,19 +167,15 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 ))
             })?;
             write_private(&config_path, &text)?;
-            let endpoint = DriverEndpoint::new(
-                plan.name.clone(),
-                selection::managed_socket(&ctx.run_dir, &plan.name),
-            );
-            let defaults = ManagedDefaults::for_driver(&plan.name);
+            let endpoint = DriverEndpoint::new(plan.name.clone(), row.socket(&ctx.run_dir));
             let mut command = DriverCommand::new(&binary)
                 .arg("--driver-config")
                 .arg(&config_path);
             command
                 .env_allowlist
-                .extend(defaults.env.iter().map(|name| (*name).to_owned()));
+                .extend(row.env.iter().map(|name| (*name).to_owned()));
             let options = SpawnOptions {
-                ready_timeout: plan.ready_timeout.unwrap_or(defaults.ready_timeout),
+                ready_timeout: plan.ready_timeout.unwrap_or(row.ready_timeout),
                 ..SpawnOptions::default()
             };
             tracing::debug!(driver = %plan.name, binary = %binary.display(), config = %config_path.display(), "starting managed driver");
@@ -219,9 +194,7 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                     channel,
                 }),
                 Err(error) => {
-                    if let Err(stop) = guard.shutdown().await {
-                        tracing::warn!(driver = %plan.name, error = %stop, "could not stop the driver after a failed connect");
-                    }
+                    release(&plan.name, guard, "connect").await;
                     Err(lifecycle(error))
                 }
             }
@@ -258,12 +231,12 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selection::Acquisition;
+    use crate::drivers::managed::managed_driver;
 
     fn plan(name: &str) -> DriverPlan {
         DriverPlan {
             name: name.to_owned(),
-            acquisition: Acquisition::Managed,
+            acquisition: Acquisition::Managed(managed_driver(name).unwrap()),
             expect_driver_name: None,
             binary: None,
             ready_timeout: None,
@@ -290,7 +263,8 @@ mod tests {
             exe_dir: Some(exe_dir.clone()),
             search_path: Some(std::env::join_paths([&path_dir]).unwrap()),
         };
-        let err = resolve_binary(&plan("podman"), &ctx)
+        let podman = managed_driver("podman").unwrap();
+        let err = resolve_binary(&plan("podman"), podman, &ctx)
             .unwrap_err()
             .to_string();
         assert!(err.contains("openshell-driver-podman"), "{err}");
@@ -316,22 +290,27 @@ mod tests {
 
         executable(&path_dir.join("openshell-driver-podman"));
         assert_eq!(
-            resolve_binary(&plan("podman"), &ctx).unwrap(),
+            resolve_binary(&plan("podman"), podman, &ctx).unwrap(),
             path_dir.join("openshell-driver-podman")
         );
         executable(&exe_dir.join("openshell-driver-podman"));
         assert_eq!(
-            resolve_binary(&plan("podman"), &ctx).unwrap(),
+            resolve_binary(&plan("podman"), podman, &ctx).unwrap(),
             exe_dir.join("openshell-driver-podman")
         );
 
         let mut explicit = plan("podman");
         explicit.binary = Some(tmp.path().join("nope"));
-        let err = resolve_binary(&explicit, &ctx).unwrap_err().to_string();
+        let err = resolve_binary(&explicit, podman, &ctx)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not an executable file"), "{err}");
         std::fs::write(tmp.path().join("plain"), b"x").unwrap();
         explicit.binary = Some(tmp.path().join("plain"));
-        assert!(resolve_binary(&explicit, &ctx).is_err(), "not executable");
+        assert!(
+            resolve_binary(&explicit, podman, &ctx).is_err(),
+            "not executable"
+        );
     }
 
     #[test]

@@ -18,9 +18,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
+use crate::drivers::registry::DriverRuntime;
 use crate::error::Result;
 use crate::gateway::{BusEvent, Gateway};
-use crate::registry::DriverRuntime;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);

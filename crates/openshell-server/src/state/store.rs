@@ -26,7 +26,7 @@ use rusqlite::types::{Type, Value};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::error::{Error, Result};
-use crate::phase::{phase_from_name, phase_name};
+use crate::phases::{phase_from_name, phase_name};
 
 /// Schema migrations, applied in order; entry `i` brings the database to
 /// version `i + 1`. Never edit an entry once released: append a new one.
@@ -192,10 +192,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    let elapsed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+    openshell_wire::time::now_millis()
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -505,13 +502,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(|e| Error::store("read the schema version", e))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
+    if version > SCHEMA_VERSION {
         return Err(Error::StoreSchema {
             path: path.to_owned(),
             message: format!(
-                "the database has schema version {version}, newer than this gateway knows ({}); \
-                 run a newer openshell-gateway or point --state-dir elsewhere",
-                MIGRATIONS.len()
+                "the database has schema version {version}, newer than this gateway knows ({SCHEMA_VERSION}); \
+                 run a newer openshell-gateway or point --state-dir elsewhere"
             ),
         });
     }

@@ -7,13 +7,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use driver_lifecycle::{DriverGuard, DriverHealth};
 use openshell_proto::gateway::v1::{self as gw, DriverState};
+use openshell_wire::time::{now_millis, rfc3339_millis};
 use tokio::sync::{Notify, watch};
 
-use crate::acquire::Acquired;
-use crate::driver::{Capabilities, RemoteComputeDriver};
+use crate::api::translate::WORKSPACE;
+use crate::drivers::acquire::{self, Acquired};
+use crate::drivers::remote::{Capabilities, RemoteComputeDriver};
 use crate::error::{Error, Result};
-use crate::selection::DriverPlan;
-use crate::translate::WORKSPACE;
+
+/// What [`DriverRuntime::initialize`] needs besides the acquired endpoint.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// The configured name.
+    pub name: String,
+    /// The `driver_name` the driver must report, when configured.
+    pub expect_driver_name: Option<String>,
+    /// Deadline of every unary call.
+    pub call_timeout: std::time::Duration,
+    /// Whether creates that name no driver go here.
+    pub is_default: bool,
+}
 
 /// A driver's health as the gateway reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,42 +37,60 @@ pub struct DriverStatus {
     /// Current process of a managed driver.
     pub pid: u32,
     pub restarts: u32,
+    /// When `state` last changed, in milliseconds since the Unix epoch.
+    pub since_ms: i64,
 }
 
 impl DriverStatus {
-    fn ready(pid: u32, restarts: u32) -> Self {
+    fn ready(pid: u32, restarts: u32, since_ms: i64) -> Self {
         Self {
             state: DriverState::Ready,
             message: String::new(),
             pid,
             restarts,
+            since_ms,
         }
     }
 
-    fn from_health(health: &DriverHealth, previous: &Self) -> Self {
-        match health {
+    /// `self` with `since_ms` kept from `previous` when the state is the
+    /// same, and set to `now_ms` when it changed.
+    fn since(mut self, previous: &Self, now_ms: i64) -> Self {
+        self.since_ms = if self.state == previous.state {
+            previous.since_ms
+        } else {
+            now_ms
+        };
+        self
+    }
+
+    fn from_health(health: &DriverHealth, previous: &Self, now_ms: i64) -> Self {
+        let next = match health {
             DriverHealth::Starting { attempt } => Self {
                 state: DriverState::Starting,
                 message: format!("starting again (attempt {attempt})"),
                 pid: 0,
                 restarts: previous.restarts,
+                since_ms: 0,
             },
             DriverHealth::Ready { pid, incarnation } => {
-                Self::ready(*pid, incarnation.saturating_sub(1))
+                Self::ready(*pid, incarnation.saturating_sub(1), 0)
             }
             DriverHealth::Restarting { attempt, reason } => Self {
                 state: DriverState::Restarting,
                 message: format!("restart attempt {attempt} after: {reason}"),
                 pid: 0,
                 restarts: previous.restarts,
+                since_ms: 0,
             },
             DriverHealth::Failed { reason } => Self {
                 state: DriverState::Failed,
                 message: reason.clone(),
                 pid: 0,
                 restarts: previous.restarts,
+                since_ms: 0,
             },
-        }
+        };
+        next.since(previous, now_ms)
     }
 }
 
@@ -83,26 +114,34 @@ impl DriverRuntime {
     /// Asks a freshly acquired driver for its capabilities and the optional
     /// bits, checks `expect_driver_name`, and builds the runtime. On failure
     /// the guard is shut down before the error is returned.
-    pub async fn initialize(
-        plan: &DriverPlan,
-        acquired: Acquired,
-        call_timeout: std::time::Duration,
-        is_default: bool,
-    ) -> Result<Self> {
+    pub async fn initialize(options: RuntimeOptions, acquired: Acquired) -> Result<Self> {
+        let RuntimeOptions {
+            name,
+            expect_driver_name,
+            call_timeout,
+            is_default,
+        } = options;
         let Acquired {
             endpoint,
             guard,
             channel,
         } = acquired;
-        let driver = RemoteComputeDriver::new(&plan.name, channel, call_timeout);
-        match Self::probe(plan, &driver, &endpoint.socket).await {
+        let driver = RemoteComputeDriver::new(&name, channel, call_timeout);
+        match Self::probe(
+            &name,
+            expect_driver_name.as_deref(),
+            &driver,
+            &endpoint.socket,
+        )
+        .await
+        {
             Ok(capabilities) => {
                 let managed = guard.is_managed();
                 let health = guard.health();
-                let status = DriverStatus::ready(guard.pid().unwrap_or(0), 0);
+                let status = DriverStatus::ready(guard.pid().unwrap_or(0), 0, now_millis());
                 let (status, _) = watch::channel(status);
                 tracing::info!(
-                    driver = %plan.name,
+                    driver = %name,
                     managed,
                     socket = %endpoint.socket.display(),
                     pid = guard.pid(),
@@ -115,7 +154,7 @@ impl DriverRuntime {
                     "driver ready"
                 );
                 Ok(Self {
-                    name: plan.name.clone(),
+                    name,
                     socket: endpoint.socket,
                     managed,
                     is_default,
@@ -128,22 +167,21 @@ impl DriverRuntime {
                 })
             }
             Err(error) => {
-                if let Err(stop) = guard.shutdown().await {
-                    tracing::warn!(driver = %plan.name, error = %stop, "could not stop the driver after a failed start");
-                }
+                acquire::release(&name, guard, "initialize").await;
                 Err(error)
             }
         }
     }
 
     async fn probe(
-        plan: &DriverPlan,
+        name: &str,
+        expect_driver_name: Option<&str>,
         driver: &RemoteComputeDriver,
         socket: &std::path::Path,
     ) -> Result<Capabilities> {
         let init_error = |rpc: &'static str, error: Error| match error {
             Error::DriverCall { code, message, .. } => Error::DriverInit {
-                driver: plan.name.clone(),
+                driver: name.to_owned(),
                 rpc,
                 code,
                 message,
@@ -154,13 +192,13 @@ impl DriverRuntime {
             .capabilities()
             .await
             .map_err(|e| init_error("GetCapabilities", e))?;
-        if let Some(expected) = &plan.expect_driver_name
-            && *expected != response.driver_name
+        if let Some(expected) = expect_driver_name
+            && expected != response.driver_name
         {
             return Err(Error::DriverNameMismatch {
-                driver: plan.name.clone(),
+                driver: name.to_owned(),
                 socket: socket.to_owned(),
-                expected: expected.clone(),
+                expected: expected.to_owned(),
                 actual: response.driver_name,
             });
         }
@@ -169,7 +207,7 @@ impl DriverRuntime {
             .await
             .map_err(|e| init_error("GetGatewayListenerRequirements", e))?;
         for requirement in &requirements {
-            tracing::warn!(driver = %plan.name, reason = %requirement.reason, selector = ?requirement.selector, "driver asks for an extra gateway listener; this gateway serves only its own API and ignores it");
+            tracing::warn!(driver = %name, reason = %requirement.reason, selector = ?requirement.selector, "driver asks for an extra gateway listener; this gateway serves only its own API and ignores it");
         }
         driver
             .ensure_workspace(WORKSPACE)
@@ -184,10 +222,6 @@ impl DriverRuntime {
 
     pub fn status(&self) -> DriverStatus {
         self.status.borrow().clone()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<DriverStatus> {
-        self.status.subscribe()
     }
 
     pub fn is_available(&self) -> bool {
@@ -221,7 +255,7 @@ impl DriverRuntime {
     /// Mirrors process health into the reported status (managed drivers).
     pub(crate) fn apply_health(&self, health: &DriverHealth) -> bool {
         self.status.send_if_modified(|status| {
-            let next = DriverStatus::from_health(health, status);
+            let next = DriverStatus::from_health(health, status, now_millis());
             let changed = *status != next;
             *status = next;
             changed
@@ -236,15 +270,17 @@ impl DriverRuntime {
         }
         self.status.send_if_modified(|status| {
             let next = if connected {
-                DriverStatus::ready(0, 0)
+                DriverStatus::ready(0, 0, 0)
             } else {
                 DriverStatus {
                     state: DriverState::Unavailable,
                     message: message.to_owned(),
                     pid: 0,
                     restarts: 0,
+                    since_ms: 0,
                 }
-            };
+            }
+            .since(status, now_millis());
             let changed = status.state != next.state;
             *status = next;
             changed
@@ -296,21 +332,27 @@ impl DriverRuntime {
             status: "False".to_owned(),
             reason: reason.to_owned(),
             message: format!("driver '{}': {}", self.name, status.message),
-            last_transition_time: String::new(),
+            last_transition_time: rfc3339_millis(status.since_ms),
         })
     }
 }
 
 /// Every configured driver, in configuration order; the first is the
 /// default for creates that name none.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     runtimes: Vec<Arc<DriverRuntime>>,
+    /// When this set of drivers was configured (milliseconds since the Unix
+    /// epoch): the transition time of "driver not configured".
+    configured_ms: i64,
 }
 
 impl Registry {
     pub fn new(runtimes: Vec<Arc<DriverRuntime>>) -> Self {
-        Self { runtimes }
+        Self {
+            runtimes,
+            configured_ms: now_millis(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<DriverRuntime>> {
@@ -346,7 +388,7 @@ impl Registry {
                     "driver '{name}' is not configured in this gateway (configured: {})",
                     self.names()
                 ),
-                last_transition_time: String::new(),
+                last_transition_time: rfc3339_millis(self.configured_ms),
             }),
         }
     }
@@ -358,23 +400,27 @@ mod tests {
 
     #[test]
     fn health_maps_to_status() {
-        let previous = DriverStatus::ready(10, 2);
+        let previous = DriverStatus::ready(10, 2, 100);
         let s = DriverStatus::from_health(
             &DriverHealth::Ready {
                 pid: 7,
                 incarnation: 3,
             },
             &previous,
+            200,
         );
         assert_eq!((s.state, s.pid, s.restarts), (DriverState::Ready, 7, 2));
+        assert_eq!(s.since_ms, 100, "same state keeps its transition time");
         let s = DriverStatus::from_health(
             &DriverHealth::Restarting {
                 attempt: 1,
                 reason: "exited (signal 9)".into(),
             },
             &previous,
+            200,
         );
         assert_eq!(s.state, DriverState::Restarting);
+        assert_eq!(s.since_ms, 200, "a new state starts now");
         assert!(s.message.contains("exited (signal 9)"));
         assert_eq!(s.restarts, 2);
         let s = DriverStatus::from_health(
@@ -382,10 +428,23 @@ mod tests {
                 reason: "gave up".into(),
             },
             &previous,
+            200,
         );
         assert_eq!(
             (s.state, s.message.as_str()),
             (DriverState::Failed, "gave up")
+        );
+    }
+
+    #[test]
+    fn not_configured_condition_time_is_rfc3339() {
+        let registry = Registry::new(Vec::new());
+        let condition = registry.condition_for("gone").unwrap();
+        assert_eq!(condition.reason, "DriverNotConfigured");
+        assert!(
+            openshell_wire::time::parse_rfc3339(&condition.last_transition_time).is_some(),
+            "{:?}",
+            condition.last_transition_time
         );
     }
 }

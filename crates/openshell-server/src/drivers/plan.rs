@@ -1,0 +1,134 @@
+//! Plain data shared by configuration and driver selection: what the
+//! operator wrote about drivers ([`DriverTable`], [`ListOrigin`],
+//! [`FlagSource`]) and what selection decided ([`DriverPlan`]). Neither
+//! `config` nor `select` imports the other; both import this.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::drivers::managed::ManagedDriver;
+
+/// Longest driver name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A value given on the command line or through its environment variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagSource {
+    CommandLine,
+    Env,
+}
+
+/// One `[openshell.drivers.NAME]` table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriverTable {
+    pub socket_path: Option<PathBuf>,
+    pub expect_driver_name: Option<String>,
+    pub binary: Option<PathBuf>,
+    pub ready_timeout: Option<Duration>,
+    /// Every other key, passed to a managed driver as its config file.
+    pub passthrough: toml::Table,
+}
+
+/// Where the drivers list came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListOrigin {
+    CommandLine,
+    Env,
+    File(PathBuf),
+}
+
+impl ListOrigin {
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Self::CommandLine => "--drivers".to_owned(),
+            Self::Env => "OPENSHELL_DRIVERS".to_owned(),
+            Self::File(path) => format!("{}: openshell.gateway.compute_drivers", path.display()),
+        }
+    }
+}
+
+/// How a driver's endpoint is obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquisition {
+    /// The gateway spawns the driver its managed-driver row describes.
+    Managed(&'static ManagedDriver),
+    /// The operator runs the driver; the gateway dials `socket`.
+    Attach { socket: PathBuf, from: SocketSource },
+}
+
+/// Which setting named an attached driver's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketSource {
+    /// `NAME@/path` in the drivers list.
+    Entry,
+    /// `[openshell.drivers.NAME] socket_path`.
+    ConfigFile,
+    /// `--compute-driver-socket` / `OPENSHELL_COMPUTE_DRIVER_SOCKET`.
+    Flag,
+}
+
+/// One selected driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriverPlan {
+    /// Normalised configured name; also the key of its config table.
+    pub name: String,
+    pub acquisition: Acquisition,
+    pub expect_driver_name: Option<String>,
+    /// Executable of a managed driver, when configured.
+    pub binary: Option<PathBuf>,
+    pub ready_timeout: Option<Duration>,
+    /// The driver's config table minus the gateway's keys.
+    pub passthrough: toml::Table,
+}
+
+impl DriverPlan {
+    pub fn is_managed(&self) -> bool {
+        matches!(self.acquisition, Acquisition::Managed(_))
+    }
+
+    /// One line for `--check-config`.
+    pub fn describe(&self) -> String {
+        match &self.acquisition {
+            Acquisition::Managed(row) => format!(
+                "managed ({}{}), {} config key(s) passed on",
+                row.program,
+                self.binary
+                    .as_ref()
+                    .map(|b| format!(" at {}", b.display()))
+                    .unwrap_or_default(),
+                self.passthrough.len()
+            ),
+            Acquisition::Attach { socket, from } => {
+                let from = match from {
+                    SocketSource::Entry => "from the drivers list",
+                    SocketSource::ConfigFile => "from socket_path",
+                    SocketSource::Flag => "from --compute-driver-socket",
+                };
+                format!("attached at {} ({from})", socket.display())
+            }
+        }
+    }
+}
+
+/// Normalises a driver name: trimmed, lowercased, 1-63 of `[a-z0-9_-]`.
+pub fn normalize_name(raw: &str) -> Result<String, String> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err("the driver name is empty".to_owned());
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "driver name {name:?} contains {bad:?}; use letters, digits, '-' and '_'"
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "driver name {name:?} is {} characters; the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}

@@ -1,0 +1,293 @@
+//! Driver observations applied to stored rows: snapshots, watch events,
+//! reconciliation against a driver's list, and sandboxes gone missing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openshell_proto::compute::v1::watch_sandboxes_event::Payload;
+use openshell_proto::compute::v1::{
+    DriverSandbox, WatchSandboxesEvent, WatchSandboxesSandboxEvent,
+};
+use openshell_proto::gateway::v1::SandboxPhase;
+
+use super::{BusEvent, Gateway};
+use crate::api::translate;
+use crate::drivers::registry::DriverRuntime;
+use crate::error::Result;
+use crate::phases::{intent_condition, next_phase, ready_false};
+use crate::state::store::{SandboxRow, Updated, now_ms};
+
+/// Applies a driver snapshot to a row; returns whether anything changed.
+/// Rows of other drivers, and rows being deleted or in Error, are left
+/// alone.
+pub fn apply_snapshot_to(row: &mut SandboxRow, driver: &str, sandbox: &DriverSandbox) -> bool {
+    if row.driver != driver || matches!(row.phase, SandboxPhase::Deleting | SandboxPhase::Error) {
+        return false;
+    }
+    let Some(status) = &sandbox.status else {
+        return false;
+    };
+    let phase = next_phase(row.phase, Some(status));
+    let mut changed = false;
+    if row.observed.as_ref() != Some(status) {
+        if !status.instance_id.is_empty() {
+            row.instance_id.clone_from(&status.instance_id);
+        }
+        row.observed = Some(status.clone());
+        changed = true;
+    }
+    if phase != row.phase {
+        row.phase = phase;
+        row.gateway_condition = intent_condition(phase, now_ms());
+        changed = true;
+    }
+    changed
+}
+
+fn snapshot_event(sandbox: DriverSandbox) -> WatchSandboxesEvent {
+    WatchSandboxesEvent {
+        payload: Some(Payload::Sandbox(WatchSandboxesSandboxEvent {
+            sandbox: Some(sandbox),
+        })),
+    }
+}
+
+impl Gateway {
+    /// Applies one driver snapshot to its row.
+    pub async fn apply_snapshot(&self, driver: &str, sandbox: DriverSandbox) -> Result<()> {
+        self.apply_events(driver, vec![snapshot_event(sandbox)])
+            .await
+    }
+
+    /// Applies a batch of a driver's watch events in one transaction, then
+    /// tells public watchers what changed, in order.
+    pub async fn apply_events(&self, driver: &str, events: Vec<WatchSandboxesEvent>) -> Result<()> {
+        let name = driver.to_owned();
+        let outcomes = self
+            .db(move |s| {
+                s.write(|tx| {
+                    let mut out = Vec::new();
+                    for event in events {
+                        match event.payload {
+                            Some(Payload::Sandbox(update)) => {
+                                let Some(sandbox) = update.sandbox else {
+                                    continue;
+                                };
+                                let id = sandbox.id.clone();
+                                if let Updated::Changed(row) =
+                                    tx.update(&id, |row| apply_snapshot_to(row, &name, &sandbox))?
+                                {
+                                    out.push(BusEvent::Changed(Arc::new(row)));
+                                }
+                            }
+                            Some(Payload::Deleted(deleted)) => {
+                                let ours = tx
+                                    .get(&deleted.sandbox_id)?
+                                    .is_some_and(|row| row.driver == name);
+                                if ours && let Some(row) = tx.remove(&deleted.sandbox_id)? {
+                                    out.push(BusEvent::Deleted {
+                                        id: row.id,
+                                        name: row.name,
+                                        driver: row.driver,
+                                    });
+                                }
+                            }
+                            Some(Payload::PlatformEvent(platform)) => {
+                                let Some(event) = platform.event else {
+                                    continue;
+                                };
+                                if let Some(row) =
+                                    tx.get(&platform.sandbox_id)?.filter(|r| r.driver == name)
+                                {
+                                    out.push(BusEvent::Platform {
+                                        driver: name.clone(),
+                                        event: translate::platform_event(&row.id, &row.name, event),
+                                    });
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .await?;
+        for outcome in outcomes {
+            match &outcome {
+                BusEvent::Deleted { id, name, driver } => {
+                    tracing::info!(sandbox = %name, id = %id, driver = %driver, "sandbox deleted");
+                }
+                BusEvent::Changed(row) => {
+                    tracing::debug!(sandbox = %row.name, phase = ?row.phase, "applied driver snapshot");
+                }
+                _ => {}
+            }
+            self.publish(outcome);
+        }
+        Ok(())
+    }
+
+    /// Brings a driver's rows in line with its list: present sandboxes get
+    /// their snapshot; absent ones, once unchanged for the orphan grace and
+    /// confirmed absent with GetSandbox, are removed if they were being
+    /// deleted and marked Error (ComputeResourceMissing) otherwise.
+    pub async fn reconcile(
+        &self,
+        runtime: &DriverRuntime,
+        listed: Vec<DriverSandbox>,
+    ) -> Result<()> {
+        let name = runtime.name.clone();
+        let rows = self.db(move |s| s.rows_of_driver(&name)).await?;
+        let mut listed: HashMap<String, DriverSandbox> =
+            listed.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let grace = i64::try_from(self.timeouts.orphan_grace.as_millis()).unwrap_or(i64::MAX);
+        let mut changed = Vec::new();
+        let mut absent = Vec::new();
+        for row in rows {
+            match listed.remove(&row.id) {
+                Some(snapshot) => {
+                    // Most rows are current; only write the ones that change.
+                    let mut probe = row.clone();
+                    if apply_snapshot_to(&mut probe, &runtime.name, &snapshot) {
+                        changed.push(snapshot_event(snapshot));
+                    }
+                }
+                None => absent.push(row),
+            }
+        }
+        self.apply_events(&runtime.name, changed).await?;
+        for row in absent {
+            if row.phase == SandboxPhase::Error
+                || now_ms().saturating_sub(row.updated_at_ms) < grace
+            {
+                continue;
+            }
+            match runtime.driver.get(&row.id, &row.name).await {
+                Ok(Some(snapshot)) => self.apply_snapshot(&runtime.name, snapshot).await?,
+                Ok(None) => self.missing(runtime, &row).await?,
+                Err(error) => {
+                    tracing::warn!(driver = %runtime.name, error = %error, "reconcile stopped: the driver did not answer GetSandbox");
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn missing(&self, runtime: &DriverRuntime, seen: &SandboxRow) -> Result<()> {
+        let version = seen.resource_version;
+        if seen.phase == SandboxPhase::Deleting {
+            let id = seen.id.clone();
+            let still = self.db(move |s| s.get(&id)).await?;
+            if still.is_some_and(|r| r.resource_version == version) {
+                self.remove_row(&seen.id).await?;
+            }
+            return Ok(());
+        }
+        let message = format!(
+            "driver '{}' no longer has this sandbox; delete it, or create it again",
+            runtime.name
+        );
+        let updated = self
+            .update(&seen.id, move |row| {
+                if row.resource_version != version {
+                    return false;
+                }
+                row.phase = SandboxPhase::Error;
+                row.gateway_condition =
+                    Some(ready_false("ComputeResourceMissing", &message, now_ms()));
+                true
+            })
+            .await?;
+        if let Updated::Changed(row) = updated {
+            tracing::warn!(sandbox = %row.name, driver = %runtime.name, "sandbox is missing from its driver; marked Error");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openshell_proto::compute::v1::{DriverCondition, DriverSandboxStatus};
+    use openshell_proto::gateway::v1 as gw;
+    use std::collections::BTreeMap;
+
+    fn row(phase: SandboxPhase) -> SandboxRow {
+        SandboxRow {
+            id: "id".into(),
+            name: "n".into(),
+            driver: "vm".into(),
+            spec: gw::SandboxSpec::default(),
+            labels: BTreeMap::new(),
+            phase,
+            observed: None,
+            gateway_condition: None,
+            instance_id: String::new(),
+            resource_version: 1,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn snapshot(kind: &str, status: &str, reason: &str) -> DriverSandbox {
+        DriverSandbox {
+            id: "id".into(),
+            status: Some(DriverSandboxStatus {
+                instance_id: "c-1".into(),
+                conditions: vec![DriverCondition {
+                    r#type: kind.into(),
+                    status: status.into(),
+                    reason: reason.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snapshots_update_rows() {
+        let mut r = row(SandboxPhase::Provisioning);
+        assert!(apply_snapshot_to(
+            &mut r,
+            "vm",
+            &snapshot("Ready", "True", "")
+        ));
+        assert_eq!(r.phase, SandboxPhase::Ready);
+        assert_eq!(r.instance_id, "c-1");
+        assert!(r.gateway_condition.is_none());
+        assert!(
+            !apply_snapshot_to(&mut r, "vm", &snapshot("Ready", "True", "")),
+            "same snapshot is no change"
+        );
+        assert!(
+            !apply_snapshot_to(&mut r, "podman", &snapshot("Ready", "False", "Boom")),
+            "other driver"
+        );
+
+        let mut stopping = row(SandboxPhase::Stopping);
+        stopping.gateway_condition = intent_condition(SandboxPhase::Stopping, 1);
+        assert!(apply_snapshot_to(
+            &mut stopping,
+            "vm",
+            &snapshot("Suspended", "True", "")
+        ));
+        assert_eq!(stopping.phase, SandboxPhase::Stopped);
+        assert_eq!(stopping.gateway_condition.unwrap().reason, "Stopped");
+
+        let mut deleting = row(SandboxPhase::Deleting);
+        assert!(!apply_snapshot_to(
+            &mut deleting,
+            "vm",
+            &snapshot("Ready", "True", "")
+        ));
+        let mut no_status = row(SandboxPhase::Ready);
+        assert!(!apply_snapshot_to(
+            &mut no_status,
+            "vm",
+            &DriverSandbox::default()
+        ));
+    }
+}

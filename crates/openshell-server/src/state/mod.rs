@@ -1,0 +1,3 @@
+//! What the gateway remembers: sandbox rows in SQLite ([`store`]).
+
+pub mod store;

@@ -1409,7 +1409,10 @@ pub fn both_encodings(sandbox: &DriverSandbox, one_x: bool) -> Verdict {
                 missing.push(format!("condition {}: no RFC 3339 text (5)", c.r#type))
             }
             (Some(_), None) => missing.push(format!("condition {}: no Timestamp (105)", c.r#type)),
-            (None, None) => missing.push(format!("condition {}: neither encoding", c.r#type)),
+            (None, None) => missing.push(format!(
+                "condition {}: neither a parseable RFC 3339 text (5) nor a Timestamp (105)",
+                c.r#type
+            )),
         }
     }
     if conditions.is_empty() {

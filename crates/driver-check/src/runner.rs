@@ -1406,7 +1406,7 @@ pub fn both_encodings(sandbox: &DriverSandbox, one_x: bool) -> Verdict {
                 }
             }
             (None, Some(_)) => {
-                missing.push(format!("condition {}: no RFC 3339 text (5)", c.r#type))
+                missing.push(format!("condition {}: no RFC 3339 text (5)", c.r#type));
             }
             (Some(_), None) => missing.push(format!("condition {}: no Timestamp (105)", c.r#type)),
             (None, None) => missing.push(format!(

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 /// What the reader task forwards.
 #[derive(Debug)]
 enum Item {
-    Event(WatchSandboxesEvent),
+    Event(Box<WatchSandboxesEvent>),
     /// The stream failed to open or broke; nothing follows.
     Failed(tonic::Status),
     /// The driver ended the stream; nothing follows.
@@ -64,7 +64,7 @@ impl Watcher {
             };
             loop {
                 let item = match stream.message().await {
-                    Ok(Some(event)) => Item::Event(event),
+                    Ok(Some(event)) => Item::Event(Box::new(event)),
                     Ok(None) => Item::Ended,
                     Err(status) => Item::Failed(status),
                 };
@@ -125,7 +125,7 @@ impl Watcher {
                 }
                 Ok(Some(Item::Event(event))) => {
                     let hit = wanted(&event);
-                    self.seen.push(event);
+                    self.seen.push(*event);
                     if hit {
                         return Ok(());
                     }

@@ -8,9 +8,7 @@
 //! deadline.
 
 use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
-use openshell_proto::compute::v1::{
-    WatchSandboxesEvent, WatchSandboxesRequest, watch_sandboxes_event,
-};
+use openshell_proto::compute::v1::{WatchSandboxesEvent, WatchSandboxesRequest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -38,15 +36,6 @@ pub struct Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// The sandbox id an event is about.
-pub fn event_sandbox_id(event: &WatchSandboxesEvent) -> Option<&str> {
-    match event.payload.as_ref()? {
-        watch_sandboxes_event::Payload::Sandbox(e) => e.sandbox.as_ref().map(|s| s.id.as_str()),
-        watch_sandboxes_event::Payload::Deleted(e) => Some(e.sandbox_id.as_str()),
-        watch_sandboxes_event::Payload::PlatformEvent(e) => Some(e.sandbox_id.as_str()),
     }
 }
 

@@ -277,3 +277,51 @@ async fn ctrl_c_deletes_what_the_run_created() {
     let left = sandbox_ids(&driver.socket).await;
     assert!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_prove_nothing_when_the_good_sandbox_is_refused_too() {
+    // Every sandbox without an image gets this default, which the test
+    // driver reports as absent (FAILED_PRECONDITION).
+    let driver = test_driver(&["--default-image", "missing/busybox"]);
+    let (code, rows, _) = check_json(
+        &driver.socket,
+        &[
+            "--keep-going",
+            "--only",
+            "validate-good,reject-missing-sandbox,reject-empty-name,reject-nan-cpu",
+        ],
+    );
+    assert_eq!(code, 1);
+    let good = row(&rows, "validate-good");
+    assert_eq!(good["outcome"], "FAIL", "{good}");
+    let reason = good["reason"].as_str().expect("reason");
+    assert!(reason.contains("got FAILED_PRECONDITION"), "{reason}");
+    assert!(reason.contains("pass --image"), "{reason}");
+    // The request without a sandbox does not depend on the good one.
+    assert_eq!(row(&rows, "reject-missing-sandbox")["outcome"], "PASS");
+    for id in ["reject-empty-name", "reject-nan-cpu"] {
+        let r = row(&rows, id);
+        assert_eq!(r["outcome"], "SKIP", "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .expect("reason")
+                .contains("see validate-good"),
+            "{r}"
+        );
+    }
+
+    // With an image it has, the same checks run for real.
+    let (_, rows, _) = check_json(
+        &driver.socket,
+        &[
+            "--keep-going",
+            "--image",
+            "test/busybox:latest",
+            "--only",
+            "validate-good,reject-empty-name",
+        ],
+    );
+    assert_eq!(row(&rows, "validate-good")["outcome"], "PASS");
+    assert_eq!(row(&rows, "reject-empty-name")["outcome"], "PASS");
+}

@@ -10,7 +10,13 @@ the way grpcio servers do, which is what the gateway must cope with:
   a sandbox changes;
 * sandboxes live in memory and become Ready shortly after creation.
 
+With --contract 1.x it also speaks the negotiated 1.x contract: it sends
+extension metadata and an admission policy, refuses gateway metadata of
+another major version with FAILED_PRECONDITION, and stamps conditions in
+both time encodings. It still answers gateways that send no metadata.
+
 Usage: grpcio_driver.py --socket PATH --proto-dir DIR [--name NAME]
+                        [--contract v0.0.111|1.x]
 """
 
 import argparse
@@ -31,7 +37,7 @@ def compile_protos(proto_dir, out_dir):
     import grpc_tools
 
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    for name in ("options.proto", "compute_driver.proto"):
+    for name in ("options.proto", "extension.proto", "sandbox.proto", "compute_driver.proto"):
         code = protoc.main([
             "protoc",
             f"-I{proto_dir}",
@@ -46,10 +52,20 @@ def compile_protos(proto_dir, out_dir):
 
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# A Kubernetes quantity that is not negative: "500m", "2", "1.5Gi", "1e3".
+QUANTITY_RE = re.compile(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+
+CONTRACT_CAPABILITY = "openshell.compute.contract"
+# The default admission policy of 1.x peers, byte for byte.
+ADMISSION_POLICY = ('v1:{"allow_driver_config":false,"resource_admission":{"enabled":true,'
+                    '"required_labels":{"openshell.ai/sandbox-attachable":"true",'
+                    '"openshell.ai/sandbox-attachable-workspace":"${workspace}"}}}')
 
 
-def now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def rfc3339(at):
+    text = datetime.datetime.fromtimestamp(at, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
 
 
 def main():
@@ -59,6 +75,8 @@ def main():
     parser.add_argument("--name", default="grpcio-driver")
     parser.add_argument("--ready-after", type=float, default=0.2,
                         help="seconds from create to Ready")
+    parser.add_argument("--contract", choices=("v0.0.111", "1.x"), default="v0.0.111",
+                        help="the contract generation to speak")
     args = parser.parse_args()
 
     out_dir = tempfile.mkdtemp(prefix="grpcio-driver-stubs-")
@@ -72,9 +90,18 @@ def main():
     sandboxes = {}  # id -> DriverSandbox
     watchers = []   # queues of WatchSandboxesEvent
 
+    one_x = args.contract == "1.x"
+
     def condition(status, reason, message):
-        return pb.DriverCondition(type="Ready", status=status, reason=reason,
-                                  message=message, last_transition_time=now())
+        # Whole milliseconds, so both encodings name the same instant.
+        at = round(time.time(), 3)
+        c = pb.DriverCondition(type="Ready", status=status, reason=reason,
+                               message=message, last_transition_time=rfc3339(at))
+        if one_x:
+            millis = int(round(at * 1000))
+            c.transition_time.seconds = millis // 1000
+            c.transition_time.nanos = (millis % 1000) * 1_000_000
+        return c
 
     def publish(event):
         for q in list(watchers):
@@ -107,25 +134,62 @@ def main():
 
     class Driver(pb_grpc.ComputeDriverServicer):
         def GetCapabilities(self, request, context):
-            return pb.GetCapabilitiesResponse(driver_name=args.name, driver_version="0.1-py",
-                                              default_image="python:none",
-                                              gateway_manages_lifecycle=False)
+            response = pb.GetCapabilitiesResponse(driver_name=args.name, driver_version="0.1-py",
+                                                  default_image="python:none",
+                                                  gateway_manages_lifecycle=False)
+            if not one_x:
+                return response
+            if request.HasField("gateway"):
+                gateway = request.gateway
+                if not gateway.HasField("protocol_version"):
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  "gateway metadata has no protocol version")
+                major = gateway.protocol_version.major
+                if major != 1:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"gateway speaks protocol {major}.{gateway.protocol_version.minor}, "
+                                  "this driver speaks 1.0: major versions must match")
+                missing = [c for c in gateway.required_capabilities if c != CONTRACT_CAPABILITY]
+                if missing:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"gateway requires capabilities this driver lacks: {missing}")
+            ext = response.extension
+            ext.protocol_version.major = 1
+            ext.protocol_version.minor = 0
+            ext.implementation_name = "openshell-e2e/grpcio-driver"
+            ext.implementation_version = "0.1-py"
+            ext.supported_capabilities.append(CONTRACT_CAPABILITY)
+            ext.required_capabilities.append(CONTRACT_CAPABILITY)
+            response.resource_admission_policy = ADMISSION_POLICY
+            return response
 
         def ValidateSandboxCreate(self, request, context):
-            self._validate(request.sandbox, context)
+            self._validate(request, context)
             return pb.ValidateSandboxCreateResponse()
 
-        def _validate(self, sandbox, context):
+        def _validate(self, request, context):
+            if not request.HasField("sandbox"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sandbox is required")
+            sandbox = request.sandbox
+            if not ID_RE.match(sandbox.id):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "sandbox.id must match [A-Za-z0-9._-]{1,128}")
             if not sandbox.HasField("spec"):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sandbox.spec is required")
             if not NAME_RE.match(sandbox.name):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               "sandbox.name must be a DNS label ([a-z0-9-], at most 63)")
+            resources = sandbox.spec.template.resources
+            for field in ("cpu_request", "cpu_limit", "memory_request", "memory_limit"):
+                value = getattr(resources, field)
+                if value and not QUANTITY_RE.match(value):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"template.resources.{field} {value!r} is not a non-negative quantity")
             if sandbox.spec.resource_requirements.HasField("gpu"):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this driver has no GPUs")
 
         def CreateSandbox(self, request, context):
-            self._validate(request.sandbox, context)
+            self._validate(request, context)
             sandbox = pb.DriverSandbox()
             sandbox.CopyFrom(request.sandbox)
             sandbox.spec.sandbox_token = ""

@@ -36,10 +36,26 @@ pub async fn connect(endpoint: &DriverEndpoint) -> Result<Channel> {
 pub async fn connect_with(endpoint: &DriverEndpoint, policy: DialPolicy) -> Result<Channel> {
     openshell_wire::uds::connect(&endpoint.socket, policy)
         .await
-        .map_err(|error| LifecycleError::Dial {
-            name: endpoint.name.clone(),
-            socket: error.socket,
-            timeout: error.timeout,
-            last_error: error.last_error,
-        })
+        .map_err(|error| dial_error(endpoint, error))
+}
+
+/// [`connect_with`], counting every connection the channel opens (its
+/// redials too) in `counter`.
+pub async fn connect_counting(
+    endpoint: &DriverEndpoint,
+    policy: DialPolicy,
+    counter: openshell_wire::ConnectionCounter,
+) -> Result<Channel> {
+    openshell_wire::uds::connect_counting(&endpoint.socket, policy, counter)
+        .await
+        .map_err(|error| dial_error(endpoint, error))
+}
+
+fn dial_error(endpoint: &DriverEndpoint, error: openshell_wire::DialError) -> LifecycleError {
+    LifecycleError::Dial {
+        name: endpoint.name.clone(),
+        socket: error.socket,
+        timeout: error.timeout,
+        last_error: error.last_error,
+    }
 }

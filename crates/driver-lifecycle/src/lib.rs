@@ -29,7 +29,7 @@ pub mod socket;
 mod spawn;
 mod sys;
 
-pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_with};
+pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_counting, connect_with};
 pub use error::{LifecycleError, Result, StderrTail, error_chain};
 pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
 pub use server::{

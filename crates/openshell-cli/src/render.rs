@@ -202,6 +202,11 @@ fn driver_json(driver: &DriverInfo) -> Value {
             "default_image": caps.default_image,
             "gateway_manages_lifecycle": caps.gateway_manages_lifecycle,
             "logs": caps.logs,
+            "contract": caps.contract,
+            "implementation": caps.implementation,
+            "extension_capabilities": caps.extension_capabilities,
+            "admission_policy": caps.admission_policy,
+            "reports_runtime_readiness": caps.reports_runtime_readiness,
         },
     })
 }
@@ -241,6 +246,11 @@ pub fn gateway_info_text(info: &GatewayInfo) -> String {
                 format!("{} {}", caps.driver_name, caps.driver_version)
                     .trim()
                     .to_owned(),
+                if caps.contract.is_empty() {
+                    "-".to_owned()
+                } else {
+                    caps.contract.clone()
+                },
                 d.socket.clone(),
             ]
         })
@@ -253,12 +263,36 @@ pub fn gateway_info_text(info: &GatewayInfo) -> String {
             "PID",
             "RESTARTS",
             "REPORTS AS",
+            "CONTRACT",
             "SOCKET",
         ],
         &rows,
     ));
     if info.drivers.iter().any(|d| d.is_default) {
         out.push_str("\n* default driver for sandboxes created without --driver\n");
+    }
+    for driver in &info.drivers {
+        let caps = driver.capabilities.clone().unwrap_or_default();
+        if caps.implementation.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n{}: contract {}, {}\n  capabilities: {}\n  admission policy: {}\n",
+            driver.name,
+            caps.contract,
+            caps.implementation,
+            caps.extension_capabilities.join(", "),
+            if caps.admission_policy.is_empty() {
+                "(none)"
+            } else {
+                caps.admission_policy.as_str()
+            },
+        ));
+        if !caps.reports_runtime_readiness {
+            out.push_str(
+                "  readiness: left to a supervisor session (not available in this gateway)\n",
+            );
+        }
     }
     out
 }

@@ -225,6 +225,7 @@ mod raw {
         pub expect_driver_name: Option<NonEmpty>,
         pub binary: Option<AbsolutePath>,
         pub ready_timeout_secs: Option<Seconds>,
+        pub trust_driver_readiness: Option<bool>,
         #[serde(flatten)]
         pub passthrough: toml::Table,
     }
@@ -532,6 +533,7 @@ fn driver_tables(
                 expect_driver_name: table.expect_driver_name.map(|v| v.0),
                 binary: table.binary.map(|v| v.0),
                 ready_timeout: table.ready_timeout_secs.map(|v| v.0),
+                trust_driver_readiness: table.trust_driver_readiness.unwrap_or(false),
                 passthrough: table.passthrough,
             },
         );

@@ -66,6 +66,23 @@ pub enum Error {
         message: String,
     },
 
+    /// A 1.x driver whose negotiation metadata is incompatible with this
+    /// gateway. Terminal: retrying cannot help.
+    #[error("driver '{driver}' cannot be used: {reason}")]
+    DriverIncompatible { driver: String, reason: String },
+
+    /// A driver's admission policy is not the one configured, or changed
+    /// since the gateway first read it.
+    #[error(
+        "driver '{driver}': {reason}; expected {expected:?}, the driver acknowledges {actual:?}"
+    )]
+    AdmissionMismatch {
+        driver: String,
+        reason: &'static str,
+        expected: String,
+        actual: String,
+    },
+
     #[error("could not {action} {path}")]
     Io {
         action: &'static str,
@@ -172,7 +189,9 @@ impl Error {
             Self::InvalidArgument(_) | Self::Config(_) => Code::InvalidArgument,
             Self::NotFound(_) => Code::NotFound,
             Self::AlreadyExists(_) => Code::AlreadyExists,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::FailedPrecondition(_)
+            | Self::DriverIncompatible { .. }
+            | Self::AdmissionMismatch { .. } => Code::FailedPrecondition,
             Self::DriverUnavailable { .. } | Self::ShuttingDown => Code::Unavailable,
             Self::DriverCall { code, .. } => *code,
             Self::DriverTimeout { .. } => Code::DeadlineExceeded,

@@ -19,8 +19,10 @@ use driver_lifecycle::socket;
 use futures::future::join_all;
 use nix::fcntl::{Flock, FlockArg};
 use openshell_proto::gateway::v1::gateway_server::GatewayServer;
+use openshell_wire::authority::AuthorityFix;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
@@ -111,9 +113,10 @@ impl Listener {
     async fn bind(addr: &ListenAddr) -> Result<Self> {
         match addr {
             ListenAddr::Unix(path) => {
-                let (listener, file) = socket::bind_unix_listener(path).map_err(|e| {
-                    Error::Config(format!("cannot listen on {}: {e}", path.display()))
-                })?;
+                let (listener, file) =
+                    socket::bind_unix_listener_async(path).await.map_err(|e| {
+                        Error::Config(format!("cannot listen on {}: {e}", path.display()))
+                    })?;
                 Ok(Self::Unix(listener, file))
             }
             ListenAddr::Tcp(addr) => TcpListener::bind(addr)
@@ -144,12 +147,17 @@ async fn start_drivers(
         .iter()
         .enumerate()
         .map(|(index, plan)| async move {
+            // Checked when the settings were resolved; a bad value cannot
+            // get here.
+            let expected_admission = plan.expected_admission().map_err(Error::Config)?;
             let acquired = acquire::acquire(plan, ctx).await?;
             let options = RuntimeOptions {
                 name: plan.name.clone(),
                 expect_driver_name: plan.expect_driver_name.clone(),
                 call_timeout: settings.timeouts.driver_call,
                 is_default: index == 0,
+                expected_admission,
+                trust_driver_readiness: plan.trust_driver_readiness,
             };
             DriverRuntime::initialize(options, acquired).await
         });
@@ -304,7 +312,7 @@ async fn recover_and_watch(
     }
     for runtime in runtimes {
         let first = match watcher::connect(gateway, runtime).await {
-            Ok(stream) => Some(stream),
+            Ok(opening) => Some(opening),
             Err(error) => {
                 tracing::warn!(driver = %runtime.name, error = %error, "could not watch the driver at startup; retrying in the background");
                 None
@@ -357,7 +365,13 @@ async fn serve(
     let (serving, socket_file) = match listener {
         Listener::Unix(listener, file) => (
             tokio::spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping),
+                // Stock gRPC clients send the socket path as :authority;
+                // AuthorityFix lets hyper accept their requests.
+                router.serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener)
+                        .map(|accepted| accepted.map(AuthorityFix::new)),
+                    stopping,
+                ),
             ),
             Some(file),
         ),

@@ -159,6 +159,9 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
              authentication; listen on 127.0.0.1 or a Unix socket, or pass --allow-remote to accept that"
         )));
     }
+    for plan in &selection.plans {
+        plan.expected_admission().map_err(Error::Config)?;
+    }
     let defaults = Timeouts::default();
     let timeouts = Timeouts {
         driver_call: flag_seconds("--driver-call-timeout", cli.driver_call_timeout)?

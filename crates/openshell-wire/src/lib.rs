@@ -14,4 +14,4 @@ pub mod paths;
 pub mod time;
 pub mod uds;
 
-pub use uds::{DialError, DialPolicy};
+pub use uds::{ConnectionCounter, DialError, DialPolicy};

@@ -5,6 +5,8 @@
 //! authority.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -87,12 +89,70 @@ pub async fn dial_endpoint(
         .await
 }
 
+/// Counts the connections a channel has opened: the channel redials by
+/// itself after a connection is lost, and a caller can tell from a changed
+/// count that the peer it talks to may be a different process now.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounter(Arc<AtomicU64>);
+
+impl ConnectionCounter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connections opened so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Like [`dial`], counting every connection the channel opens (the first
+/// and every redial) in `counter`.
+pub async fn dial_counting(
+    socket: &Path,
+    counter: ConnectionCounter,
+) -> Result<Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    Endpoint::from_static(PLACEHOLDER_URI)
+        .connect_with_connector(service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            let counter = counter.clone();
+            async move {
+                let stream = UnixStream::connect(socket).await?;
+                counter.0.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
 /// Connects to `socket`, retrying with backoff until `policy.deadline`.
 pub async fn connect(socket: &Path, policy: DialPolicy) -> Result<Channel, DialError> {
+    connect_inner(socket, policy, None).await
+}
+
+/// [`connect`], counting the channel's connections in `counter`.
+pub async fn connect_counting(
+    socket: &Path,
+    policy: DialPolicy,
+    counter: ConnectionCounter,
+) -> Result<Channel, DialError> {
+    connect_inner(socket, policy, Some(counter)).await
+}
+
+async fn connect_inner(
+    socket: &Path,
+    policy: DialPolicy,
+    counter: Option<ConnectionCounter>,
+) -> Result<Channel, DialError> {
     let deadline = tokio::time::Instant::now() + policy.deadline;
     let mut backoff = policy.initial_backoff;
     loop {
-        let error = match dial(socket).await {
+        let attempt = match &counter {
+            Some(counter) => dial_counting(socket, counter.clone()).await,
+            None => dial(socket).await,
+        };
+        let error = match attempt {
             Ok(channel) => return Ok(channel),
             Err(error) => error,
         };
@@ -156,5 +216,29 @@ mod tests {
         let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
         connect(&socket, DialPolicy::ONCE).await.expect("connects");
         accept.await.expect("join").expect("accepted");
+    }
+
+    #[tokio::test]
+    async fn a_counting_channel_counts_its_connections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("c.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let accept = tokio::spawn(async move { listener.accept().await.map(drop) });
+        let counter = ConnectionCounter::new();
+        assert_eq!(counter.get(), 0);
+        let _channel = connect_counting(&socket, DialPolicy::ONCE, counter.clone())
+            .await
+            .expect("connects");
+        assert_eq!(counter.get(), 1);
+        accept.await.expect("join").expect("accepted");
+        // A failed dial is not a connection.
+        let missing = dir.path().join("missing.sock");
+        let failed = ConnectionCounter::new();
+        assert!(
+            connect_counting(&missing, DialPolicy::ONCE, failed.clone())
+                .await
+                .is_err()
+        );
+        assert_eq!(failed.get(), 0);
     }
 }

@@ -24,6 +24,9 @@ pub struct Acquired {
     pub endpoint: DriverEndpoint,
     pub guard: DriverGuard,
     pub channel: Channel,
+    /// Connections the channel has opened: a changed count means the peer
+    /// may be another process than the one whose capabilities were read.
+    pub connections: openshell_wire::ConnectionCounter,
 }
 
 /// Where managed drivers get their sockets, config files and state.
@@ -187,11 +190,13 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 deadline: Duration::from_secs(5),
                 ..DialPolicy::default()
             };
-            match driver_lifecycle::connect_with(&endpoint, policy).await {
+            let connections = openshell_wire::ConnectionCounter::new();
+            match driver_lifecycle::connect_counting(&endpoint, policy, connections.clone()).await {
                 Ok(channel) => Ok(Acquired {
                     endpoint,
                     guard,
                     channel,
+                    connections,
                 }),
                 Err(error) => {
                     release(&plan.name, guard, "connect").await;
@@ -216,13 +221,16 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 initial_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(500),
             };
-            let channel = driver_lifecycle::connect_with(&endpoint, policy)
-                .await
-                .map_err(lifecycle)?;
+            let connections = openshell_wire::ConnectionCounter::new();
+            let channel =
+                driver_lifecycle::connect_counting(&endpoint, policy, connections.clone())
+                    .await
+                    .map_err(lifecycle)?;
             Ok(Acquired {
                 endpoint,
                 guard: DriverGuard::Attached,
                 channel,
+                connections,
             })
         }
     }
@@ -240,6 +248,7 @@ mod tests {
             expect_driver_name: None,
             binary: None,
             ready_timeout: None,
+            trust_driver_readiness: false,
             passthrough: toml::Table::new(),
         }
     }

@@ -25,9 +25,17 @@ pub struct DriverTable {
     pub expect_driver_name: Option<String>,
     pub binary: Option<PathBuf>,
     pub ready_timeout: Option<Duration>,
+    /// Take a 1.x driver's Ready as the sandbox's Ready even when the
+    /// driver says readiness needs a supervisor session (this gateway has
+    /// no supervisor sessions).
+    pub trust_driver_readiness: bool,
     /// Every other key, passed to a managed driver as its config file.
     pub passthrough: toml::Table,
 }
+
+/// The passed-through key the gateway reads as well: the admission policy
+/// it expects a 1.x driver to acknowledge.
+pub const ALLOW_DRIVER_CONFIG: &str = "allow_driver_config";
 
 /// Where the drivers list came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +85,33 @@ pub struct DriverPlan {
     /// Executable of a managed driver, when configured.
     pub binary: Option<PathBuf>,
     pub ready_timeout: Option<Duration>,
+    pub trust_driver_readiness: bool,
     /// The driver's config table minus the gateway's keys.
     pub passthrough: toml::Table,
+}
+
+impl DriverPlan {
+    /// The admission policy the operator expects this driver to
+    /// acknowledge: set by `allow_driver_config` in its table (a key the
+    /// driver reads too), `None` when the table does not say.
+    pub fn expected_admission(
+        &self,
+    ) -> Result<Option<openshell_driver_kit::contract::AdmissionPolicy>, String> {
+        match self.passthrough.get(ALLOW_DRIVER_CONFIG) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(allow)) => {
+                Ok(Some(openshell_driver_kit::contract::AdmissionPolicy {
+                    allow_driver_config: *allow,
+                    ..Default::default()
+                }))
+            }
+            Some(other) => Err(format!(
+                "[openshell.drivers.{}] {ALLOW_DRIVER_CONFIG} must be true or false, not {}",
+                self.name,
+                other.type_str()
+            )),
+        }
+    }
 }
 
 impl DriverPlan {

@@ -3,10 +3,13 @@
 //! its health, and the guard that is stopped at the very end.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use driver_lifecycle::{DriverGuard, DriverHealth};
+use openshell_driver_kit::contract::{AdmissionPolicy, Generation};
 use openshell_proto::gateway::v1::{self as gw, DriverState};
+use openshell_wire::ConnectionCounter;
 use openshell_wire::time::{now_millis, rfc3339_millis};
 use tokio::sync::{Notify, watch};
 
@@ -26,6 +29,12 @@ pub struct RuntimeOptions {
     pub call_timeout: std::time::Duration,
     /// Whether creates that name no driver go here.
     pub is_default: bool,
+    /// The admission policy a 1.x driver must acknowledge; `None` adopts
+    /// what the driver acknowledges at connect.
+    pub expected_admission: Option<AdmissionPolicy>,
+    /// Take a 1.x driver's Ready at its word even when it leaves runtime
+    /// readiness to a supervisor session.
+    pub trust_driver_readiness: bool,
 }
 
 /// A driver's health as the gateway reports it.
@@ -108,6 +117,15 @@ pub struct DriverRuntime {
     guard: Mutex<Option<DriverGuard>>,
     /// Wakes the watch task to reconnect now (a call just got through).
     pub(crate) wake: Notify,
+    /// Connections the driver's channel has opened.
+    connections: ConnectionCounter,
+    /// The connection count when the admission acknowledgement was last
+    /// confirmed: while no new connection was opened, the process that
+    /// acknowledged it is the one answering.
+    admission_confirmed_at: AtomicU64,
+    /// The acknowledged policy, parsed (1.x drivers that sent one).
+    pub admission: Option<AdmissionPolicy>,
+    trust_driver_readiness: bool,
 }
 
 impl DriverRuntime {
@@ -120,22 +138,29 @@ impl DriverRuntime {
             expect_driver_name,
             call_timeout,
             is_default,
+            expected_admission,
+            trust_driver_readiness,
         } = options;
         let Acquired {
             endpoint,
             guard,
             channel,
+            connections,
         } = acquired;
         let driver = RemoteComputeDriver::new(&name, channel, call_timeout);
-        match Self::probe(
-            &name,
-            expect_driver_name.as_deref(),
-            &driver,
-            &endpoint.socket,
-        )
-        .await
-        {
-            Ok(capabilities) => {
+        let probed = async {
+            let capabilities = Self::probe(
+                &name,
+                expect_driver_name.as_deref(),
+                &driver,
+                &endpoint.socket,
+            )
+            .await?;
+            let admission = admit(&name, &capabilities, expected_admission.as_ref())?;
+            Ok::<_, Error>((capabilities, admission))
+        };
+        match probed.await {
+            Ok((capabilities, admission)) => {
                 let managed = guard.is_managed();
                 let health = guard.health();
                 let status = DriverStatus::ready(guard.pid().unwrap_or(0), 0, now_millis());
@@ -150,9 +175,20 @@ impl DriverRuntime {
                     default_image = %capabilities.default_image,
                     gateway_manages_lifecycle = capabilities.gateway_manages_lifecycle,
                     logs = capabilities.logs,
+                    contract = capabilities.generation.label(),
+                    admission_policy = %capabilities.admission_policy,
+                    reports_runtime_readiness = capabilities.reports_runtime_readiness,
                     is_default,
                     "driver ready"
                 );
+                if !capabilities.reports_runtime_readiness {
+                    if trust_driver_readiness {
+                        tracing::warn!(driver = %name, "driver leaves runtime readiness to a supervisor session; trust_driver_readiness takes its Ready as the sandbox's");
+                    } else {
+                        tracing::warn!(driver = %name, "driver leaves runtime readiness to a supervisor session, which this gateway does not have: its sandboxes stay Provisioning (set trust_driver_readiness = true in its table to take its Ready at its word)");
+                    }
+                }
+                let confirmed = connections.get();
                 Ok(Self {
                     name,
                     socket: endpoint.socket,
@@ -164,6 +200,10 @@ impl DriverRuntime {
                     health,
                     guard: Mutex::new(Some(guard)),
                     wake: Notify::new(),
+                    connections,
+                    admission_confirmed_at: AtomicU64::new(confirmed),
+                    admission,
+                    trust_driver_readiness,
                 })
             }
             Err(error) => {
@@ -217,7 +257,40 @@ impl DriverRuntime {
             .probe_logs()
             .await
             .map_err(|e| init_error("StreamLogs", e))?;
-        Ok(Capabilities::from_response(response, logs))
+        Capabilities::from_response(name, response, logs)
+    }
+
+    /// Before a call that creates or starts a workload on a 1.x driver:
+    /// the driver must still acknowledge the admission policy it
+    /// acknowledged at connect, byte for byte. While the channel has opened
+    /// no new connection since the last confirmation, the same process
+    /// answers and nothing is asked; otherwise one `GetCapabilities`
+    /// confirms it.
+    pub async fn confirm_admission(&self) -> Result<()> {
+        if self.capabilities.generation != Generation::V1 {
+            return Ok(());
+        }
+        let connections = self.connections.get();
+        if connections == self.admission_confirmed_at.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let response = self.driver.capabilities().await?;
+        if response.resource_admission_policy != self.capabilities.admission_policy {
+            return Err(Error::AdmissionMismatch {
+                driver: self.name.clone(),
+                reason: "the driver's admission policy changed since the gateway connected; restart the gateway after configuring matching policies",
+                expected: self.capabilities.admission_policy.clone(),
+                actual: response.resource_admission_policy,
+            });
+        }
+        self.admission_confirmed_at
+            .store(connections, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the driver's Ready may be shown as the sandbox's Ready.
+    pub fn ready_means_running(&self) -> bool {
+        self.capabilities.reports_runtime_readiness || self.trust_driver_readiness
     }
 
     pub fn status(&self) -> DriverStatus {
@@ -308,6 +381,27 @@ impl DriverRuntime {
                 default_image: caps.default_image.clone(),
                 gateway_manages_lifecycle: caps.gateway_manages_lifecycle,
                 logs: caps.logs,
+                contract: caps.generation.label().to_owned(),
+                implementation: caps
+                    .negotiated
+                    .as_ref()
+                    .map(|n| {
+                        format!(
+                            "{} {} (protocol {}.{})",
+                            n.implementation_name,
+                            n.implementation_version,
+                            n.version.0,
+                            n.version.1
+                        )
+                    })
+                    .unwrap_or_default(),
+                extension_capabilities: caps
+                    .negotiated
+                    .as_ref()
+                    .map(|n| n.capabilities.clone())
+                    .unwrap_or_default(),
+                admission_policy: caps.admission_policy.clone(),
+                reports_runtime_readiness: caps.reports_runtime_readiness,
             }),
             state: status.state.into(),
             state_message: status.message,
@@ -334,6 +428,45 @@ impl DriverRuntime {
             message: format!("driver '{}': {}", self.name, status.message),
             last_transition_time: rfc3339_millis(status.since_ms),
         })
+    }
+}
+
+/// Checks a driver's admission acknowledgement at connect. A v0.0.111
+/// driver has none. A 1.x driver's must parse; when the operator configured
+/// an expectation (`allow_driver_config` in the driver's table) it must
+/// match it as a structure; otherwise it is adopted.
+fn admit(
+    name: &str,
+    capabilities: &Capabilities,
+    expected: Option<&AdmissionPolicy>,
+) -> Result<Option<AdmissionPolicy>> {
+    if capabilities.generation != Generation::V1 {
+        return Ok(None);
+    }
+    let acknowledged = &capabilities.admission_policy;
+    if acknowledged.is_empty() {
+        return match expected {
+            Some(policy) if policy.resource_admission.enabled => Err(Error::AdmissionMismatch {
+                driver: name.to_owned(),
+                reason: "the driver acknowledges no admission policy but the gateway's enables resource admission",
+                expected: policy.encode(),
+                actual: String::new(),
+            }),
+            _ => Ok(None),
+        };
+    }
+    let policy = AdmissionPolicy::decode(acknowledged).map_err(|e| Error::DriverIncompatible {
+        driver: name.to_owned(),
+        reason: format!("invalid admission acknowledgement: {e}"),
+    })?;
+    match expected {
+        Some(wanted) if *wanted != policy => Err(Error::AdmissionMismatch {
+            driver: name.to_owned(),
+            reason: "the driver's admission policy differs from the gateway's configuration",
+            expected: wanted.encode(),
+            actual: acknowledged.clone(),
+        }),
+        _ => Ok(Some(policy)),
     }
 }
 

@@ -18,10 +18,22 @@ use openshell_proto::compute::v1::{
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use openshell_driver_kit::contract::{self, Generation, Negotiated};
+use openshell_proto::extension::v1::PeerMetadata;
+
 use crate::error::{Error, Result};
 
+/// The name this gateway gives itself in 1.x negotiation.
+pub const GATEWAY_IMPLEMENTATION: &str = "openshell-compute-plane/gateway";
+
+/// The metadata this gateway sends in every `GetCapabilities`: 1.x drivers
+/// refuse a request without it, v0.0.111 drivers ignore it.
+pub fn gateway_metadata() -> PeerMetadata {
+    contract::peer_metadata(GATEWAY_IMPLEMENTATION, env!("CARGO_PKG_VERSION"), &[])
+}
+
 /// What the gateway learned from a driver when it acquired it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
     pub driver_name: String,
     pub driver_version: String,
@@ -29,17 +41,69 @@ pub struct Capabilities {
     pub gateway_manages_lifecycle: bool,
     /// The driver serves the optional log service.
     pub logs: bool,
+    /// The contract generation the driver speaks.
+    pub generation: Generation,
+    /// What 1.x negotiation agreed on (1.x drivers only).
+    pub negotiated: Option<Negotiated>,
+    /// The admission-policy acknowledgement as first read (1.x; may be
+    /// empty for a driver that does no admission).
+    pub admission_policy: String,
+    /// A 1.x driver's Ready means the workload runs (v0.0.111 drivers are
+    /// taken at their word, as that contract has no such flag).
+    pub reports_runtime_readiness: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            driver_name: String::new(),
+            driver_version: String::new(),
+            default_image: String::new(),
+            gateway_manages_lifecycle: false,
+            logs: false,
+            generation: Generation::V0,
+            negotiated: None,
+            admission_policy: String::new(),
+            reports_runtime_readiness: true,
+        }
+    }
 }
 
 impl Capabilities {
-    pub fn from_response(response: GetCapabilitiesResponse, logs: bool) -> Self {
-        Self {
+    /// The capabilities of `response`, negotiating when the driver speaks
+    /// 1.x. `driver` names it in errors.
+    pub fn from_response(
+        driver: &str,
+        response: GetCapabilitiesResponse,
+        logs: bool,
+    ) -> Result<Self> {
+        let (generation, negotiated) = match &response.extension {
+            None => (Generation::V0, None),
+            Some(extension) => {
+                let negotiated = contract::negotiate(
+                    &format!("driver '{driver}'"),
+                    &gateway_metadata(),
+                    Some(extension),
+                )
+                .map_err(|e| Error::DriverIncompatible {
+                    driver: driver.to_owned(),
+                    reason: e.to_string(),
+                })?;
+                (Generation::V1, Some(negotiated))
+            }
+        };
+        Ok(Self {
+            reports_runtime_readiness: generation == Generation::V0
+                || response.driver_reports_runtime_readiness,
             driver_name: response.driver_name,
             driver_version: response.driver_version,
             default_image: response.default_image,
             gateway_manages_lifecycle: response.gateway_manages_lifecycle,
             logs,
-        }
+            generation,
+            negotiated,
+            admission_policy: response.resource_admission_policy,
+        })
     }
 }
 
@@ -145,7 +209,9 @@ impl RemoteComputeDriver {
     }
 
     pub async fn capabilities(&self) -> Result<GetCapabilitiesResponse> {
-        let request = self.request(GetCapabilitiesRequest {});
+        let request = self.request(GetCapabilitiesRequest {
+            gateway: Some(gateway_metadata()),
+        });
         self.unary("GetCapabilities", |mut c| async move {
             c.get_capabilities(request).await
         })
@@ -269,6 +335,7 @@ impl RemoteComputeDriver {
         let request = self.request(StartSandboxRequest {
             sandbox_id: id.to_owned(),
             sandbox_name: name.to_owned(),
+            ..StartSandboxRequest::default()
         });
         self.unary("StartSandbox", |mut c| async move {
             c.start_sandbox(request).await
@@ -290,13 +357,18 @@ impl RemoteComputeDriver {
         .map(|r| r.deleted)
     }
 
-    /// Opens the driver's watch stream (the open is bounded by the call
-    /// deadline; the stream itself is not).
+    /// Opens the driver's watch stream. Neither the open nor the stream has
+    /// a deadline: grpc-go, grpcio and others send a stream's response
+    /// headers only with its first message, so an idle driver's watch stays
+    /// silent, even of headers, until something changes. Whether the driver
+    /// is reachable is decided by unary calls, never by this wait.
     pub async fn watch(&self) -> Result<Streaming<WatchSandboxesEvent>> {
-        self.unary("WatchSandboxes", |mut c| async move {
-            c.watch_sandboxes(WatchSandboxesRequest {}).await
-        })
-        .await
+        let mut client = self.client.clone();
+        client
+            .watch_sandboxes(WatchSandboxesRequest {})
+            .await
+            .map(Response::into_inner)
+            .map_err(|status| self.status_error("WatchSandboxes", &status))
     }
 
     /// Opens a log stream; `None` when the driver has no log service.

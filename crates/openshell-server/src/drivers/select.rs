@@ -165,6 +165,7 @@ fn select_inner(input: &SelectionInput<'_>) -> std::result::Result<Selection, St
             expect_driver_name: table.expect_driver_name,
             binary: table.binary,
             ready_timeout: table.ready_timeout,
+            trust_driver_readiness: table.trust_driver_readiness,
             passthrough: table.passthrough,
         });
     }
@@ -331,7 +332,13 @@ fn ignored_keys_warning(name: &str, table: &DriverTable) -> Option<String> {
     if table.ready_timeout.is_some() {
         ignored.push("ready_timeout_secs");
     }
-    ignored.extend(table.passthrough.keys().map(String::as_str));
+    ignored.extend(
+        table
+            .passthrough
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != crate::drivers::plan::ALLOW_DRIVER_CONFIG),
+    );
     (!ignored.is_empty()).then(|| {
         format!(
             "driver '{name}' is attached, so the gateway does not start it and ignores \

@@ -5,7 +5,14 @@
 //! A driver whose process the gateway supervises is available while its
 //! process is ready; the task waits for readiness before reconnecting and
 //! drops the stream as soon as the process is replaced. An attached
-//! driver is available exactly while its stream is connected.
+//! driver is available while its unary calls get through and its watch has
+//! not failed.
+//!
+//! Opening a watch has no deadline and does not decide reachability:
+//! grpc-go, grpcio and other servers send a stream's response headers only
+//! with its first message, so an idle driver's watch is silent, headers
+//! included, until something changes. The task lists right after asking
+//! for the watch; the list's answer says the driver is reachable.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,16 +32,63 @@ use crate::gateway::{BusEvent, Gateway};
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Opens the driver's watch stream, then lists and reconciles, so that
-/// nothing that happens between the two is missed.
-pub async fn connect(
-    gateway: &Gateway,
-    runtime: &DriverRuntime,
-) -> Result<Streaming<WatchSandboxesEvent>> {
-    let stream = runtime.driver.watch().await?;
+/// A watch being opened: the call runs on its own task, because a driver
+/// may answer it only when it has a first event to send. Dropping the
+/// handle abandons the call.
+#[derive(Debug)]
+pub struct Opening(tokio::task::JoinHandle<Result<Streaming<WatchSandboxesEvent>>>);
+
+impl Opening {
+    fn start(runtime: &DriverRuntime) -> Self {
+        let driver = runtime.driver.clone();
+        Self(tokio::spawn(async move { driver.watch().await }))
+    }
+
+    /// Waits for the driver to answer the watch call (no deadline).
+    async fn opened(&mut self) -> std::result::Result<Streaming<WatchSandboxesEvent>, String> {
+        match (&mut self.0).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(error)) => Err(format!("watch failed: {error}")),
+            Err(error) => Err(format!("watch task failed: {error}")),
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks for the driver's watch stream, then lists and reconciles, so that
+/// nothing that happens between the two is missed (the watch starts with
+/// the driver's full picture, which covers whatever the list predates).
+/// Succeeds when the list does: that is what says the driver is reachable.
+pub async fn connect(gateway: &Gateway, runtime: &DriverRuntime) -> Result<Opening> {
+    let opening = Opening::start(runtime);
     let listed = runtime.driver.list().await?;
     gateway.reconcile(runtime, listed).await?;
-    Ok(stream)
+    Ok(opening)
+}
+
+/// The stream's next message, or never while it is still being opened.
+async fn next_message(
+    stream: &mut Option<Streaming<WatchSandboxesEvent>>,
+) -> std::result::Result<Option<WatchSandboxesEvent>, tonic::Status> {
+    match stream {
+        Some(stream) => stream.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The opened stream, or never once it is open.
+async fn next_opened(
+    opening: &mut Option<Opening>,
+) -> std::result::Result<Streaming<WatchSandboxesEvent>, String> {
+    match opening {
+        Some(opening) => opening.opened().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn mark(gateway: &Gateway, runtime: &DriverRuntime, connected: bool, message: &str) {
@@ -135,12 +189,12 @@ pub async fn follow_health(
     }
 }
 
-/// The watch loop of one driver. `first` is the stream opened during
-/// startup, if that worked.
+/// The watch loop of one driver. `first` is the watch asked for during
+/// startup, if the driver answered the list then.
 pub async fn run(
     gateway: Arc<Gateway>,
     runtime: Arc<DriverRuntime>,
-    first: Option<Streaming<WatchSandboxesEvent>>,
+    first: Option<Opening>,
     cancel: CancellationToken,
 ) {
     let mut health = runtime.health();
@@ -156,15 +210,15 @@ pub async fn run(
             return;
         }
         let connected_to = health.as_ref().and_then(|h| incarnation(&h.borrow()));
-        let stream = match pending.take() {
-            Some(stream) => Ok(stream),
+        let connected = match pending.take() {
+            Some(opening) => Ok(opening),
             None => tokio::select! {
                 () = cancel.cancelled() => return,
                 opened = connect(&gateway, &runtime) => opened,
             },
         };
-        let mut stream = match stream {
-            Ok(stream) => stream,
+        let mut opening = match connected {
+            Ok(opening) => Some(opening),
             Err(error) => {
                 mark(&gateway, &runtime, false, &error.to_string());
                 tracing::debug!(driver = %runtime.name, error = %error, backoff = ?backoff, "watch connect failed");
@@ -181,12 +235,21 @@ pub async fn run(
         mark(&gateway, &runtime, true, "");
         backoff = INITIAL_BACKOFF;
         reconcile.reset();
+        let mut stream: Option<Streaming<WatchSandboxesEvent>> = None;
         let reason = loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                message = stream.message() => match message {
+                opened = next_opened(&mut opening) => match opened {
+                    Ok(open) => {
+                        opening = None;
+                        stream = Some(open);
+                    }
+                    Err(reason) => break reason,
+                },
+                message = next_message(&mut stream) => match message {
                     Ok(Some(event)) => {
-                        if let Some(reason) = apply_buffered(&gateway, &runtime, &mut stream, event).await {
+                        let Some(open) = stream.as_mut() else { continue };
+                        if let Some(reason) = apply_buffered(&gateway, &runtime, open, event).await {
                             break reason;
                         }
                     }

@@ -17,6 +17,37 @@ use crate::error::Result;
 use crate::phases::{intent_condition, next_phase, ready_false};
 use crate::state::store::{SandboxRow, Updated, now_ms};
 
+/// Makes a driver's observation read the same whichever contract
+/// generation sent it: condition times in RFC 3339 text (1.x drivers may
+/// send only the Timestamp), and, for a driver whose Ready does not mean
+/// the workload runs (1.x `driver_reports_runtime_readiness = false`), a
+/// Ready=True turned into "waiting for a supervisor session": this gateway
+/// has no supervisor sessions, so it does not pretend the sandbox is ready.
+pub fn normalize(sandbox: &mut DriverSandbox, ready_means_running: bool) {
+    let Some(status) = &mut sandbox.status else {
+        return;
+    };
+    for condition in &mut status.conditions {
+        if condition.last_transition_time.is_empty()
+            && let Some(at) = openshell_driver_kit::contract::condition_time(condition)
+        {
+            condition.last_transition_time = openshell_wire::time::rfc3339(at);
+        }
+        if !ready_means_running
+            && condition.r#type == "Ready"
+            && condition.status.eq_ignore_ascii_case("true")
+        {
+            condition.status = "False".to_owned();
+            condition.reason = "SupervisorNotConnected".to_owned();
+            condition.message = "the driver reports the backend ready but leaves runtime \
+                readiness to a supervisor session, which this gateway does not have; set \
+                trust_driver_readiness = true in the driver's table to take its Ready as the \
+                sandbox's"
+                .to_owned();
+        }
+    }
+}
+
 /// Applies a driver snapshot to a row; returns whether anything changed.
 /// Rows of other drivers, and rows being deleted or in Error, are left
 /// alone.
@@ -61,7 +92,22 @@ impl Gateway {
 
     /// Applies a batch of a driver's watch events in one transaction, then
     /// tells public watchers what changed, in order.
-    pub async fn apply_events(&self, driver: &str, events: Vec<WatchSandboxesEvent>) -> Result<()> {
+    pub async fn apply_events(
+        &self,
+        driver: &str,
+        mut events: Vec<WatchSandboxesEvent>,
+    ) -> Result<()> {
+        let ready_means_running = self
+            .registry
+            .get(driver)
+            .is_none_or(|r| r.ready_means_running());
+        for event in &mut events {
+            if let Some(Payload::Sandbox(update)) = &mut event.payload
+                && let Some(sandbox) = &mut update.sandbox
+            {
+                normalize(sandbox, ready_means_running);
+            }
+        }
         let name = driver.to_owned();
         let outcomes = self
             .db(move |s| {
@@ -138,8 +184,14 @@ impl Gateway {
     ) -> Result<()> {
         let name = runtime.name.clone();
         let rows = self.db(move |s| s.rows_of_driver(&name)).await?;
-        let mut listed: HashMap<String, DriverSandbox> =
-            listed.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let ready_means_running = runtime.ready_means_running();
+        let mut listed: HashMap<String, DriverSandbox> = listed
+            .into_iter()
+            .map(|mut s| {
+                normalize(&mut s, ready_means_running);
+                (s.id.clone(), s)
+            })
+            .collect();
         let grace = i64::try_from(self.timeouts.orphan_grace.as_millis()).unwrap_or(i64::MAX);
         let mut changed = Vec::new();
         let mut absent = Vec::new();

@@ -225,6 +225,8 @@ impl Gateway {
         // for the create instead of racing it.
         let _gate = self.gates.lock(&row.id).await;
         let sandbox = translate::driver_sandbox(&row);
+        let admitted = runtime.confirm_admission().await;
+        self.driver_result(&runtime, admitted)?;
         let validated = runtime.driver.validate(sandbox.clone()).await;
         self.driver_result(&runtime, validated)?;
         let stored = row.clone();
@@ -394,6 +396,10 @@ impl Gateway {
             Precheck::Proceed => {}
             Precheck::Done => return Ok(self.view(&row)),
             Precheck::Refused(error) => return Err(error),
+        }
+        if transition.call == DriverCall::Start {
+            let admitted = runtime.confirm_admission().await;
+            self.driver_result(&runtime, admitted)?;
         }
         let previous = row.phase;
         self.set_transition(&id, transition.via).await?;

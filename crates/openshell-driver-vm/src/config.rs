@@ -440,9 +440,12 @@ required_labels = { "example.com/team" = "${workspace}", "example.com/ok" = "yes
         args.allow_driver_config = Some(true);
         assert!(args.resolve().unwrap().admission.allow_driver_config);
 
-        let path = write(dir.path(), "[resource_admission]
+        let path = write(
+            dir.path(),
+            "[resource_admission]
 enable = false
-");
+",
+        );
         let err = args_with_file(path).resolve().unwrap_err().to_string();
         assert!(err.contains("enable"), "{err}");
     }

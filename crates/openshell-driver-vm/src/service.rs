@@ -12,9 +12,9 @@ use std::pin::Pin;
 
 use futures::StreamExt as _;
 
+use openshell_driver_kit::contract;
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
-use openshell_driver_kit::contract;
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
     AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
@@ -23,9 +23,9 @@ use openshell_proto::compute::v1::{
     EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
     GetSandboxRequest, GetSandboxResponse, GpuResourceCapabilities, ListSandboxesRequest,
-    ListSandboxesResponse, MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
-    WatchSandboxesRequest,
+    ListSandboxesResponse, MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest,
+    StartSandboxResponse, StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
+    ValidateSandboxCreateResponse, WatchSandboxesEvent, WatchSandboxesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;

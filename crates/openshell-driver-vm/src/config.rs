@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use openshell_driver_kit::contract::{AdmissionPolicy, ResourceAdmission};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -117,6 +118,20 @@ pub struct ConfigArgs {
     /// [default: 16].
     #[arg(long, value_name = "MIB")]
     pub console_log_max_mib: Option<u64>,
+
+    /// Whether a sandbox may size its VM through template.driver_config
+    /// (keys vcpus and mem_mib); with false such a request is refused.
+    /// Part of the admission policy reported to 1.x gateways, which must
+    /// be configured the same way [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub allow_driver_config: Option<bool>,
+
+    /// The resource-admission half of the admission policy reported to 1.x
+    /// gateways (file only: a `[resource_admission]` table with `enabled`
+    /// and `required_labels`). The gateway enforces it; the driver only
+    /// acknowledges it [default: the upstream default].
+    #[arg(skip)]
+    pub resource_admission: Option<ResourceAdmission>,
 }
 
 /// The settings the driver runs with.
@@ -137,6 +152,9 @@ pub struct Config {
     pub boot_timeout: Option<Duration>,
     pub stop_timeout: Duration,
     pub console_log_max_bytes: u64,
+    /// The admission policy: whether caller driver_config is accepted, and
+    /// what is reported to 1.x gateways.
+    pub admission: AdmissionPolicy,
 }
 
 /// Smallest guest memory accepted, in MiB.
@@ -186,6 +204,8 @@ impl ConfigArgs {
             boot_timeout_secs: self.boot_timeout_secs.or(file.boot_timeout_secs),
             stop_timeout_secs: self.stop_timeout_secs.or(file.stop_timeout_secs),
             console_log_max_mib: self.console_log_max_mib.or(file.console_log_max_mib),
+            allow_driver_config: self.allow_driver_config.or(file.allow_driver_config),
+            resource_admission: self.resource_admission.or(file.resource_admission),
         }
     }
 
@@ -222,6 +242,13 @@ impl ConfigArgs {
                 .console_log_max_mib
                 .unwrap_or(16)
                 .saturating_mul(1 << 20),
+            // The VM driver took caller driver_config (vcpus, mem_mib)
+            // before admission policies existed; it still does unless told
+            // otherwise.
+            admission: AdmissionPolicy {
+                allow_driver_config: given.allow_driver_config.unwrap_or(true),
+                resource_admission: given.resource_admission.unwrap_or_default(),
+            },
         };
         config
             .validate()
@@ -382,6 +409,45 @@ boot_timeout_secs = 0
         assert_eq!(config.boot_timeout, Some(Duration::from_secs(60)));
         assert_eq!(config.stop_timeout, Duration::from_secs(5));
         assert!(!config.allow_unsupported_host);
+        assert!(config.admission.allow_driver_config);
+        assert_eq!(
+            config.admission.resource_admission,
+            ResourceAdmission::default()
+        );
+    }
+
+    #[test]
+    fn the_admission_policy_comes_from_the_file_and_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            r#"
+state_dir = "/s"
+allow_driver_config = false
+
+[resource_admission]
+enabled = true
+required_labels = { "example.com/team" = "${workspace}", "example.com/ok" = "yes" }
+"#,
+        );
+        let mut args = args_with_file(path);
+        let config = args.resolve().unwrap();
+        assert!(!config.admission.allow_driver_config);
+        assert_eq!(
+            config.admission.encode(),
+            r#"v1:{"allow_driver_config":false,"resource_admission":{"enabled":true,"required_labels":{"example.com/ok":"yes","example.com/team":"${workspace}"}}}"#
+        );
+        args.allow_driver_config = Some(true);
+        assert!(args.resolve().unwrap().admission.allow_driver_config);
+
+        let path = write(
+            dir.path(),
+            "[resource_admission]
+enable = false
+",
+        );
+        let err = args_with_file(path).resolve().unwrap_err().to_string();
+        assert!(err.contains("enable"), "{err}");
     }
 
     #[test]
@@ -427,6 +493,7 @@ boot_timeout_secs = 0
             "--network=none".as_ref(),
             "--boot-timeout-secs=7".as_ref(),
             "--kernel-args=loglevel=7".as_ref(),
+            "--allow-driver-config=false".as_ref(),
         ])
         .unwrap();
         let config = cli.config.resolve().unwrap();
@@ -437,6 +504,7 @@ boot_timeout_secs = 0
         assert_eq!(config.boot_timeout, Some(Duration::from_secs(7)));
         assert_eq!(config.kernel_args, "loglevel=7");
         assert_eq!(config.state_dir, PathBuf::from("/s"));
+        assert!(!config.admission.allow_driver_config);
     }
 
     #[test]

@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use openshell_driver_kit::WatchFeed;
+use openshell_driver_kit::{WatchFeed, contract};
 use openshell_proto::compute::v1::{DriverPlatformEvent, DriverSandbox};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -80,6 +80,8 @@ struct Entry {
     op: Arc<tokio::sync::Mutex<()>>,
     run: Option<Run>,
     console: Arc<ConsoleLog>,
+    /// What Create and Start report as the sandbox's runtime identity.
+    identity: String,
 }
 
 impl Entry {
@@ -155,6 +157,14 @@ enum Outcome {
     Ended(Phase),
 }
 
+/// The runtime identity of a sandbox: the driver instance, the sandbox id
+/// and when its state directory was made. Stable across stops, starts and
+/// driver restarts; a sandbox deleted and created again under the same id
+/// gets a new one.
+fn runtime_identity(driver_name: &str, id: &SandboxId, created_ms: i64) -> String {
+    format!("vm:{driver_name}/{id}/{created_ms}")
+}
+
 /// A platform event from this driver, stamped now.
 fn platform_event(
     kind: &str,
@@ -162,14 +172,19 @@ fn platform_event(
     message: String,
     metadata: HashMap<String, String>,
 ) -> DriverPlatformEvent {
-    DriverPlatformEvent {
-        timestamp_ms: openshell_wire::time::now_millis(),
-        source: "vm".to_owned(),
-        r#type: kind.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        metadata,
-    }
+    // Both time encodings: `timestamp_ms` for v0.0.111 gateways,
+    // `event_time` for 1.x gateways.
+    contract::stamp_event(
+        DriverPlatformEvent {
+            source: "vm".to_owned(),
+            r#type: kind.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            metadata,
+            ..DriverPlatformEvent::default()
+        },
+        SystemTime::now(),
+    )
 }
 
 impl Driver {
@@ -281,6 +296,7 @@ impl Driver {
                     request.name.clone()
                 },
                 workspace: meta.workspace.clone(),
+                identity: runtime_identity(&self.inner.config.name, &dir.id, meta.created_ms),
                 phase,
                 since_ms: openshell_wire::time::now_millis(),
                 deleting: false,
@@ -684,7 +700,9 @@ impl Driver {
         Ok((request, image))
     }
 
-    pub async fn create(&self, sandbox: Option<DriverSandbox>) -> Result<()> {
+    /// Creates the sandbox and starts booting it; returns its runtime
+    /// identity.
+    pub async fn create(&self, sandbox: Option<DriverSandbox>) -> Result<String> {
         let (request, image) = self.validate(sandbox.as_ref()).await?;
         let sandbox = sandbox.unwrap_or_default();
         let id = request.id.clone();
@@ -696,11 +714,13 @@ impl Driver {
                 return Err(Error::AlreadyExists(id.to_string()));
             }
         }
-        let written = self.write_new_sandbox(&id, &sandbox, image);
+        let created_ms = openshell_wire::time::now_millis();
+        let written = self.write_new_sandbox(&id, &sandbox, image, created_ms);
         let mut registry = self.registry();
         registry.creating.remove(id.as_str());
         written?;
         let dir = self.inner.state.sandbox(&id);
+        let identity = runtime_identity(&self.inner.config.name, &id, created_ms);
         registry.entries.insert(
             id.as_str().to_owned(),
             Entry {
@@ -713,6 +733,7 @@ impl Driver {
                 op: Arc::default(),
                 run: None,
                 console: self.console_for(&dir),
+                identity: identity.clone(),
             },
         );
         tracing::info!(sandbox_id = %id, name = %request.name, image = %request.image, "sandbox created");
@@ -726,7 +747,7 @@ impl Driver {
             ),
         );
         self.start_run(&mut registry, &id);
-        Ok(())
+        Ok(identity)
     }
 
     fn write_new_sandbox(
@@ -734,6 +755,7 @@ impl Driver {
         id: &SandboxId,
         sandbox: &DriverSandbox,
         image: ResolvedImage,
+        created_ms: i64,
     ) -> Result<()> {
         let dir = self.inner.state.sandbox(id);
         if dir.path().exists() {
@@ -751,7 +773,7 @@ impl Driver {
                     image,
                     layer: None,
                     workspace: sandbox.workspace.clone(),
-                    created_ms: openshell_wire::time::now_millis(),
+                    created_ms,
                 },
             )
         })();
@@ -822,8 +844,12 @@ impl Driver {
         Ok(())
     }
 
-    /// Boots a sandbox that is not running, from its writable layer.
-    pub async fn start(&self, id: &str, name: &str) -> Result<()> {
+    /// Boots a sandbox that is not running, from its writable layer, and
+    /// returns its runtime identity. A non-empty `expected_identity` (what
+    /// a 1.x gateway recorded at create) must be this sandbox's: a
+    /// different one means the sandbox was replaced behind the gateway's
+    /// back.
+    pub async fn start(&self, id: &str, name: &str, expected_identity: &str) -> Result<String> {
         let (id, op) = self.lookup(id, name)?;
         let _op = op.lock().await;
         if let Some(blocker) = self
@@ -834,20 +860,26 @@ impl Driver {
         }
         let dir = self.inner.state.sandbox(&id);
         let mut registry = self.registry();
-        let running = registry
+        let entry = registry
             .entries
             .get(id.as_str())
-            .ok_or_else(|| Error::NotFound(id.to_string()))?
-            .run
-            .is_some();
-        if running {
-            return Ok(());
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let identity = entry.identity.clone();
+        if !expected_identity.is_empty() && expected_identity != identity {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {id} has runtime identity {identity:?}, not the expected {:?}; it was \
+                 recreated since the gateway recorded it",
+                contract::truncate(expected_identity, 200)
+            )));
+        }
+        if entry.run.is_some() {
+            return Ok(identity);
         }
         dir.set_stopped(false)?;
         dir.clear_tombstone()?;
         tracing::info!(sandbox_id = %id, "starting sandbox");
         self.start_run(&mut registry, &id);
-        Ok(())
+        Ok(identity)
     }
 
     /// Stops the VM and removes everything. `false` when it did not exist.

@@ -36,8 +36,9 @@ struct Cli {
 enum Command {
     /// Check whether this host can run VM sandboxes; exit 1 if it cannot.
     Preflight {
+        // Boxed: the settings dwarf the other variants.
         #[command(flatten)]
-        config: ConfigArgs,
+        config: Box<ConfigArgs>,
     },
     /// Inspect and prune the image cache.
     Images {

@@ -1,23 +1,31 @@
 //! The gRPC services: `openshell.compute.v1.ComputeDriver` and the optional
 //! `openshell.compute.logs.v1.SandboxLogs`, both thin layers over
 //! [`Driver`].
+//!
+//! `ComputeDriver` answers both contract generations on the same socket: a
+//! v0.0.111 gateway sends no metadata in GetCapabilities and ignores the
+//! 1.x fields of the answers; a 1.x gateway sends its metadata, which is
+//! checked here, and reads the 1.x fields (extension, admission policy,
+//! runtime identities, Timestamp times).
 
 use std::pin::Pin;
 
 use futures::StreamExt as _;
 
+use openshell_driver_kit::contract;
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
     CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
     DeleteWorkspaceRequest, DeleteWorkspaceResponse, EnsureWorkspaceRequest,
     EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
     GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
-    GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
-    StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesEvent,
-    WatchSandboxesRequest,
+    GetSandboxRequest, GetSandboxResponse, GpuResourceCapabilities, ListSandboxesRequest,
+    ListSandboxesResponse, MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest,
+    StartSandboxResponse, StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
+    ValidateSandboxCreateResponse, WatchSandboxesEvent, WatchSandboxesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -30,6 +38,11 @@ use crate::driver::Driver;
 
 /// Name reported in `GetCapabilities`.
 pub const DRIVER_NAME: &str = "openshell-driver-vm";
+/// Implementation name in the driver's 1.x negotiation metadata.
+pub const IMPLEMENTATION_NAME: &str = "openshell-compute-plane/vm";
+/// The AuthenticateSandbox answer: this driver has no credential to check.
+pub const NO_SANDBOX_AUTHENTICATION: &str = "this driver does not authenticate sandbox credentials \
+     (supports_sandbox_authentication is false)";
 /// Bytes per log chunk sent for retained output.
 const HISTORY_CHUNK: usize = 64 << 10;
 
@@ -51,21 +64,65 @@ impl Service {
 
 #[tonic::async_trait]
 impl ComputeDriver for Service {
+    /// Cheap and free of side effects: 1.x gateways call it before every
+    /// validate, create and start.
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
+        let ours = contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]);
+        // A v0.0.111 gateway sends no metadata and is answered as before;
+        // a 1.x gateway's metadata must be compatible with ours.
+        if let Some(gateway) = request.get_ref().gateway.as_ref() {
+            let agreed = contract::negotiate("the gateway", &ours, Some(gateway))
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            tracing::debug!(
+                gateway = %agreed.implementation_name,
+                gateway_version = %agreed.implementation_version,
+                protocol_major = agreed.version.0,
+                protocol_minor = agreed.version.1,
+                "negotiated the 1.x contract"
+            );
+        }
+        let config = self.driver.config();
         Ok(Response::new(GetCapabilitiesResponse {
             driver_name: DRIVER_NAME.to_owned(),
             driver_version: env!("CARGO_PKG_VERSION").to_owned(),
-            default_image: self
-                .driver
-                .config()
-                .default_image
-                .clone()
-                .unwrap_or_default(),
+            default_image: config.default_image.clone().unwrap_or_default(),
             gateway_manages_lifecycle: true,
+            // 1.x fields; v0.0.111 gateways skip them.
+            supports_sandbox_authentication: false,
+            // Ready=True means the guest booted into its command; there is
+            // no supervisor session to wait for.
+            driver_reports_runtime_readiness: true,
+            resource_capabilities: Some(ResourceCapabilities {
+                // cpu_limit and memory_limit size the VM (vCPUs, guest
+                // memory); there is no GPU passthrough.
+                cpu: Some(CpuResourceCapabilities {
+                    limit_supported: true,
+                }),
+                memory: Some(MemoryResourceCapabilities {
+                    limit_supported: true,
+                }),
+                gpu: Some(GpuResourceCapabilities {
+                    default_selection_supported: false,
+                    count_selection_supported: false,
+                }),
+            }),
+            // Images come from OCI layouts or root filesystem directories,
+            // never from staged tarballs.
+            rootfs_tar_staging_dir: String::new(),
+            rootfs_tar_max_bytes: 0,
+            extension: Some(ours),
+            resource_admission_policy: config.admission.encode(),
         }))
+    }
+
+    async fn authenticate_sandbox(
+        &self,
+        _request: Request<AuthenticateSandboxRequest>,
+    ) -> Result<Response<AuthenticateSandboxResponse>, Status> {
+        Err(Status::unimplemented(NO_SANDBOX_AUTHENTICATION))
     }
 
     async fn get_gateway_listener_requirements(
@@ -113,8 +170,13 @@ impl ComputeDriver for Service {
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
-        self.driver.create(request.into_inner().sandbox).await?;
-        Ok(Response::new(CreateSandboxResponse {}))
+        // A 1.x gateway may put a launch credential bundle in
+        // spec.launch_authentication; handing it to the workload needs a
+        // supervisor component this driver does not have, so it is
+        // accepted and left unused (like sandbox_token, which does reach
+        // the guest).
+        let runtime_identity = self.driver.create(request.into_inner().sandbox).await?;
+        Ok(Response::new(CreateSandboxResponse { runtime_identity }))
     }
 
     async fn stop_sandbox(
@@ -139,16 +201,22 @@ impl ComputeDriver for Service {
         &self,
         request: Request<StartSandboxRequest>,
     ) -> Result<Response<StartSandboxResponse>, Status> {
+        // launch_authentication and generation_id are accepted and unused,
+        // as in create.
         let request = request.into_inner();
         let driver = self.driver.clone();
-        tokio::spawn(async move {
+        let runtime_identity = tokio::spawn(async move {
             driver
-                .start(&request.sandbox_id, &request.sandbox_name)
+                .start(
+                    &request.sandbox_id,
+                    &request.sandbox_name,
+                    &request.expected_runtime_identity,
+                )
                 .await
         })
         .await
         .map_err(|e| Status::internal(format!("start task failed: {e}")))??;
-        Ok(Response::new(StartSandboxResponse {}))
+        Ok(Response::new(StartSandboxResponse { runtime_identity }))
     }
 
     async fn delete_sandbox(

@@ -122,6 +122,19 @@ pub fn validate(sandbox: Option<&DriverSandbox>, config: &Config) -> Result<Requ
         }
     }
 
+    if !config.admission.allow_driver_config
+        && template
+            .driver_config
+            .as_ref()
+            .is_some_and(|c| !c.fields.is_empty())
+    {
+        return Err(Error::FailedPrecondition(
+            "caller driver config is disabled; a gateway administrator must enable \
+             allow_driver_config"
+                .to_owned(),
+        ));
+    }
+
     let image = if template.image.trim().is_empty() {
         config.default_image.clone().ok_or_else(|| {
             Error::FailedPrecondition(
@@ -628,6 +641,39 @@ mod tests {
             let err = validate(Some(&bad), &config()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn driver_config_is_refused_when_the_policy_disallows_it() {
+        let mut locked = config();
+        locked.admission.allow_driver_config = false;
+        let sized = with_template(DriverSandboxTemplate {
+            driver_config: Some(prost_types::Struct {
+                fields: [(
+                    "vcpus".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::NumberValue(1.0)),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        });
+        let err = validate(Some(&sized), &locked).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "caller driver config is disabled; a gateway administrator must enable \
+             allow_driver_config"
+        );
+        assert!(validate(Some(&sized), &config()).is_ok());
+
+        // An empty struct asks for nothing and passes either way.
+        let empty = with_template(DriverSandboxTemplate {
+            driver_config: Some(prost_types::Struct::default()),
+            ..Default::default()
+        });
+        assert!(validate(Some(&empty), &locked).is_ok());
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! | host unsupported | `Ready=False`, reason `HostUnsupported` | Error |
 //! | deleting | `deleting=true`, `Ready=False` reason `Deleting` | Deleting |
 
-use openshell_proto::compute::v1::{DriverCondition, DriverSandboxStatus};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openshell_driver_kit::contract;
+use openshell_proto::compute::v1::DriverSandboxStatus;
 
 use crate::state::Tombstone;
 
@@ -95,27 +98,21 @@ impl Phase {
     }
 }
 
-fn condition(
-    kind: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    since: &str,
-) -> DriverCondition {
-    DriverCondition {
-        r#type: kind.to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-        last_transition_time: since.to_owned(),
-    }
+/// `ms` milliseconds after the Unix epoch (earlier instants clamp to it).
+fn instant(ms: i64) -> SystemTime {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
 }
 
-/// The observed status of a sandbox in `phase` since `since_ms`.
+/// The observed status of a sandbox in `phase` since `since_ms`. Every
+/// condition carries its transition time in both encodings (RFC 3339 text
+/// for v0.0.111 gateways, a Timestamp for 1.x gateways).
 pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> DriverSandboxStatus {
-    let since = openshell_wire::time::rfc3339_millis(since_ms);
+    let since = instant(since_ms);
     let ready_false =
-        |reason: &str, message: &str| condition("Ready", "False", reason, message, &since);
+        |reason: &str, message: &str| contract::condition("Ready", "False", reason, message, since);
     let conditions = if deleting {
         vec![ready_false("Deleting", "The sandbox is being deleted")]
     } else {
@@ -128,21 +125,21 @@ pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> Drive
                 "Starting",
                 &format!("Booting the VM (VMM pid {pid})"),
             )],
-            Phase::Running { pid } => vec![condition(
+            Phase::Running { pid } => vec![contract::condition(
                 "Ready",
                 "True",
                 "Running",
                 &format!("The guest is running (VMM pid {pid})"),
-                &since,
+                since,
             )],
             Phase::Stopped => vec![
                 ready_false("Stopped", "The VM is stopped; its writable layer is kept"),
-                condition(
+                contract::condition(
                     "Suspended",
                     "True",
                     "Stopped",
                     "The VM is stopped; start it again to boot from its writable layer",
-                    &since,
+                    since,
                 ),
             ],
             Phase::Exited { message, .. } => vec![ready_false(REASON_EXITED, message)],
@@ -160,11 +157,17 @@ pub fn status(name: &str, phase: &Phase, deleting: bool, since_ms: i64) -> Drive
         sandbox_fd: String::new(),
         conditions,
         deleting,
+        // The VM driver has no workload identity to resolve and no fencing
+        // of older generations to prove (one VMM per sandbox at a time).
+        resolved_identity: None,
+        fence_evidence: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use openshell_proto::compute::v1::DriverCondition;
+
     use super::*;
 
     fn only(status: &DriverSandboxStatus, kind: &str) -> DriverCondition {
@@ -183,6 +186,21 @@ mod tests {
             "Ready",
         );
         assert_eq!(ready.last_transition_time, "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            ready.transition_time,
+            Some(prost_types::Timestamp {
+                seconds: 951_782_400,
+                nanos: 123_000_000,
+            })
+        );
+        let stopped = status("n", &Phase::Stopped, false, 951_782_400_123);
+        for c in &stopped.conditions {
+            assert_eq!(
+                contract::condition_time(c),
+                openshell_wire::time::parse_rfc3339(&c.last_transition_time),
+                "{c:?}"
+            );
+        }
     }
 
     #[test]

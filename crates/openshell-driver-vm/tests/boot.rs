@@ -151,7 +151,7 @@ async fn stop_and_start_keep_what_the_guest_wrote() {
         .client
         .start_sandbox(StartSandboxRequest {
             sandbox_id: id(),
-            sandbox_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

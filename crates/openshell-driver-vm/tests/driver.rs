@@ -18,12 +18,15 @@ use common::{
     Driver, FAKE_KERNEL_MARKER, FakeKernel, Watch, alive, busybox_rootfs, is_suspended, mounted,
     ready_reason, sandbox, vmm_pid, wait_until, write_fake_kernel,
 };
+use openshell_driver_kit::contract;
 use openshell_driver_vm::preflight::{HostPaths, HostReport, KvmProblem};
 use openshell_proto::compute::logs::v1::StreamLogsRequest;
 use openshell_proto::compute::v1::{
-    DeleteSandboxRequest, GetCapabilitiesRequest, GetSandboxRequest, ListSandboxesRequest,
-    StartSandboxRequest, StopSandboxRequest, ValidateSandboxCreateRequest,
+    AuthenticateSandboxRequest, CreateSandboxRequest, DeleteSandboxRequest, DriverSandbox,
+    GetCapabilitiesRequest, GetSandboxRequest, ListSandboxesRequest, StartSandboxRequest,
+    StopSandboxRequest, ValidateSandboxCreateRequest,
 };
+use openshell_proto::extension::v1::ProtocolVersion;
 use tonic::Code;
 
 /// Why VMs cannot start here at all (no usable /dev/kvm), if so.
@@ -85,7 +88,7 @@ async fn capabilities_list_and_lookups() {
     .await;
     let caps = driver
         .client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -93,6 +96,85 @@ async fn capabilities_list_and_lookups() {
     assert!(caps.gateway_manages_lifecycle);
     assert_eq!(caps.default_image, "oci:/images/x");
     assert!(!caps.driver_version.is_empty());
+
+    // Without gateway metadata (a v0.0.111 gateway) the 1.x fields are
+    // filled all the same.
+    let extension = caps.extension.clone().expect("1.x metadata");
+    assert_eq!(
+        extension.protocol_version,
+        Some(ProtocolVersion { major: 1, minor: 0 })
+    );
+    assert_eq!(extension.implementation_name, "openshell-compute-plane/vm");
+    assert_eq!(
+        extension.required_capabilities,
+        [contract::COMPUTE_CONTRACT]
+    );
+    assert_eq!(
+        caps.resource_admission_policy,
+        contract::AdmissionPolicy {
+            allow_driver_config: true,
+            ..Default::default()
+        }
+        .encode()
+    );
+    assert!(caps.driver_reports_runtime_readiness);
+    assert!(!caps.supports_sandbox_authentication);
+    let resources = caps.resource_capabilities.expect("resource capabilities");
+    assert!(resources.cpu.is_some_and(|c| c.limit_supported));
+    assert!(resources.memory.is_some_and(|m| m.limit_supported));
+    assert!(
+        resources
+            .gpu
+            .is_some_and(|g| !g.default_selection_supported && !g.count_selection_supported)
+    );
+
+    // A 1.x gateway negotiates; the policy is the same bytes every time.
+    let gateway = contract::peer_metadata("openshell-compute-plane/gateway", "x", &[]);
+    let negotiated = driver
+        .client
+        .get_capabilities(GetCapabilitiesRequest {
+            gateway: Some(gateway.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        negotiated.resource_admission_policy,
+        caps.resource_admission_policy
+    );
+    assert_eq!(negotiated.extension, Some(extension));
+
+    // A gateway of another major version is refused, naming both.
+    let mut future = gateway;
+    future.protocol_version = Some(ProtocolVersion { major: 2, minor: 3 });
+    let refused = driver
+        .client
+        .get_capabilities(GetCapabilitiesRequest {
+            gateway: Some(future),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("2.3") && refused.message().contains("1.0"),
+        "{}",
+        refused.message()
+    );
+
+    let auth = driver
+        .client
+        .authenticate_sandbox(AuthenticateSandboxRequest {
+            credential: "anything".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(auth.code(), Code::Unimplemented);
+    assert!(
+        auth.message()
+            .contains("supports_sandbox_authentication is false"),
+        "{}",
+        auth.message()
+    );
 
     let list = driver
         .client
@@ -295,7 +377,7 @@ async fn unsupported_host_is_refused_with_the_reason() {
     assert!(
         driver
             .client
-            .get_capabilities(GetCapabilitiesRequest {})
+            .get_capabilities(GetCapabilitiesRequest::default())
             .await
             .is_ok()
     );
@@ -417,6 +499,22 @@ async fn stop_start_delete_are_idempotent_and_keep_the_layer() {
     assert!(!alive(pid), "VMM {pid} gone when StopSandbox returns");
     let stopped = driver.get("life-1").await.unwrap();
     assert!(is_suspended(&stopped));
+    // Each condition carries its time in both encodings, and they agree.
+    let conditions = &stopped.status.as_ref().unwrap().conditions;
+    assert_eq!(conditions.len(), 2);
+    for c in conditions {
+        assert!(c.transition_time.is_some(), "{c:?}");
+        let text = openshell_wire::time::parse_rfc3339(&c.last_transition_time);
+        assert!(text.is_some(), "{c:?}");
+        assert_eq!(contract::condition_time(c), text, "{c:?}");
+    }
+    let event = watch.platform("life-1", "Stopped").await;
+    let event_time = event.event_time.expect("1.x event time");
+    assert_eq!(
+        i128::from(event_time.seconds) * 1000 + i128::from(event_time.nanos / 1_000_000),
+        i128::from(event.timestamp_ms),
+        "{event:?}"
+    );
     assert!(dir.join("stopped").exists());
     assert!(!mounted(&rootfs));
     driver.client.stop_sandbox(stop()).await.unwrap();
@@ -433,7 +531,7 @@ async fn stop_start_delete_are_idempotent_and_keep_the_layer() {
 
     let start = || StartSandboxRequest {
         sandbox_id: "life-1".into(),
-        sandbox_name: String::new(),
+        ..Default::default()
     };
     driver.client.start_sandbox(start()).await.unwrap();
     driver.client.start_sandbox(start()).await.unwrap();
@@ -527,12 +625,13 @@ async fn restart_relaunches_running_and_keeps_stopped_and_failed() {
     let failing = setup.tmp.path().join("vmlinux-fail");
     write_fake_kernel(&failing, FakeKernel::Fail);
     let mut driver = Driver::start(setup.tmp.path(), &args).await;
+    let mut identities = Vec::new();
     for id in ["run-a", "stop-b"] {
-        driver
-            .create(sandbox(id, &setup.rootfs, &[]))
-            .await
-            .unwrap();
+        let identity = create_for_identity(&mut driver, sandbox(id, &setup.rootfs, &[])).await;
+        assert!(identity.contains(id), "{identity}");
+        identities.push(identity);
     }
+    assert_ne!(identities[0], identities[1]);
     for id in ["run-a", "stop-b"] {
         driver
             .wait_for(id, "booting", |s| {
@@ -569,6 +668,27 @@ async fn restart_relaunches_running_and_keeps_stopped_and_failed() {
         .await;
     assert_eq!(a.name, "name-run-a");
     assert_eq!(a.workspace, "default");
+    // The runtime identity survives the restart: starting the running one
+    // is a no-op that reports it, and a start expecting another identity
+    // is refused without touching the stopped one.
+    let start = |id: &str, expected: &str| StartSandboxRequest {
+        sandbox_id: id.into(),
+        expected_runtime_identity: expected.into(),
+        ..Default::default()
+    };
+    let again = driver
+        .client
+        .start_sandbox(start("run-a", &identities[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.runtime_identity, identities[0]);
+    let wrong = driver
+        .client
+        .start_sandbox(start("stop-b", &identities[0]))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::FailedPrecondition);
     assert!(
         is_suspended(&driver.get("stop-b").await.unwrap()),
         "stopped stays stopped"
@@ -709,7 +829,8 @@ async fn driver_config_file_is_read_and_unknown_keys_stop_startup() {
     std::fs::write(
         &config,
         format!(
-            "name = \"vm\"\nstate_dir = \"{}\"\ndefault_image = \"oci:/from/file\"\n",
+            "name = \"vm\"\nstate_dir = \"{}\"\ndefault_image = \"oci:/from/file\"\n\
+             allow_driver_config = false\n",
             tmp.path().join("file-state").display()
         ),
     )
@@ -722,11 +843,46 @@ async fn driver_config_file_is_read_and_unknown_keys_stop_startup() {
     .await;
     let caps = driver
         .client
-        .get_capabilities(GetCapabilitiesRequest {})
+        .get_capabilities(GetCapabilitiesRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(caps.default_image, "oci:/from/file");
+    assert_eq!(
+        caps.resource_admission_policy,
+        contract::AdmissionPolicy::default().encode(),
+        "allow_driver_config = false gives the upstream default policy"
+    );
+    let mut sized = sandbox("sized-1", "oci:/from/file", &[]);
+    sized
+        .spec
+        .as_mut()
+        .and_then(|spec| spec.template.as_mut())
+        .unwrap()
+        .driver_config = Some(prost_types::Struct {
+        fields: [(
+            "vcpus".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+            },
+        )]
+        .into(),
+    });
+    let refused = driver
+        .client
+        .validate_sandbox_create(ValidateSandboxCreateRequest {
+            sandbox: Some(sized),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("a gateway administrator must enable allow_driver_config"),
+        "{}",
+        refused.message()
+    );
     assert!(driver.state.join("sandboxes").is_dir());
     assert!(
         !tmp.path().join("file-state").exists(),
@@ -993,7 +1149,7 @@ async fn copy_layers_keep_changes_across_stop_and_start() {
         .create(sandbox("copy-1", &setup.rootfs, &[]))
         .await
         .unwrap();
-    let booting = |s: &openshell_proto::compute::v1::DriverSandbox| {
+    let booting = |s: &DriverSandbox| {
         common::condition(s, "Ready").is_some_and(|c| c.message.contains("Booting"))
     };
     driver.wait_for("copy-1", "booting", booting).await;
@@ -1009,7 +1165,7 @@ async fn copy_layers_keep_changes_across_stop_and_start() {
         .client
         .start_sandbox(StartSandboxRequest {
             sandbox_id: "copy-1".into(),
-            sandbox_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1026,4 +1182,17 @@ async fn copy_layers_keep_changes_across_stop_and_start() {
     );
     driver.client.stop_sandbox(stop).await.unwrap();
     driver.shutdown().await;
+}
+
+/// Creates `sandbox` and returns the runtime identity CreateSandbox reports.
+async fn create_for_identity(driver: &mut Driver, sandbox: DriverSandbox) -> String {
+    driver
+        .client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox: Some(sandbox),
+        })
+        .await
+        .expect("CreateSandbox")
+        .into_inner()
+        .runtime_identity
 }

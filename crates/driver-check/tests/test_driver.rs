@@ -6,89 +6,19 @@ use std::time::Duration;
 
 use common::{check_json, ids_with, row, sandbox_ids, test_driver};
 
-/// What the test driver fails today, with a piece of each reason. When the
-/// test driver is tightened, move the id out of this list.
-const KNOWN_FAILURES: &[(&str, &str)] = &[
-    (
-        "reject-missing-spec",
-        "ValidateSandboxCreate: expected INVALID_ARGUMENT, got OK; CreateSandbox: expected INVALID_ARGUMENT, got OK",
-    ),
-    (
-        "reject-control-name",
-        "ValidateSandboxCreate: expected INVALID_ARGUMENT, got OK",
-    ),
-    ("reject-nan-cpu", "expected INVALID_ARGUMENT, got OK"),
-    ("reject-negative-cpu", "expected INVALID_ARGUMENT, got OK"),
-    ("reject-nan-memory", "expected INVALID_ARGUMENT, got OK"),
-    (
-        "reject-negative-memory",
-        "expected INVALID_ARGUMENT, got OK",
-    ),
-    (
-        "reject-gpu",
-        "expected INVALID_ARGUMENT or FAILED_PRECONDITION, got OK",
-    ),
-    // It stamps conditions with epoch milliseconds as text.
-    ("condition-time", "is not RFC 3339"),
-];
+/// Every check, and whether a 1.x driver must pass it.
+fn assert_all_pass(rows: &[serde_json::Value]) {
+    let failed = ids_with(rows, "FAIL");
+    assert!(failed.is_empty(), "failed: {failed:?}\n{rows:#?}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_test_driver_passes_the_contract_except_its_known_gaps() {
+async fn the_test_driver_conforms_to_both_generations() {
     let driver = test_driver(&[]);
     let (code, rows, out) = check_json(&driver.socket, &["--keep-going", "--ready-timeout", "20"]);
-    assert_eq!(code, 1, "required failures make exit 1; {out:?}");
-
-    let mut failed = ids_with(&rows, "FAIL");
-    failed.sort();
-    let mut expected: Vec<String> = KNOWN_FAILURES
-        .iter()
-        .map(|(id, _)| (*id).to_owned())
-        .collect();
-    expected.sort();
-    assert_eq!(failed, expected, "{rows:#?}");
-    for (id, reason) in KNOWN_FAILURES {
-        let r = row(&rows, id);
-        assert_eq!(r["required"], true, "{r}");
-        assert!(
-            r["reason"].as_str().expect("reason").contains(reason),
-            "{id}: {r}"
-        );
-    }
-
-    // The contract behaviours it does have.
-    for id in [
-        "capabilities",
-        "validate-good",
-        "reject-missing-sandbox",
-        "reject-empty-name",
-        "create-ready",
-        "list-ready",
-        "watch-ready",
-        "create-duplicate",
-        "get-unknown",
-        "delete-unknown",
-        "watch-snapshot",
-        "stop",
-        "stop-twice",
-        "start",
-        "delete",
-        "watch-deleted",
-        "watch-concurrent",
-        "cleanup",
-        "logs-service",
-    ] {
-        assert_eq!(row(&rows, id)["outcome"], "PASS", "{id}: {rows:#?}");
-    }
-    let caps = row(&rows, "capabilities");
-    assert!(
-        caps["reason"]
-            .as_str()
-            .expect("reason")
-            .contains("v0.0.111"),
-        "{caps}"
-    );
-
-    // 1.x-only checks do not apply to a v0.0.111 driver and are not required.
+    assert_eq!(code, 0, "every required check passes; {out:?}");
+    assert_all_pass(&rows);
+    // As a 1.x driver, the 1.x checks apply and are required.
     for id in [
         "negotiation",
         "admission-policy",
@@ -96,10 +26,39 @@ async fn the_test_driver_passes_the_contract_except_its_known_gaps() {
         "condition-time-both",
     ] {
         let r = row(&rows, id);
+        assert_eq!(r["outcome"], "PASS", "{r}");
+        assert_eq!(r["required"], true, "{r}");
+    }
+    assert!(
+        row(&rows, "capabilities")["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("1.x"),
+        "{rows:#?}"
+    );
+    assert_eq!(row(&rows, "logs-service")["required"], false);
+
+    // The same driver answering as a v0.0.111 one: the 1.x checks do not
+    // apply and are not required.
+    let legacy = test_driver(&["--legacy-contract"]);
+    let (code, legacy_rows, out) = check_json(&legacy.socket, &["--keep-going"]);
+    assert_eq!(code, 0, "{out:?}");
+    assert_all_pass(&legacy_rows);
+    for id in ["negotiation", "admission-policy", "major-mismatch"] {
+        let r = row(&legacy_rows, id);
         assert_eq!(r["outcome"], "SKIP", "{r}");
         assert_eq!(r["required"], false, "{r}");
     }
-    assert_eq!(row(&rows, "logs-service")["required"], false);
+    // Both time encodings are still welcome from a v0.0.111 driver, just
+    // not required.
+    assert_eq!(row(&legacy_rows, "condition-time-both")["required"], false);
+    assert!(
+        row(&legacy_rows, "capabilities")["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("v0.0.111"),
+        "{legacy_rows:#?}"
+    );
 
     // Every row has the stable shape.
     assert_eq!(rows.len(), 31);
@@ -123,10 +82,12 @@ async fn the_test_driver_passes_the_contract_except_its_known_gaps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_keep_going_the_first_required_failure_stops_the_run() {
-    let driver = test_driver(&[]);
+    // A driver of another protocol major refuses this checker's 1.x
+    // gateway metadata: the very first check fails.
+    let driver = test_driver(&["--protocol-major", "2"]);
     let (code, rows, _) = check_json(&driver.socket, &[]);
     assert_eq!(code, 1);
-    assert_eq!(ids_with(&rows, "FAIL"), ["reject-missing-spec"]);
+    assert_eq!(ids_with(&rows, "FAIL"), ["capabilities"]);
     let after = row(&rows, "create-ready");
     assert_eq!(after["outcome"], "SKIP");
     assert!(

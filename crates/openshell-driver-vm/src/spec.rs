@@ -91,6 +91,9 @@ pub fn validate(sandbox: Option<&DriverSandbox>, config: &Config) -> Result<Requ
         .spec
         .as_ref()
         .ok_or_else(|| invalid("sandbox spec is required".to_owned()))?;
+    if sandbox.name.is_empty() {
+        return Err(invalid("sandbox name is required".to_owned()));
+    }
     let template = spec.template.clone().unwrap_or_default();
 
     if spec
@@ -201,11 +204,7 @@ pub fn validate(sandbox: Option<&DriverSandbox>, config: &Config) -> Result<Requ
 
     let token = (!spec.sandbox_token.is_empty()).then(|| spec.sandbox_token.clone());
     Ok(Request {
-        name: if sandbox.name.is_empty() {
-            id.as_str().to_owned()
-        } else {
-            sandbox.name.clone()
-        },
+        name: sandbox.name.clone(),
         id,
         image,
         command: spec.command.clone(),
@@ -477,6 +476,17 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("spec")
+        );
+        let no_name = DriverSandbox {
+            id: "x".into(),
+            spec: Some(DriverSandboxSpec::default()),
+            ..Default::default()
+        };
+        assert!(
+            validate(Some(&no_name), &config())
+                .unwrap_err()
+                .to_string()
+                .contains("name is required")
         );
         let bad_id = DriverSandbox {
             id: "../x".into(),

@@ -93,6 +93,19 @@ struct BehaviourArgs {
     #[arg(long)]
     #[serde(default)]
     lazy_watch_headers: bool,
+    /// Answer as a v0.0.111 driver: no 1.x negotiation metadata, admission
+    /// policy or other 1.x capability fields.
+    #[arg(long)]
+    #[serde(default)]
+    legacy_contract: bool,
+    /// Report that Ready does not mean the workload runs (1.x
+    /// `driver_reports_runtime_readiness = false`).
+    #[arg(long)]
+    #[serde(default)]
+    no_runtime_readiness: bool,
+    /// Misbehave: advertise this protocol major version in the 1.x metadata.
+    #[arg(long, value_name = "N")]
+    protocol_major: Option<u32>,
 
     /// Misbehave: write a few stderr lines and exit with this code before
     /// binding.
@@ -159,6 +172,9 @@ impl BehaviourArgs {
             call_log: self.call_log.or(file.call_log),
             allow_driver_config: self.allow_driver_config || file.allow_driver_config,
             lazy_watch_headers: self.lazy_watch_headers || file.lazy_watch_headers,
+            legacy_contract: self.legacy_contract || file.legacy_contract,
+            no_runtime_readiness: self.no_runtime_readiness || file.no_runtime_readiness,
+            protocol_major: self.protocol_major.or(file.protocol_major),
             exit_early: self.exit_early.or(file.exit_early),
             never_ready: self.never_ready || file.never_ready,
             ignore_ready_fd: self.ignore_ready_fd || file.ignore_ready_fd,
@@ -316,6 +332,9 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
             ..AdmissionPolicy::default()
         },
         lazy_watch_headers: args.lazy_watch_headers,
+        legacy_contract: args.legacy_contract,
+        protocol_major: args.protocol_major,
+        no_runtime_readiness: args.no_runtime_readiness,
         ..defaults
     });
 

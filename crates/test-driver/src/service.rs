@@ -59,6 +59,14 @@ pub struct Behaviour {
     /// Answer WatchSandboxes only once the first event is available, like
     /// gRPC servers that send response headers with the first message.
     pub lazy_watch_headers: bool,
+    /// Answer GetCapabilities as a v0.0.111 driver: no 1.x fields at all.
+    pub legacy_contract: bool,
+    /// Misbehave: advertise this protocol major in the 1.x metadata.
+    pub protocol_major: Option<u32>,
+    /// Say that Ready does not mean the workload runs (1.x
+    /// `driver_reports_runtime_readiness = false`), as drivers that leave
+    /// readiness to a supervisor session do.
+    pub no_runtime_readiness: bool,
 }
 
 impl Default for Behaviour {
@@ -77,6 +85,9 @@ impl Default for Behaviour {
             call_log: None,
             admission: AdmissionPolicy::default(),
             lazy_watch_headers: false,
+            legacy_contract: false,
+            protocol_major: None,
+            no_runtime_readiness: false,
         }
     }
 }
@@ -285,7 +296,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl TestDriver {
     pub fn new(behaviour: Behaviour) -> Self {
         let (logs, _) = broadcast::channel(1024);
-        let metadata = contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]);
+        let mut metadata =
+            contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]);
+        if let (Some(major), Some(version)) =
+            (behaviour.protocol_major, metadata.protocol_version.as_mut())
+        {
+            version.major = major;
+        }
         let admission_policy = behaviour.admission.encode();
         let driver = Self {
             inner: Arc::new(Inner {
@@ -640,12 +657,22 @@ impl ComputeDriver for TestDriver {
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
         self.enter("GetCapabilities", "").await;
+        let b = &self.inner.behaviour;
+        if b.legacy_contract {
+            // A v0.0.111 driver knows none of the 1.x fields.
+            return Ok(Response::new(GetCapabilitiesResponse {
+                driver_name: b.driver_name.clone(),
+                driver_version: b.driver_version.clone(),
+                default_image: b.default_image.clone(),
+                gateway_manages_lifecycle: b.gateway_manages_lifecycle,
+                ..GetCapabilitiesResponse::default()
+            }));
+        }
         // v0.0.111 gateways send no metadata; a 1.x gateway's is checked.
         if let Some(gateway) = request.get_ref().gateway.as_ref() {
             contract::negotiate("the gateway", &self.inner.metadata, Some(gateway))
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
-        let b = &self.inner.behaviour;
         Ok(Response::new(GetCapabilitiesResponse {
             driver_name: b.driver_name.clone(),
             driver_version: b.driver_version.clone(),
@@ -653,7 +680,7 @@ impl ComputeDriver for TestDriver {
             gateway_manages_lifecycle: b.gateway_manages_lifecycle,
             supports_sandbox_authentication: false,
             // Ready is reported when the (simulated) workload runs.
-            driver_reports_runtime_readiness: true,
+            driver_reports_runtime_readiness: !b.no_runtime_readiness,
             // Limits are checked and kept in the spec; nothing runs that
             // could exceed them. There are no GPUs.
             resource_capabilities: Some(ResourceCapabilities {

@@ -43,6 +43,10 @@ pub mod bin {
     pub fn test_driver() -> PathBuf {
         openshell_test_driver::binary_path()
     }
+
+    pub fn driver_check() -> PathBuf {
+        workspace_binary("openshell-driver-check", "openshell-driver-check")
+    }
 }
 
 /// The repository root.

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use openshell_e2e::{Gateway, GatewayConfig, TEST_IMAGE, TestEnv, require_podman, wait_until};
+use openshell_e2e::{
+    Gateway, GatewayConfig, TEST_IMAGE, TestEnv, bin, require_podman, start_external_podman,
+    wait_until,
+};
 
 fn podman_gateway(env: &TestEnv) -> Gateway {
     let config = GatewayConfig {
@@ -157,4 +160,35 @@ fn bad_requests_are_refused_with_clear_errors() {
         .cli(&["sandbox", "get", &env.name("missing")])
         .fails_with(1);
     assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
+}
+
+/// The conformance checker passes the Podman driver: every required check
+/// of both contract generations, with a real container behind each.
+#[test]
+fn the_podman_driver_passes_the_conformance_checker() {
+    require_podman!();
+    let env = TestEnv::new();
+    let (mut driver, socket) = start_external_podman(&env, "conformance-podman");
+    let out = std::process::Command::new(bin::driver_check())
+        .arg(&socket)
+        .args([
+            "--keep-going",
+            "--ready-timeout",
+            "60",
+            "--image",
+            TEST_IMAGE,
+            "--command",
+            "sleep",
+            "3600",
+        ])
+        .output()
+        .expect("run openshell-driver-check");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the Podman driver does not conform:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("negotiation "), "{report}");
+    driver.stop(Duration::from_secs(10));
 }

@@ -100,6 +100,30 @@ pub fn python() -> Result<PathBuf, String> {
     Ok(candidate)
 }
 
+/// Starts `openshell-driver-vm` (built on first use) with its state under
+/// the driver's private directory and `extra` flags.
+pub fn vm_driver(extra: &[&str]) -> Driver {
+    let (dir, socket) = private_dir();
+    let binary =
+        openshell_test_driver::workspace_binary("openshell-driver-vm", "openshell-driver-vm");
+    let mut child = Command::new(binary)
+        .arg("--bind-socket")
+        .arg(&socket)
+        .arg("--allow-same-uid-peer")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the VM driver");
+    wait_for_socket(&mut child, &socket, Duration::from_secs(60));
+    Driver {
+        child,
+        socket,
+        _dir: dir,
+    }
+}
+
 /// Starts `e2e/python/grpcio_driver.py` with `extra` flags.
 pub fn python_driver(python: &Path, extra: &[&str]) -> Driver {
     let (dir, socket) = private_dir();

@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openshell_proto::compute::v1::{DriverCondition, DriverPlatformEvent};
+use openshell_proto::compute::v1::{
+    CpuResourceCapabilities, DriverCondition, DriverPlatformEvent, GetCapabilitiesResponse,
+    GpuResourceCapabilities, MemoryResourceCapabilities, ResourceCapabilities,
+};
 use openshell_proto::extension::v1::{PeerMetadata, ProtocolVersion};
 use serde::{Deserialize, Serialize};
 
@@ -304,6 +307,69 @@ impl AdmissionPolicy {
     }
 }
 
+/// What a driver says about itself in `GetCapabilities`, for both contract
+/// generations. Drivers without GPUs, sandbox authentication or root
+/// filesystem tarballs (all of ours) fill it and call [`capabilities`].
+#[derive(Debug, Clone)]
+pub struct DriverFacts {
+    pub driver_name: String,
+    pub driver_version: String,
+    pub default_image: String,
+    pub gateway_manages_lifecycle: bool,
+    /// The driver honours CPU / memory limits.
+    pub cpu_limits: bool,
+    pub memory_limits: bool,
+    /// The driver's Ready=True means the workload itself runs.
+    pub reports_runtime_readiness: bool,
+    /// This driver's 1.x metadata ([`peer_metadata`]).
+    pub metadata: PeerMetadata,
+    /// The encoded admission policy ([`AdmissionPolicy::encode`]), the same
+    /// bytes on every call.
+    pub admission_policy: String,
+}
+
+/// Answers `GetCapabilities`: checks a 1.x gateway's metadata (a v0.0.111
+/// gateway sends none and is answered as well), then fills the v0.0.111
+/// fields and the 1.x ones, which v0.0.111 gateways skip. A driver returns
+/// the error as FAILED_PRECONDITION.
+pub fn capabilities(
+    gateway: Option<&PeerMetadata>,
+    facts: &DriverFacts,
+) -> Result<GetCapabilitiesResponse, NegotiationError> {
+    if let Some(gateway) = gateway {
+        negotiate("the gateway", &facts.metadata, Some(gateway))?;
+    }
+    Ok(GetCapabilitiesResponse {
+        driver_name: facts.driver_name.clone(),
+        driver_version: facts.driver_version.clone(),
+        default_image: facts.default_image.clone(),
+        gateway_manages_lifecycle: facts.gateway_manages_lifecycle,
+        supports_sandbox_authentication: false,
+        driver_reports_runtime_readiness: facts.reports_runtime_readiness,
+        resource_capabilities: Some(ResourceCapabilities {
+            cpu: Some(CpuResourceCapabilities {
+                limit_supported: facts.cpu_limits,
+            }),
+            memory: Some(MemoryResourceCapabilities {
+                limit_supported: facts.memory_limits,
+            }),
+            gpu: Some(GpuResourceCapabilities {
+                default_selection_supported: false,
+                count_selection_supported: false,
+            }),
+        }),
+        rootfs_tar_staging_dir: String::new(),
+        rootfs_tar_max_bytes: 0,
+        extension: Some(facts.metadata.clone()),
+        resource_admission_policy: facts.admission_policy.clone(),
+    })
+}
+
+/// What a driver answers `AuthenticateSandbox` with: none of ours
+/// authenticates sandbox credentials (that needs a supervisor component this
+/// project does not have).
+pub const NO_SANDBOX_AUTHENTICATION: &str = "this driver does not authenticate sandbox credentials (supports_sandbox_authentication is false)";
+
 fn timestamp(at: SystemTime) -> prost_types::Timestamp {
     let (seconds, nanos) = match at.duration_since(UNIX_EPOCH) {
         Ok(d) => (
@@ -502,6 +568,34 @@ mod tests {
         let e = stamp_event(DriverPlatformEvent::default(), at);
         assert_eq!(e.timestamp_ms, 1_795_000_000_250);
         assert_eq!(e.event_time.map(|t| t.seconds), Some(1_795_000_000));
+    }
+
+    #[test]
+    fn capabilities_answer_both_generations() {
+        let facts = DriverFacts {
+            driver_name: "d".into(),
+            driver_version: "1".into(),
+            default_image: "img".into(),
+            gateway_manages_lifecycle: true,
+            cpu_limits: true,
+            memory_limits: false,
+            reports_runtime_readiness: true,
+            metadata: peer_metadata("test/driver", "1", &[]),
+            admission_policy: AdmissionPolicy::default().encode(),
+        };
+        let legacy = capabilities(None, &facts).expect("v0.0.111 gateway");
+        assert_eq!(legacy.driver_name, "d");
+        assert!(legacy.extension.is_some());
+        let resources = legacy.resource_capabilities.expect("resources");
+        assert_eq!(resources.cpu.map(|c| c.limit_supported), Some(true));
+        assert_eq!(resources.memory.map(|c| c.limit_supported), Some(false));
+        assert!(capabilities(Some(&gateway()), &facts).is_ok());
+        let mut other = gateway();
+        other.protocol_version = Some(ProtocolVersion { major: 3, minor: 0 });
+        assert!(matches!(
+            capabilities(Some(&other), &facts),
+            Err(NegotiationError::IncompatibleProtocol { .. })
+        ));
     }
 
     #[test]

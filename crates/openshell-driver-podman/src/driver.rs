@@ -8,17 +8,14 @@ use openshell_driver_kit::contract;
 use openshell_driver_kit::{KeyLocks, WatchStream};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
-    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
-    CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
-    DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverSandbox, EnsureWorkspaceRequest,
-    EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
-    GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
-    GetSandboxRequest, GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse,
-    StartSandboxRequest, StartSandboxResponse, StopSandboxRequest, StopSandboxResponse,
-    ValidateSandboxCreateRequest, ValidateSandboxCreateResponse, WatchSandboxesRequest,
-};
-use openshell_proto::compute::v1::{
-    GpuResourceCapabilities, MemoryResourceCapabilities, ResourceCapabilities,
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CreateSandboxRequest,
+    CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse, DeleteWorkspaceRequest,
+    DeleteWorkspaceResponse, DriverSandbox, EnsureWorkspaceRequest, EnsureWorkspaceResponse,
+    GetCapabilitiesRequest, GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
+    GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
+    ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
+    StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
+    ValidateSandboxCreateResponse, WatchSandboxesRequest,
 };
 use openshell_proto::extension::v1::PeerMetadata;
 use tokio_stream::Stream;
@@ -159,36 +156,20 @@ impl PodmanDriver {
     /// filled; v0.0.111 gateways skip them. Cheap and free of side effects:
     /// 1.x gateways ask before every create and start.
     pub fn capabilities(&self, gateway: Option<&PeerMetadata>) -> Result<GetCapabilitiesResponse> {
-        let ours = metadata();
-        if let Some(gateway) = gateway {
-            contract::negotiate("the gateway", &ours, Some(gateway))
-                .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        }
-        Ok(GetCapabilitiesResponse {
+        let facts = contract::DriverFacts {
             driver_name: DRIVER_NAME.to_owned(),
             driver_version: env!("CARGO_PKG_VERSION").to_owned(),
             default_image: self.core.settings.default_image.clone().unwrap_or_default(),
             gateway_manages_lifecycle: true,
-            supports_sandbox_authentication: false,
+            cpu_limits: true,
+            memory_limits: true,
             // Ready=True means the container's main process runs.
-            driver_reports_runtime_readiness: true,
-            resource_capabilities: Some(ResourceCapabilities {
-                cpu: Some(CpuResourceCapabilities {
-                    limit_supported: true,
-                }),
-                memory: Some(MemoryResourceCapabilities {
-                    limit_supported: true,
-                }),
-                gpu: Some(GpuResourceCapabilities {
-                    default_selection_supported: false,
-                    count_selection_supported: false,
-                }),
-            }),
-            rootfs_tar_staging_dir: String::new(),
-            rootfs_tar_max_bytes: 0,
-            extension: Some(ours),
-            resource_admission_policy: self.core.settings.admission.encode(),
-        })
+            reports_runtime_readiness: true,
+            metadata: metadata(),
+            admission_policy: self.core.settings.admission.encode(),
+        };
+        contract::capabilities(gateway, &facts)
+            .map_err(|e| Error::FailedPrecondition(e.to_string()))
     }
 
     /// Everything ValidateSandboxCreate checks, including the engine's
@@ -496,10 +477,7 @@ impl ComputeDriver for PodmanDriver {
         &self,
         _request: Request<AuthenticateSandboxRequest>,
     ) -> std::result::Result<Response<AuthenticateSandboxResponse>, Status> {
-        Err(Status::unimplemented(
-            "this driver does not authenticate sandbox credentials \
-             (supports_sandbox_authentication is false)",
-        ))
+        Err(Status::unimplemented(contract::NO_SANDBOX_AUTHENTICATION))
     }
 
     async fn get_gateway_listener_requirements(

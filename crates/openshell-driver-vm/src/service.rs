@@ -17,14 +17,13 @@ use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
-    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
-    CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
-    DeleteWorkspaceRequest, DeleteWorkspaceResponse, EnsureWorkspaceRequest,
-    EnsureWorkspaceResponse, GetCapabilitiesRequest, GetCapabilitiesResponse,
-    GetGatewayListenerRequirementsRequest, GetGatewayListenerRequirementsResponse,
-    GetSandboxRequest, GetSandboxResponse, GpuResourceCapabilities, ListSandboxesRequest,
-    ListSandboxesResponse, MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest,
-    StartSandboxResponse, StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CreateSandboxRequest,
+    CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse, DeleteWorkspaceRequest,
+    DeleteWorkspaceResponse, EnsureWorkspaceRequest, EnsureWorkspaceResponse,
+    GetCapabilitiesRequest, GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
+    GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
+    ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
+    StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
     ValidateSandboxCreateResponse, WatchSandboxesEvent, WatchSandboxesRequest,
 };
 use tokio::sync::{broadcast, mpsc};
@@ -41,8 +40,7 @@ pub const DRIVER_NAME: &str = "openshell-driver-vm";
 /// Implementation name in the driver's 1.x negotiation metadata.
 pub const IMPLEMENTATION_NAME: &str = "openshell-compute-plane/vm";
 /// The AuthenticateSandbox answer: this driver has no credential to check.
-pub const NO_SANDBOX_AUTHENTICATION: &str = "this driver does not authenticate sandbox credentials \
-     (supports_sandbox_authentication is false)";
+pub use openshell_driver_kit::contract::NO_SANDBOX_AUTHENTICATION;
 /// Bytes per log chunk sent for retained output.
 const HISTORY_CHUNK: usize = 64 << 10;
 
@@ -70,52 +68,24 @@ impl ComputeDriver for Service {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        let ours = contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]);
-        // A v0.0.111 gateway sends no metadata and is answered as before;
-        // a 1.x gateway's metadata must be compatible with ours.
-        if let Some(gateway) = request.get_ref().gateway.as_ref() {
-            let agreed = contract::negotiate("the gateway", &ours, Some(gateway))
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            tracing::debug!(
-                gateway = %agreed.implementation_name,
-                gateway_version = %agreed.implementation_version,
-                protocol_major = agreed.version.0,
-                protocol_minor = agreed.version.1,
-                "negotiated the 1.x contract"
-            );
-        }
         let config = self.driver.config();
-        Ok(Response::new(GetCapabilitiesResponse {
+        let facts = contract::DriverFacts {
             driver_name: DRIVER_NAME.to_owned(),
             driver_version: env!("CARGO_PKG_VERSION").to_owned(),
             default_image: config.default_image.clone().unwrap_or_default(),
             gateway_manages_lifecycle: true,
-            // 1.x fields; v0.0.111 gateways skip them.
-            supports_sandbox_authentication: false,
+            // cpu_limit and memory_limit size the VM (vCPUs, guest memory).
+            cpu_limits: true,
+            memory_limits: true,
             // Ready=True means the guest booted into its command; there is
             // no supervisor session to wait for.
-            driver_reports_runtime_readiness: true,
-            resource_capabilities: Some(ResourceCapabilities {
-                // cpu_limit and memory_limit size the VM (vCPUs, guest
-                // memory); there is no GPU passthrough.
-                cpu: Some(CpuResourceCapabilities {
-                    limit_supported: true,
-                }),
-                memory: Some(MemoryResourceCapabilities {
-                    limit_supported: true,
-                }),
-                gpu: Some(GpuResourceCapabilities {
-                    default_selection_supported: false,
-                    count_selection_supported: false,
-                }),
-            }),
-            // Images come from OCI layouts or root filesystem directories,
-            // never from staged tarballs.
-            rootfs_tar_staging_dir: String::new(),
-            rootfs_tar_max_bytes: 0,
-            extension: Some(ours),
-            resource_admission_policy: config.admission.encode(),
-        }))
+            reports_runtime_readiness: true,
+            metadata: contract::peer_metadata(IMPLEMENTATION_NAME, env!("CARGO_PKG_VERSION"), &[]),
+            admission_policy: config.admission.encode(),
+        };
+        contract::capabilities(request.get_ref().gateway.as_ref(), &facts)
+            .map(Response::new)
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
     async fn authenticate_sandbox(

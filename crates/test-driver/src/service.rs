@@ -13,14 +13,13 @@ use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogs;
 use openshell_proto::compute::logs::v1::{LogChunk, LogStream, StreamLogsRequest};
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriver;
 use openshell_proto::compute::v1::{
-    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CpuResourceCapabilities,
-    CreateSandboxRequest, CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse,
-    DeleteWorkspaceRequest, DeleteWorkspaceResponse, DriverCondition, DriverPlatformEvent,
-    DriverSandbox, DriverSandboxStatus, EnsureWorkspaceRequest, EnsureWorkspaceResponse,
-    GetCapabilitiesRequest, GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
+    AuthenticateSandboxRequest, AuthenticateSandboxResponse, CreateSandboxRequest,
+    CreateSandboxResponse, DeleteSandboxRequest, DeleteSandboxResponse, DeleteWorkspaceRequest,
+    DeleteWorkspaceResponse, DriverCondition, DriverPlatformEvent, DriverSandbox,
+    DriverSandboxStatus, EnsureWorkspaceRequest, EnsureWorkspaceResponse, GetCapabilitiesRequest,
+    GetCapabilitiesResponse, GetGatewayListenerRequirementsRequest,
     GetGatewayListenerRequirementsResponse, GetSandboxRequest, GetSandboxResponse,
-    GpuResourceCapabilities, ListSandboxesRequest, ListSandboxesResponse,
-    MemoryResourceCapabilities, ResourceCapabilities, StartSandboxRequest, StartSandboxResponse,
+    ListSandboxesRequest, ListSandboxesResponse, StartSandboxRequest, StartSandboxResponse,
     StopSandboxRequest, StopSandboxResponse, ValidateSandboxCreateRequest,
     ValidateSandboxCreateResponse, WatchSandboxesEvent, WatchSandboxesRequest,
 };
@@ -668,38 +667,23 @@ impl ComputeDriver for TestDriver {
                 ..GetCapabilitiesResponse::default()
             }));
         }
-        // v0.0.111 gateways send no metadata; a 1.x gateway's is checked.
-        if let Some(gateway) = request.get_ref().gateway.as_ref() {
-            contract::negotiate("the gateway", &self.inner.metadata, Some(gateway))
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        }
-        Ok(Response::new(GetCapabilitiesResponse {
+        let facts = contract::DriverFacts {
             driver_name: b.driver_name.clone(),
             driver_version: b.driver_version.clone(),
             default_image: b.default_image.clone(),
             gateway_manages_lifecycle: b.gateway_manages_lifecycle,
-            supports_sandbox_authentication: false,
-            // Ready is reported when the (simulated) workload runs.
-            driver_reports_runtime_readiness: !b.no_runtime_readiness,
             // Limits are checked and kept in the spec; nothing runs that
-            // could exceed them. There are no GPUs.
-            resource_capabilities: Some(ResourceCapabilities {
-                cpu: Some(CpuResourceCapabilities {
-                    limit_supported: true,
-                }),
-                memory: Some(MemoryResourceCapabilities {
-                    limit_supported: true,
-                }),
-                gpu: Some(GpuResourceCapabilities {
-                    default_selection_supported: false,
-                    count_selection_supported: false,
-                }),
-            }),
-            rootfs_tar_staging_dir: String::new(),
-            rootfs_tar_max_bytes: 0,
-            extension: Some(self.inner.metadata.clone()),
-            resource_admission_policy: self.inner.admission_policy.clone(),
-        }))
+            // could exceed them.
+            cpu_limits: true,
+            memory_limits: true,
+            // Ready is reported when the (simulated) workload runs.
+            reports_runtime_readiness: !b.no_runtime_readiness,
+            metadata: self.inner.metadata.clone(),
+            admission_policy: self.inner.admission_policy.clone(),
+        };
+        contract::capabilities(request.get_ref().gateway.as_ref(), &facts)
+            .map(Response::new)
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 
     async fn authenticate_sandbox(
@@ -707,10 +691,7 @@ impl ComputeDriver for TestDriver {
         _request: Request<AuthenticateSandboxRequest>,
     ) -> Result<Response<AuthenticateSandboxResponse>, Status> {
         self.enter("AuthenticateSandbox", "").await;
-        Err(Status::unimplemented(
-            "this driver does not authenticate sandbox credentials \
-             (supports_sandbox_authentication is false)",
-        ))
+        Err(Status::unimplemented(contract::NO_SANDBOX_AUTHENTICATION))
     }
 
     async fn get_gateway_listener_requirements(

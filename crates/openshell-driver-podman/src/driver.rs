@@ -230,7 +230,9 @@ impl PodmanDriver {
     }
 
     /// Makes sure the image is in the local store as the pull policy says,
-    /// pulling it when needed; progress goes out as platform events.
+    /// pulling it when needed; progress goes out as platform events, and
+    /// the sandbox is shown as `Ready=False` ("pulling image …") until
+    /// `create` calls [`Observer::pull_finished`] (here, on failure).
     async fn ensure_image(
         &self,
         plan: &Plan,
@@ -244,12 +246,27 @@ impl PodmanDriver {
         let feed = self.observer.feed();
         let insecure = settings.is_insecure_registry(&plan.image);
         tracing::info!(sandbox_id = %plan.id, image = %plan.image, policy = %policy, tls_verify = !insecure, "pulling image");
-        feed.publish_platform_event(&plan.id, image::pulling_event(&plan.image, policy));
-        match image::pull(&self.core.client, plan, policy, insecure, &settings.name).await {
+        let pulling = image::pulling_event(&plan.image, policy);
+        self.observer.pull_started(crate::status::pulling(
+            &plan.id,
+            &plan.name,
+            &plan.workspace,
+            &settings.name,
+            &pulling.message,
+            std::time::SystemTime::now(),
+        ));
+        feed.publish_platform_event(&plan.id, pulling);
+        let outcome = image::pull(&self.core.client, plan, policy, insecure, &settings.name)
+            .await
+            .and_then(|pulled| {
+                image::check_default_command(plan, &pulled.image)?;
+                Ok(pulled)
+            });
+        match outcome {
             Ok(pulled) => {
                 tracing::info!(sandbox_id = %plan.id, image = %plan.image, digest = %pulled.digest, image_id = %pulled.image.id, "image pulled");
                 feed.publish_platform_event(&plan.id, image::pulled_event(&plan.image, &pulled));
-                image::check_default_command(plan, &pulled.image)
+                Ok(())
             }
             Err(error) => {
                 tracing::warn!(sandbox_id = %plan.id, image = %plan.image, error = %error, "image pull failed");
@@ -257,6 +274,7 @@ impl PodmanDriver {
                     &plan.id,
                     image::pull_failed_event(&plan.image, &error.to_string()),
                 );
+                self.observer.pull_finished(&plan.id, false);
                 Err(error)
             }
         }
@@ -273,6 +291,15 @@ impl PodmanDriver {
             )));
         }
         self.ensure_image(&plan, policy, local).await?;
+        let created = self.create_container(&plan).await;
+        // A placeholder shown while the image was pulled gives way to the
+        // container's observation, or goes when there is no container.
+        self.observer.pull_finished(&plan.id, created.is_ok());
+        created
+    }
+
+    /// The part of [`PodmanDriver::create`] after the image is there.
+    async fn create_container(&self, plan: &Plan) -> Result<String> {
         let state = &self.core.state;
         state.forget(&plan.id).await?;
         let token_file = if plan.token.is_empty() {
@@ -281,7 +308,7 @@ impl PodmanDriver {
             Some(state.write_token(&plan.id, &plan.token).await?)
         };
         let body = create_body(
-            &plan,
+            plan,
             &self.core.settings,
             &self.core.ulimits,
             token_file.as_deref(),
@@ -290,7 +317,7 @@ impl PodmanDriver {
             Ok(created) => created,
             Err(error) => {
                 let _ = state.forget(&plan.id).await;
-                return Err(create_error(error, &plan));
+                return Err(create_error(error, plan));
             }
         };
         for warning in created.warnings.iter().flatten() {
@@ -432,6 +459,11 @@ impl PodmanDriver {
     }
 
     pub async fn get(&self, id: &str, name: &str) -> Result<DriverSandbox> {
+        if !id.is_empty()
+            && let Some(pulling) = self.observer.pulling(id)
+        {
+            return Ok(pulling);
+        }
         let found = match self.core.require_by_id_or_name(id, name).await {
             Ok(found) => found,
             Err(error) if error.is_engine_unavailable() => {
@@ -464,7 +496,7 @@ impl PodmanDriver {
 
     pub async fn list(&self) -> Result<Vec<DriverSandbox>> {
         match self.core.observe_all().await {
-            Ok(all) => Ok(all),
+            Ok(all) => Ok(self.observer.with_pulling(all)),
             Err(error) if error.is_engine_unavailable() => {
                 self.observer.unavailable_view().ok_or(error)
             }

@@ -7,8 +7,9 @@
 mod common;
 
 use common::{
-    IMAGE, LONG, Standalone, TestEngine, base_args, engine_or_skip, free_port, image_id,
-    ready_true, registry_or_skip, remove_image, sandbox, unique, wait_for, watch_until,
+    IMAGE, LONG, Standalone, TestEngine, base_args, engine_or_skip, event_deleted, event_sandbox,
+    free_port, get, image_id, ready_condition, ready_true, registry_or_skip, remove_image, sandbox,
+    unique, wait_for, watch_until,
 };
 use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
 use openshell_proto::compute::v1::{
@@ -197,6 +198,15 @@ async fn sandboxes_come_from_a_registry_under_each_pull_policy() {
             .any(|e| platform(e, &first.id, "Pulling").is_some()),
         "a Pulling event came before: {seen:#?}"
     );
+    assert!(
+        seen.iter().any(|e| event_sandbox(e).is_some_and(|s| {
+            s.id == first.id
+                && ready_condition(s).is_some_and(|(status, reason, message)| {
+                    status == "False" && reason == "Starting" && message.contains("pulling image")
+                })
+        })),
+        "the sandbox showed Ready=False, pulling, while pulling: {seen:#?}"
+    );
     let pulled = seen
         .last()
         .and_then(|e| platform(e, &first.id, "Pulled"))
@@ -248,10 +258,23 @@ async fn sandboxes_come_from_a_registry_under_each_pull_policy() {
         &[&missing_tag, "no such image or tag"],
     );
     let nowhere = format!("{unreachable}/openshell/busybox:latest");
+    let failed = from_image("nowhere", &nowhere, None);
     assert_precondition(
-        create(&mut client, &from_image("nowhere", &nowhere, None)).await,
+        create(&mut client, &failed).await,
         &[&nowhere, "cannot be reached"],
     );
+    // Its Pulling placeholder is gone with the failed create.
+    let seen = watch_until(&mut watch, "the failed pull's sandbox to go", |e| {
+        event_deleted(e) == Some(failed.id.as_str())
+    })
+    .await;
+    assert!(
+        seen.iter()
+            .any(|e| platform(e, &failed.id, "PullFailed").is_some()),
+        "{seen:#?}"
+    );
+    let gone = get(&mut client, &failed.id).await.expect_err("no sandbox");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
     // Plain HTTP without --insecure-registry fails on TLS, and says what
     // to set.
     let via_localhost = reference.replacen("127.0.0.1", "localhost", 1);

@@ -250,6 +250,19 @@ async fn sandboxes_come_from_a_registry_under_each_pull_policy() {
     let again = from_image("again", &reference, Some("always"));
     create(&mut client, &again).await.expect("create re-pulls");
     assert_eq!(container_image(&engine, &again.id), rev2, "always pulls");
+    // The first image back under the tag: `newer` sees the registry's
+    // digest differ from the local one and pulls it.
+    let push = engine
+        .remote()
+        .args(["push", "--tls-verify=false", IMAGE, &reference])
+        .output()
+        .expect("podman push runs");
+    assert!(push.status.success(), "push rev1 again: {push:?}");
+    let newer = from_image("newer", &reference, Some("newer"));
+    create(&mut client, &newer)
+        .await
+        .expect("create pulls newer");
+    assert_eq!(container_image(&engine, &newer.id), rev1, "newer pulls");
 
     // A tag the registry lacks and a registry nobody listens on.
     let missing_tag = registry.reference("busybox", "no-such-tag");
@@ -283,7 +296,7 @@ async fn sandboxes_come_from_a_registry_under_each_pull_policy() {
         &[&via_localhost, "insecure_registries"],
     );
 
-    for id in [&first.id, &kept.id, &again.id] {
+    for id in [&first.id, &kept.id, &again.id, &newer.id] {
         delete(&mut client, id).await;
     }
     let _ = engine

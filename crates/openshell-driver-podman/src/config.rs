@@ -108,9 +108,24 @@ pub struct SettingsArgs {
     pub network: Option<String>,
 
     /// Image for create requests that name none. There is no built-in
-    /// default; the image must exist in the engine's local store.
+    /// default; it is pulled like any other image (see image_pull_policy).
     #[arg(long, value_name = "IMAGE")]
     pub default_image: Option<String>,
+
+    /// When the engine pulls a sandbox's image from its registry: missing
+    /// (only when the local store lacks it), always (every create), newer
+    /// (when the registry's digest differs from the local one) or never
+    /// (the image must already be in the local store) [default: missing].
+    #[arg(long, value_name = "POLICY")]
+    pub image_pull_policy: Option<String>,
+
+    /// A registry (HOST or HOST:PORT, as in the image reference) pulled
+    /// from without TLS verification: plain HTTP or an untrusted
+    /// certificate, e.g. a local registry on 127.0.0.1:5000. Repeatable; the
+    /// file's list and the flags' are combined.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
 
     /// Seconds a sandbox gets to exit after SIGTERM on StopSandbox before
     /// it is killed [default: 10].
@@ -124,9 +139,8 @@ pub struct SettingsArgs {
 
     /// Accept a non-empty `template.driver_config` from callers, as the
     /// admission policy reported to 1.x gateways says (`allow_driver_config`).
-    /// The driver takes no per-sandbox settings, so enabling this only
-    /// changes the refusal of such keys from FAILED_PRECONDITION to
-    /// INVALID_ARGUMENT naming the key [default: false].
+    /// The one per-sandbox setting is `image_pull_policy`; other keys are
+    /// refused with INVALID_ARGUMENT naming the key [default: false].
     #[arg(
         long,
         value_name = "BOOL",
@@ -210,6 +224,12 @@ impl SettingsArgs {
             ulimits: file.ulimits.into_iter().chain(self.ulimits).collect(),
             network: self.network.or(file.network),
             default_image: self.default_image.or(file.default_image),
+            image_pull_policy: self.image_pull_policy.or(file.image_pull_policy),
+            insecure_registries: file
+                .insecure_registries
+                .into_iter()
+                .chain(self.insecure_registries)
+                .collect(),
             stop_timeout: self.stop_timeout.or(file.stop_timeout),
             engine_unavailable_after: self
                 .engine_unavailable_after
@@ -217,6 +237,89 @@ impl SettingsArgs {
             allow_driver_config: self.allow_driver_config.or(file.allow_driver_config),
         }
     }
+}
+
+/// When the engine pulls a sandbox's image, as Podman's `--pull`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull only when the local store lacks the image.
+    #[default]
+    Missing,
+    /// Pull on every create.
+    Always,
+    /// Pull when the registry's digest differs from the local image's.
+    Newer,
+    /// Never pull: the image must be in the local store.
+    Never,
+}
+
+impl PullPolicy {
+    /// The names Podman's pull endpoint takes as `policy`.
+    pub const NAMES: [&'static str; 4] = ["missing", "always", "newer", "never"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Always => "always",
+            Self::Newer => "newer",
+            Self::Never => "never",
+        }
+    }
+
+    /// Parses a policy name; the error says which names are valid.
+    pub fn parse(value: &str) -> std::result::Result<Self, String> {
+        match value.trim() {
+            "missing" => Ok(Self::Missing),
+            "always" => Ok(Self::Always),
+            "newer" => Ok(Self::Newer),
+            "never" => Ok(Self::Never),
+            other => Err(format!(
+                "{other:?} is not an image pull policy; use one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The registry host (`HOST[:PORT]`) an image reference pulls from, as
+/// Podman resolves it: the first path component when it looks like a host
+/// (has a '.' or ':', or is `localhost`). A short name (`busybox`,
+/// `library/busybox`) has none: Podman resolves it through its
+/// registries.conf, so `None`.
+pub fn registry_of(image: &str) -> Option<&str> {
+    let (first, _) = image.split_once('/')?;
+    let looks_like_host = first.contains('.') || first.contains(':') || first == "localhost";
+    looks_like_host.then_some(first)
+}
+
+/// Checks one `insecure_registries` entry: a bare `HOST[:PORT]`.
+fn check_registry(entry: &str) -> Result<String> {
+    let entry = entry.trim();
+    let bad = |why: &str| {
+        Error::Config(format!(
+            "insecure_registries entry {entry:?} is not valid ({why}); give HOST or HOST:PORT as \
+             in the image reference, e.g. \"127.0.0.1:5000\""
+        ))
+    };
+    if entry.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if entry.contains("://") {
+        return Err(bad("leave out the scheme"));
+    }
+    if let Some(c) = entry
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '_' | '[' | ']')))
+    {
+        return Err(bad(&format!("it contains {c:?}")));
+    }
+    Ok(entry.to_ascii_lowercase())
 }
 
 /// Cgroup manager of a Podman service.
@@ -402,6 +505,10 @@ pub struct Settings {
     pub ulimits: BTreeMap<String, Ulimit>,
     pub network: Network,
     pub default_image: Option<String>,
+    pub image_pull_policy: PullPolicy,
+    /// Registries (`HOST[:PORT]`, lower case) pulled from with
+    /// `tlsVerify=false`.
+    pub insecure_registries: Vec<String>,
     pub stop_timeout: Duration,
     pub engine_unavailable_after: Duration,
     /// The admission policy acknowledged to 1.x gateways.
@@ -529,6 +636,23 @@ impl Settings {
                 .collect::<Result<_>>()?,
             network: Network::parse(given.network.as_deref().unwrap_or("bridge"))?,
             default_image,
+            image_pull_policy: given
+                .image_pull_policy
+                .as_deref()
+                .map(PullPolicy::parse)
+                .transpose()
+                .map_err(|why| Error::Config(format!("image_pull_policy: {why}")))?
+                .unwrap_or_default(),
+            insecure_registries: {
+                let mut registries = given
+                    .insecure_registries
+                    .iter()
+                    .map(|entry| check_registry(entry))
+                    .collect::<Result<Vec<_>>>()?;
+                registries.sort();
+                registries.dedup();
+                registries
+            },
             stop_timeout: stop_timeout(given.stop_timeout)?,
             engine_unavailable_after: given
                 .engine_unavailable_after
@@ -538,6 +662,15 @@ impl Settings {
                 ..AdmissionPolicy::default()
             },
             name,
+        })
+    }
+
+    /// True when `image` is pulled without TLS verification.
+    pub fn is_insecure_registry(&self, image: &str) -> bool {
+        registry_of(image).is_some_and(|host| {
+            self.insecure_registries
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(host))
         })
     }
 }
@@ -650,6 +783,8 @@ mod tests {
             default_image = "localhost/openshell-busybox:latest"
             stop_timeout = 3
             engine_unavailable_after = 5
+            image_pull_policy = "always"
+            insecure_registries = ["127.0.0.1:5000", "Registry.Test"]
             "#,
         );
         let s = Settings::merge(&SettingsArgs::default(), file, false).expect("valid");
@@ -688,6 +823,38 @@ mod tests {
         );
         assert_eq!(s.stop_timeout, Duration::from_secs(3));
         assert_eq!(s.engine_unavailable_after, Duration::from_secs(5));
+        assert_eq!(s.image_pull_policy, PullPolicy::Always);
+        assert_eq!(s.insecure_registries, ["127.0.0.1:5000", "registry.test"]);
+    }
+
+    #[test]
+    fn pull_policy_defaults_to_missing() {
+        let s = Settings::merge(&SettingsArgs::default(), SettingsArgs::default(), false)
+            .expect("valid");
+        assert_eq!(s.image_pull_policy, PullPolicy::Missing);
+        assert!(s.insecure_registries.is_empty());
+        for name in PullPolicy::NAMES {
+            assert_eq!(PullPolicy::parse(name).unwrap().as_str(), name);
+        }
+    }
+
+    #[test]
+    fn insecure_registries_match_the_reference_host() {
+        let args = SettingsArgs {
+            insecure_registries: vec!["127.0.0.1:5000".into()],
+            image_pull_policy: Some("never".into()),
+            ..SettingsArgs::default()
+        };
+        let file = parse("insecure_registries = [\"localhost\"]\nimage_pull_policy = \"newer\"");
+        let s = Settings::merge(&args, file, false).expect("valid");
+        assert_eq!(s.image_pull_policy, PullPolicy::Never, "the flag wins");
+        assert!(s.is_insecure_registry("127.0.0.1:5000/openshell/busybox:latest"));
+        assert!(s.is_insecure_registry("localhost/openshell-busybox:latest"));
+        assert!(!s.is_insecure_registry("127.0.0.1:5001/openshell/busybox:latest"));
+        assert!(!s.is_insecure_registry("docker.io/library/busybox"));
+        assert!(!s.is_insecure_registry("busybox"));
+        assert_eq!(registry_of("library/busybox"), None);
+        assert_eq!(registry_of("quay.io/x/y:1"), Some("quay.io"));
     }
 
     #[test]
@@ -793,6 +960,12 @@ mod tests {
             ("default_image = \"a b\"", "default_image"),
             ("stop_timeout = 7200", "stop_timeout"),
             ("podman_socket = \"\"", "podman_socket"),
+            ("image_pull_policy = \"sometimes\"", "image_pull_policy"),
+            ("insecure_registries = [\"http://r:5000\"]", "scheme"),
+            (
+                "insecure_registries = [\"r:5000/ns\"]",
+                "insecure_registries",
+            ),
         ];
         for (text, needle) in cases {
             let error = Settings::merge(&SettingsArgs::default(), parse(text), false)

@@ -22,9 +22,12 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::config::PullPolicy;
 use crate::core::Core;
 use crate::engine::{Engine, explain_start_failure};
 use crate::error::{Error, Result};
+use crate::image;
+use crate::podman::types::ImageInspect;
 use crate::spec::{Plan, check_sandbox_id, create_body, plan};
 use crate::state::{StartFailure, StateDir};
 use crate::status::reason;
@@ -173,10 +176,20 @@ impl PodmanDriver {
     }
 
     /// Everything ValidateSandboxCreate checks, including the engine's
-    /// image store. `sandbox_token` is used; `launch_authentication` is
-    /// accepted and ignored: checking it needs a supervisor component inside
-    /// the sandbox, which this project does not have.
+    /// image store (without pulling). `sandbox_token` is used;
+    /// `launch_authentication` is accepted and ignored: checking it needs a
+    /// supervisor component inside the sandbox, which this project does not
+    /// have.
     pub async fn validate(&self, sandbox: Option<&DriverSandbox>) -> Result<Plan> {
+        Ok(self.check(sandbox).await?.0)
+    }
+
+    /// [`PodmanDriver::validate`], with the effective pull policy and the
+    /// image as the local store has it now.
+    async fn check(
+        &self,
+        sandbox: Option<&DriverSandbox>,
+    ) -> Result<(Plan, PullPolicy, Option<ImageInspect>)> {
         let caller_config = sandbox
             .and_then(|s| s.spec.as_ref())
             .and_then(|s| s.template.as_ref())
@@ -189,47 +202,85 @@ impl PodmanDriver {
                     .to_owned(),
             ));
         }
-        let plan = plan(
-            sandbox,
-            &self.core.settings.name,
-            self.core.settings.default_image.as_deref(),
-        )?;
-        let image = self.core.client.image(&plan.image).await?;
-        let Some(image) = image else {
-            let origin = if plan.image_is_default {
-                format!(
-                    " (the default_image of driver '{}')",
-                    self.core.settings.name
-                )
-            } else {
-                String::new()
-            };
-            return Err(Error::FailedPrecondition(format!(
-                "image {:?}{origin} is not in the Podman engine's local image store, and this \
-                 driver does not pull: add it first, e.g. `podman pull {0}` where a registry is \
-                 reachable, `podman load -i IMAGE.tar`, or `podman import ROOTFS.tar {0}`",
-                plan.image
-            )));
-        };
-        if plan.argv.is_empty() && !image.has_default_command() {
-            return Err(Error::FailedPrecondition(format!(
-                "image {:?} has no default command (CMD or ENTRYPOINT); give spec.command",
-                plan.image
-            )));
+        let settings = &self.core.settings;
+        let plan = plan(sandbox, &settings.name, settings.default_image.as_deref())?;
+        let policy = plan.pull_policy.unwrap_or(settings.image_pull_policy);
+        let local = self.core.client.image(&plan.image).await?;
+        image::check_local(&plan, local.as_ref(), policy, &settings.name)?;
+        Ok((plan, policy, local))
+    }
+
+    /// Makes sure the image is in the local store as the pull policy says,
+    /// pulling it when needed; progress goes out as platform events, and
+    /// the sandbox is shown as `Ready=False` ("pulling image …") until
+    /// `create` calls [`Observer::pull_finished`] (here, on failure).
+    async fn ensure_image(
+        &self,
+        plan: &Plan,
+        policy: PullPolicy,
+        local: Option<ImageInspect>,
+    ) -> Result<()> {
+        if !image::needs_pull(policy, local.is_some()) {
+            return Ok(());
         }
-        Ok(plan)
+        let settings = &self.core.settings;
+        let feed = self.observer.feed();
+        let insecure = settings.is_insecure_registry(&plan.image);
+        tracing::info!(sandbox_id = %plan.id, image = %plan.image, policy = %policy, tls_verify = !insecure, "pulling image");
+        let pulling = image::pulling_event(&plan.image, policy);
+        self.observer.pull_started(crate::status::pulling(
+            &plan.id,
+            &plan.name,
+            &plan.workspace,
+            &settings.name,
+            &pulling.message,
+            std::time::SystemTime::now(),
+        ));
+        feed.publish_platform_event(&plan.id, pulling);
+        let outcome = image::pull(&self.core.client, plan, policy, insecure, &settings.name)
+            .await
+            .and_then(|pulled| {
+                image::check_default_command(plan, &pulled.image)?;
+                Ok(pulled)
+            });
+        match outcome {
+            Ok(pulled) => {
+                tracing::info!(sandbox_id = %plan.id, image = %plan.image, digest = %pulled.digest, image_id = %pulled.image.id, "image pulled");
+                feed.publish_platform_event(&plan.id, image::pulled_event(&plan.image, &pulled));
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(sandbox_id = %plan.id, image = %plan.image, error = %error, "image pull failed");
+                feed.publish_platform_event(
+                    &plan.id,
+                    image::pull_failed_event(&plan.image, &error.to_string()),
+                );
+                self.observer.pull_finished(&plan.id, false);
+                Err(error)
+            }
+        }
     }
 
     /// Creates and starts the sandbox; returns its container id, the
     /// runtime identity.
     pub async fn create(&self, sandbox: Option<&DriverSandbox>) -> Result<String> {
-        let plan = self.validate(sandbox).await?;
+        let (plan, policy, local) = self.check(sandbox).await?;
         if self.core.find(&plan.id).await?.is_some() {
             return Err(Error::AlreadyExists(format!(
                 "sandbox {} already exists in driver '{}'",
                 plan.id, self.core.settings.name
             )));
         }
+        self.ensure_image(&plan, policy, local).await?;
+        let created = self.create_container(&plan).await;
+        // A placeholder shown while the image was pulled gives way to the
+        // container's observation, or goes when there is no container.
+        self.observer.pull_finished(&plan.id, created.is_ok());
+        created
+    }
+
+    /// The part of [`PodmanDriver::create`] after the image is there.
+    async fn create_container(&self, plan: &Plan) -> Result<String> {
         let state = &self.core.state;
         state.forget(&plan.id).await?;
         let token_file = if plan.token.is_empty() {
@@ -238,7 +289,7 @@ impl PodmanDriver {
             Some(state.write_token(&plan.id, &plan.token).await?)
         };
         let body = create_body(
-            &plan,
+            plan,
             &self.core.settings,
             &self.core.ulimits,
             token_file.as_deref(),
@@ -247,7 +298,7 @@ impl PodmanDriver {
             Ok(created) => created,
             Err(error) => {
                 let _ = state.forget(&plan.id).await;
-                return Err(create_error(error, &plan));
+                return Err(create_error(error, plan));
             }
         };
         for warning in created.warnings.iter().flatten() {
@@ -389,6 +440,11 @@ impl PodmanDriver {
     }
 
     pub async fn get(&self, id: &str, name: &str) -> Result<DriverSandbox> {
+        if !id.is_empty()
+            && let Some(pulling) = self.observer.pulling(id)
+        {
+            return Ok(pulling);
+        }
         let found = match self.core.require_by_id_or_name(id, name).await {
             Ok(found) => found,
             Err(error) if error.is_engine_unavailable() => {
@@ -421,7 +477,7 @@ impl PodmanDriver {
 
     pub async fn list(&self) -> Result<Vec<DriverSandbox>> {
         match self.core.observe_all().await {
-            Ok(all) => Ok(all),
+            Ok(all) => Ok(self.observer.with_pulling(all)),
             Err(error) if error.is_engine_unavailable() => {
                 self.observer.unavailable_view().ok_or(error)
             }

@@ -375,10 +375,17 @@ async fn check_engine(
     if let Some(image) = &settings.default_image
         && client.image(image).await?.is_none()
     {
-        tracing::warn!(
-            image = %image,
-            "default_image is not in the engine's local image store; creates without an image will fail until it is"
-        );
+        if settings.image_pull_policy == crate::config::PullPolicy::Never {
+            tracing::warn!(
+                image = %image,
+                "default_image is not in the engine's local image store and image_pull_policy is never; creates without an image will fail until it is"
+            );
+        } else {
+            tracing::debug!(
+                image = %image,
+                "default_image is not in the engine's local image store yet; the first create that uses it pulls it"
+            );
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //!   `podman system service` under driver-lifecycle supervision), checking
 //!   the engine, and explaining its failures.
 //! - [`podman`]: a small libpod REST client over the Unix socket (hyper).
+//! - [`image`]: the image pull policy, pulls and their failures.
 //! - [`spec`]: create requests → validated plans → libpod spec bodies,
 //!   with the ownership labels.
 //! - [`status`]: container state → sandbox conditions.
@@ -18,6 +19,7 @@ pub mod core;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod image;
 pub mod logs;
 pub mod podman;
 pub mod quantity;

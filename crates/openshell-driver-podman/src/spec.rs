@@ -11,7 +11,7 @@ use openshell_proto::compute::v1::{
 use prost_types::value::Kind;
 use serde_json::json;
 
-use crate::config::{Network, Settings, Ulimit};
+use crate::config::{Network, PullPolicy, Settings, Ulimit};
 use crate::error::{Error, Result};
 use crate::quantity;
 
@@ -151,7 +151,14 @@ pub struct Plan {
     pub resources: Resources,
     /// Credential to deliver as a file; empty when none.
     pub token: String,
+    /// `template.driver_config`'s `image_pull_policy`, over the driver's
+    /// setting for this sandbox.
+    pub pull_policy: Option<PullPolicy>,
 }
+
+/// The per-sandbox settings `template.driver_config` may carry (only
+/// where the admission policy allows driver config at all).
+pub const DRIVER_CONFIG_KEYS: &[&str] = &["image_pull_policy"];
 
 fn check_env(scope: &str, key: &str, value: &str) -> Result<()> {
     if key.is_empty() {
@@ -286,6 +293,7 @@ pub fn plan(
     check_supported(spec, &template, instance)?;
     let (image, image_is_default) = resolve_image(&template.image, instance, default_image)?;
     check_command(&spec.command)?;
+    let pull_policy = sandbox_pull_policy(&template, instance)?;
     Ok(Plan {
         id: sandbox.id.clone(),
         name: sandbox.name.clone(),
@@ -299,6 +307,7 @@ pub fn plan(
         annotations: platform_annotations(template.platform_config.as_ref())?,
         resources: resources(&template.resources.unwrap_or_default())?,
         token: spec.sandbox_token.clone(),
+        pull_policy,
     })
 }
 
@@ -339,14 +348,42 @@ fn check_supported(
         ));
     }
     if let Some(config) = &template.driver_config
-        && let Some(key) = config.fields.keys().next()
+        && let Some(key) = config
+            .fields
+            .keys()
+            .find(|k| !DRIVER_CONFIG_KEYS.contains(&k.as_str()))
     {
         return Err(Error::InvalidArgument(format!(
-            "template.driver_config.{instance}.{key} is not a setting of the Podman driver (it \
-             takes none per sandbox); remove it"
+            "template.driver_config.{instance}.{key} is not a setting of the Podman driver; it \
+             takes only {} per sandbox",
+            DRIVER_CONFIG_KEYS.join(", ")
         )));
     }
     Ok(())
+}
+
+/// Step of [`plan`]: the per-sandbox `image_pull_policy`, if given.
+fn sandbox_pull_policy(
+    template: &DriverSandboxTemplate,
+    instance: &str,
+) -> Result<Option<PullPolicy>> {
+    let Some(value) = template
+        .driver_config
+        .as_ref()
+        .and_then(|c| c.fields.get("image_pull_policy"))
+    else {
+        return Ok(None);
+    };
+    let key = format!("template.driver_config.{instance}.image_pull_policy");
+    let Some(text) = string_value(value) else {
+        return Err(Error::InvalidArgument(format!(
+            "{key} must be a string: one of {}",
+            PullPolicy::NAMES.join(", ")
+        )));
+    };
+    PullPolicy::parse(text)
+        .map(Some)
+        .map_err(|why| Error::InvalidArgument(format!("{key}: {why}")))
 }
 
 /// Step of [`plan`]: the image to run and whether it is the driver's
@@ -855,6 +892,29 @@ mod tests {
         assert!(
             invalid(&with_template(|t| t.driver_config = Some(driver_config)))
                 .contains("template.driver_config.podman.gpu")
+        );
+        let policy = |kind: Kind| prost_types::Struct {
+            fields: [(
+                "image_pull_policy".to_owned(),
+                prost_types::Value { kind: Some(kind) },
+            )]
+            .into(),
+        };
+        let bad_name = policy(Kind::StringValue("sometimes".into()));
+        let message = invalid(&with_template(|t| t.driver_config = Some(bad_name)));
+        assert!(
+            message.contains("template.driver_config.podman.image_pull_policy")
+                && message.contains("sometimes"),
+            "{message}"
+        );
+        let not_text = policy(Kind::BoolValue(true));
+        assert!(invalid(&with_template(|t| t.driver_config = Some(not_text))).contains("a string"));
+        let good = with_template(|t| {
+            t.driver_config = Some(policy(Kind::StringValue("always".into())));
+        });
+        assert_eq!(
+            plan(Some(&good), "podman", None).unwrap().pull_policy,
+            Some(PullPolicy::Always)
         );
     }
 

@@ -30,6 +30,10 @@ pub mod reason {
     pub const CONTAINER_REMOVING: &str = "ContainerRemoving";
     pub const OOM_KILLED: &str = "OOMKilled";
     pub const IMAGE_MISSING: &str = "ImageMissing";
+    /// The image is being pulled; there is no container yet (the message
+    /// says so). Not "Pulling": the gateway counts only the `Ready=False`
+    /// reasons it knows as transient, and would mark the sandbox failed.
+    pub const PULLING: &str = "Starting";
     pub const ENGINE_UNAVAILABLE: &str = "EngineUnavailable";
     pub const UNKNOWN_STATE: &str = "UnknownState";
 }
@@ -261,6 +265,35 @@ pub fn observe(facts: Facts<'_>) -> DriverSandbox {
             .label(LABEL_WORKSPACE)
             .unwrap_or_default()
             .to_owned(),
+    }
+}
+
+/// A sandbox whose image is being pulled before its container exists:
+/// `Ready=False`, reason [`reason::PULLING`], no instance id.
+pub fn pulling(
+    id: &str,
+    name: &str,
+    workspace: &str,
+    instance: &str,
+    message: &str,
+    since: SystemTime,
+) -> DriverSandbox {
+    DriverSandbox {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        namespace: instance.to_owned(),
+        spec: None,
+        status: Some(DriverSandboxStatus {
+            conditions: vec![condition(
+                READY,
+                false,
+                reason::PULLING,
+                message,
+                Some(since),
+            )],
+            ..Default::default()
+        }),
+        workspace: workspace.to_owned(),
     }
 }
 

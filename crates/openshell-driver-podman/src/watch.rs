@@ -74,6 +74,10 @@ pub struct Observer {
     feed: Arc<WatchFeed>,
     synced: watch::Sender<bool>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Sandboxes whose image is being pulled: no container yet, so no
+    /// list shows them; every full list gets them added, so a resync does
+    /// not report them deleted.
+    pulling: Mutex<std::collections::BTreeMap<String, DriverSandbox>>,
 }
 
 impl Observer {
@@ -87,6 +91,7 @@ impl Observer {
             feed: Arc::new(WatchFeed::new(CHANNEL_CAPACITY)),
             synced: watch::channel(false).0,
             commands,
+            pulling: Mutex::new(std::collections::BTreeMap::new()),
         });
         (observer, receiver)
     }
@@ -123,6 +128,59 @@ impl Observer {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn pulling_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, DriverSandbox>> {
+        self.pulling.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Shows `sandbox` (a [`status::pulling`] placeholder) until
+    /// [`Observer::pull_finished`].
+    pub fn pull_started(&self, sandbox: DriverSandbox) {
+        self.pulling_lock()
+            .insert(sandbox.id.clone(), sandbox.clone());
+        self.feed.upsert(sandbox);
+    }
+
+    /// Ends the placeholder of sandbox `id`. With `keep`, the entry stays
+    /// in the picture until the container's first observation replaces it;
+    /// without, a placeholder still in the picture is removed.
+    pub fn pull_finished(&self, id: &str, keep: bool) {
+        self.pulling_lock().remove(id);
+        if !keep {
+            self.forget_placeholder(id);
+        }
+    }
+
+    /// Removes sandbox `id` from the picture if it is still a placeholder
+    /// (no container behind it): a create that failed.
+    fn forget_placeholder(&self, id: &str) {
+        let placeholder = self
+            .feed
+            .get(id)
+            .is_some_and(|s| s.status.as_ref().is_none_or(|s| s.instance_id.is_empty()));
+        if placeholder && !self.pulling_lock().contains_key(id) {
+            self.feed.remove(id);
+        }
+    }
+
+    /// `observed` (a full list) with the sandboxes being pulled that it
+    /// does not show.
+    pub fn with_pulling(&self, mut observed: Vec<DriverSandbox>) -> Vec<DriverSandbox> {
+        let pulling = self.pulling_lock();
+        for (id, sandbox) in pulling.iter() {
+            if !observed.iter().any(|s| &s.id == id) {
+                observed.push(sandbox.clone());
+            }
+        }
+        observed
+    }
+
+    /// The placeholder of sandbox `id` while its image is being pulled.
+    pub fn pulling(&self, id: &str) -> Option<DriverSandbox> {
+        self.pulling_lock().get(id).cloned()
+    }
+
     /// The feed `WatchSandboxes` streams are served from.
     pub fn feed(&self) -> &Arc<WatchFeed> {
         &self.feed
@@ -135,7 +193,7 @@ impl Observer {
             let known_container = known.status.as_ref().map_or("", |s| s.instance_id.as_str());
             container_id.is_none_or(|c| known_container.is_empty() || known_container == c)
         });
-        if matches {
+        if matches && !self.pulling_lock().contains_key(sandbox_id) {
             self.feed.remove(sandbox_id);
         }
     }
@@ -282,7 +340,7 @@ impl Observer {
         let mut events = self.core.client.events().await?;
         // Whatever was asked before this point is covered by the list.
         while commands.try_recv().is_ok() {}
-        let current = self.core.observe_all().await?;
+        let current = self.with_pulling(self.core.observe_all().await?);
         self.engine_up();
         self.feed.replace_all(current);
         self.synced.send_replace(true);
@@ -294,7 +352,7 @@ impl Observer {
                 line = events.next_line() => line,
                 _ = resync.tick() => {
                     // A safety net for events the engine did not deliver.
-                    let current = self.core.observe_all().await?;
+                    let current = self.with_pulling(self.core.observe_all().await?);
                     self.feed.replace_all(current);
                     continue;
                 }

@@ -779,11 +779,15 @@ async fn bad_inputs_get_errors_a_user_can_act_on() {
     let absent = edit(&|s| {
         s.spec.as_mut().unwrap().template.as_mut().unwrap().image = "localhost/not-here:1".into();
     });
-    invalid(
-        &validate(absent.clone()).await,
-        tonic::Code::FailedPrecondition,
-        "localhost/not-here:1",
-    );
+    // Under the default policy (missing) an absent image is pulled at
+    // create; validation does not pull, so it passes.
+    client
+        .clone()
+        .validate_sandbox_create(ValidateSandboxCreateRequest {
+            sandbox: Some(absent.clone()),
+        })
+        .await
+        .expect("an absent image validates under image_pull_policy missing");
     let cpu = edit(&|s| {
         s.spec
             .as_mut()
@@ -837,12 +841,12 @@ async fn bad_inputs_get_errors_a_user_can_act_on() {
         .unwrap_err();
     invalid(&status, tonic::Code::InvalidArgument, "sandbox");
 
-    // Create repeats validation.
+    // Create pulls it; no registry answers for `localhost`.
     let status = create(&mut client, &absent).await.unwrap_err();
     invalid(
         &status,
         tonic::Code::FailedPrecondition,
-        "not in the Podman engine's local image store",
+        "\"localhost/not-here:1\" could not be pulled",
     );
 
     // A program that is not in the image: refused, nothing left behind.

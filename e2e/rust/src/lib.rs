@@ -691,3 +691,99 @@ pub fn start_python_driver(env: &TestEnv, python: &Path, socket: &Path, name: &s
     wait_for_socket(&mut proc, socket, "grpcio_driver.py");
     proc
 }
+
+/// A real registry for the Podman pull tests: Debian's `docker-registry`
+/// (the CNCF distribution server) serving plain HTTP on a free 127.0.0.1
+/// port, storing under the environment's directory. Never the system
+/// service; stopped with the environment.
+#[derive(Debug)]
+pub struct PodmanTestRegistry {
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`, as image references and `insecure_registries`
+    /// name it.
+    pub host: String,
+}
+
+/// A 127.0.0.1 TCP port nothing listens on at the time of asking.
+pub fn podman_free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// Starts a [`PodmanTestRegistry`], or says why this machine cannot
+/// (no `docker-registry`: `apt-get install docker-registry`).
+pub fn start_podman_test_registry(env: &TestEnv) -> Result<PodmanTestRegistry, String> {
+    let binary = Path::new("/usr/bin/docker-registry");
+    if !binary.exists() {
+        return Err(
+            "no /usr/bin/docker-registry; install it (apt-get install docker-registry) \
+                    to run the registry tests"
+                .to_owned(),
+        );
+    }
+    let host = format!("127.0.0.1:{}", podman_free_tcp_port());
+    let config = env.write(
+        "registry.yml",
+        &format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {host}\n",
+            env.path().join("registry-data").display()
+        ),
+    );
+    let mut command = Command::new(binary);
+    command.arg("serve").arg(&config);
+    let mut proc = Proc::spawn("docker-registry", command, env.path().join("registry.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&host).is_err() {
+        if let Some(status) = proc.try_exit() {
+            return Err(format!(
+                "docker-registry exited early ({status}):\n{}",
+                proc.log_tail(20)
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err("docker-registry did not listen within 30 s".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(PodmanTestRegistry { proc, host })
+}
+
+impl PodmanTestRegistry {
+    /// `HOST/openshell/NAME:TAG` in this registry.
+    pub fn reference(&self, name: &str, tag: &str) -> String {
+        format!("{}/openshell/{name}:{tag}", self.host)
+    }
+
+    /// Pushes [`TEST_IMAGE`] as `reference`, then removes any local image
+    /// by that reference, so creating a sandbox from it means pulling.
+    pub fn push_test_image(&self, reference: &str) {
+        let out = Command::new("podman")
+            .args(["push", "--tls-verify=false", TEST_IMAGE, reference])
+            .output()
+            .expect("run podman push");
+        assert!(
+            out.status.success(),
+            "podman push {reference} failed: {}\nregistry log:\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            self.proc.log_tail(20)
+        );
+        remove_podman_image(reference);
+    }
+}
+
+/// Removes local image `reference` (untags it where it has other names);
+/// nothing when it is absent.
+pub fn remove_podman_image(reference: &str) {
+    let out = Command::new("podman")
+        .args(["rmi", "--ignore", reference])
+        .output()
+        .expect("run podman rmi");
+    assert!(
+        out.status.success(),
+        "podman rmi {reference} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use openshell_e2e::{
-    Gateway, GatewayConfig, TEST_IMAGE, TestEnv, bin, require_podman, start_external_podman,
-    wait_until,
+    Gateway, GatewayConfig, TEST_IMAGE, TestEnv, bin, podman_free_tcp_port, remove_podman_image,
+    require_podman, start_external_podman, start_podman_test_registry, wait_until,
 };
 
 fn podman_gateway(env: &TestEnv) -> Gateway {
@@ -191,4 +191,138 @@ fn the_podman_driver_passes_the_conformance_checker() {
     );
     assert!(report.contains("negotiation "), "{report}");
     driver.stop(Duration::from_secs(10));
+}
+
+/// A gateway whose Podman driver trusts `insecure` registries and pulls
+/// under `policy`.
+fn pulling_gateway(env: &TestEnv, insecure: &[&str], policy: &str) -> Gateway {
+    let list = insecure
+        .iter()
+        .map(|r| format!("\"{r}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = GatewayConfig {
+        drivers: Some("podman".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.podman]\ndefault_image = \"{TEST_IMAGE}\"\nstop_timeout = 2\n\
+             image_pull_policy = \"{policy}\"\ninsecure_registries = [{list}]\n"
+        )),
+        ..GatewayConfig::default()
+    };
+    Gateway::start(env, &config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A sandbox from an image only a local registry has: the managed driver
+/// pulls it; a missing tag and an unreachable registry are refused with
+/// FAILED_PRECONDITION naming the image and the reason.
+#[test]
+fn managed_podman_pulls_from_a_registry() {
+    require_podman!();
+    let env = TestEnv::new();
+    let registry = match start_podman_test_registry(&env) {
+        Ok(registry) => registry,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let reference = registry.reference(&format!("busybox-{}", env.suffix), "latest");
+    registry.push_test_image(&reference);
+    let unreachable = format!("127.0.0.1:{}", podman_free_tcp_port());
+    let gateway = pulling_gateway(&env, &[&registry.host, &unreachable], "missing");
+
+    let name = env.name("pulled");
+    let created = gateway
+        .cli(&[
+            "-o", "json", "sandbox", "create", &name, "--image", &reference, "--", "sleep", "3600",
+        ])
+        .ok()
+        .json();
+    assert_eq!(created["phase"], "Ready", "{created}");
+    assert_eq!(created["image"], reference.as_str(), "{created}");
+    assert_eq!(containers_named(&name).len(), 1);
+
+    let missing_tag = registry.reference(&format!("busybox-{}", env.suffix), "no-such-tag");
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("tag"),
+            "--image",
+            &missing_tag,
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(out.stderr.contains(&missing_tag), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no such image or tag"),
+        "{}",
+        out.stderr
+    );
+
+    let nowhere = format!("{unreachable}/openshell/busybox:latest");
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("nowhere"),
+            "--image",
+            &nowhere,
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(out.stderr.contains(&nowhere), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be reached"), "{}", out.stderr);
+
+    gateway.cli(&["sandbox", "delete", &name]).ok();
+    wait_until("container removed", Duration::from_secs(30), || {
+        containers_named(&name).is_empty()
+    });
+    remove_podman_image(&reference);
+}
+
+/// Under `image_pull_policy = "never"` an image the engine lacks is
+/// refused, and says the policy is why.
+#[test]
+fn managed_podman_never_pulls_when_told_not_to() {
+    require_podman!();
+    let env = TestEnv::new();
+    let registry = match start_podman_test_registry(&env) {
+        Ok(registry) => registry,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let reference = registry.reference(&format!("busybox-{}", env.suffix), "latest");
+    registry.push_test_image(&reference);
+    let gateway = pulling_gateway(&env, &[&registry.host], "never");
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("never"),
+            "--image",
+            &reference,
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(out.stderr.contains(&reference), "{}", out.stderr);
+    assert!(out.stderr.contains("\"never\""), "{}", out.stderr);
+    // The default image is local: `never` still runs it.
+    let name = env.name("local");
+    let created = gateway
+        .cli(&[
+            "-o", "json", "sandbox", "create", &name, "--", "sleep", "3600",
+        ])
+        .ok()
+        .json();
+    assert_eq!(created["phase"], "Ready", "{created}");
+    gateway.cli(&["sandbox", "delete", &name]).ok();
 }

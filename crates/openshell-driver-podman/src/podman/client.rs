@@ -14,7 +14,9 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::net::UnixStream;
 
 use super::stream::BodyReader;
-use super::types::{ApiError, ContainerInspect, Created, ImageInspect, Info, ListedContainer};
+use super::types::{
+    ApiError, ContainerInspect, Created, ImageInspect, Info, ListedContainer, PullReport,
+};
 use crate::error::{Error, Result};
 
 /// Every path is under this prefix. The libpod API accepts any version up
@@ -147,8 +149,17 @@ impl Podman {
     /// Opens a request whose answer streams (events, logs). An error status
     /// is turned into [`Error::Engine`].
     pub async fn open_stream(&self, action: &str, path: &str) -> Result<BodyReader> {
+        self.open_stream_with(action, Method::GET, path).await
+    }
+
+    async fn open_stream_with(
+        &self,
+        action: &str,
+        method: Method,
+        path: &str,
+    ) -> Result<BodyReader> {
         let (stream, _) = self.connect().await?;
-        let response = self.send_on(stream, Method::GET, path, None).await?;
+        let response = self.send_on(stream, method, path, None).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(BodyReader::new(response.into_body()));
@@ -265,6 +276,71 @@ impl Podman {
             s if s.is_success() => decode(action, &answer.body).map(Some),
             s => Err(engine_error(action, s, &answer.body)),
         }
+    }
+
+    /// `POST /images/pull`: has the engine pull `reference` under
+    /// `policy` (a [`crate::config::PullPolicy`] name). Registry
+    /// credentials are the engine's own (its auth file). `progress` gets
+    /// each line of progress text as it comes. Returns the id of the
+    /// image; a failed pull is [`Error::Engine`] with the registry's reason.
+    /// The stream answers 200 before the pull is done, so the failure
+    /// comes as its last line, not as a status.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        policy: &str,
+        tls_verify: bool,
+        timeout: Duration,
+        mut progress: impl FnMut(&str) + Send,
+    ) -> Result<String> {
+        let action = format!("pull the image {reference:?}");
+        let work = async {
+            let mut reader = self
+                .open_stream_with(
+                    &action,
+                    Method::POST,
+                    &format!(
+                        "/images/pull?reference={}&policy={}&tlsVerify={tls_verify}&quiet=false",
+                        encode(reference),
+                        encode(policy)
+                    ),
+                )
+                .await?;
+            let mut id = String::new();
+            while let Some(line) = reader.next_line().await? {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let report: PullReport = decode(&action, &line)?;
+                if !report.error.is_empty() {
+                    return Err(Error::Engine {
+                        action: action.clone(),
+                        status: StatusCode::OK.as_u16(),
+                        message: report.error.trim().to_owned(),
+                    });
+                }
+                let text = report.stream.trim();
+                if !text.is_empty() {
+                    progress(text);
+                }
+                if !report.id.is_empty() {
+                    id = report.id;
+                }
+            }
+            if id.is_empty() {
+                return Err(Error::Protocol {
+                    action: action.clone(),
+                    reason: "the pull stream ended without naming the pulled image".to_owned(),
+                });
+            }
+            Ok(id)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("pulling the image {reference:?}"),
+                timeout,
+            })?
     }
 
     pub async fn network_exists(&self, name: &str) -> Result<bool> {

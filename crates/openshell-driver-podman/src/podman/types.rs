@@ -63,6 +63,12 @@ pub struct VersionInfo {
 pub struct ImageInspect {
     #[serde(rename = "Id")]
     pub id: String,
+    /// The manifest digest the image was pulled by (empty for an image
+    /// built or loaded locally).
+    #[serde(rename = "Digest")]
+    pub digest: String,
+    #[serde(rename = "RepoDigests")]
+    pub repo_digests: Option<Vec<String>>,
     #[serde(rename = "Config")]
     pub config: ImageConfig,
 }
@@ -82,6 +88,17 @@ impl ImageInspect {
         let some = |v: &Option<Vec<String>>| v.as_ref().is_some_and(|v| !v.is_empty());
         some(&self.config.cmd) || some(&self.config.entrypoint)
     }
+}
+
+/// One line of the `POST /libpod/images/pull` stream: progress text, or
+/// at the end the pulled image ids or the error.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct PullReport {
+    pub stream: String,
+    pub error: String,
+    pub images: Option<Vec<String>>,
+    pub id: String,
 }
 
 /// `POST /libpod/containers/create`
@@ -255,6 +272,18 @@ mod tests {
             Some("1")
         );
         assert_eq!(event.timestamp_ms(), 1_795_429_702_307);
+    }
+
+    #[test]
+    fn pull_reports() {
+        let progress: PullReport =
+            serde_json::from_str(r#"{"stream":"Copying blob sha256:abc\n"}"#).unwrap();
+        assert_eq!(progress.stream, "Copying blob sha256:abc\n");
+        assert!(progress.error.is_empty());
+        let done: PullReport = serde_json::from_str(r#"{"images":["0123"],"id":"0123"}"#).unwrap();
+        assert_eq!(done.id, "0123");
+        let failed: PullReport = serde_json::from_str(r#"{"error":"manifest unknown"}"#).unwrap();
+        assert_eq!(failed.error, "manifest unknown");
     }
 
     #[test]

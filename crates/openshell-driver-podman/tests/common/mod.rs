@@ -89,12 +89,20 @@ pub struct TestEngine {
     child: Option<Child>,
     /// Containers with any of these `key=value` labels are removed at the end.
     cleanup_labels: std::sync::Mutex<Vec<String>>,
+    /// Extra environment of the service process.
+    env: Vec<(String, String)>,
 }
 
 impl TestEngine {
     /// Starts a private service and checks it can run a container, or says
     /// why this machine cannot.
     pub fn start() -> Result<Self, String> {
+        Self::start_with_env(&[])
+    }
+
+    /// [`TestEngine::start`] with extra environment for the service (e.g.
+    /// `XDG_RUNTIME_DIR`, where it finds `containers/auth.json`).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Result<Self, String> {
         podman_works()?;
         ensure_image()?;
         let dir = tempfile::Builder::new()
@@ -107,6 +115,10 @@ impl TestEngine {
             socket,
             child: None,
             cleanup_labels: std::sync::Mutex::new(Vec::new()),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         engine.spawn_service()?;
         engine.check_can_run()?;
@@ -127,6 +139,7 @@ impl TestEngine {
             ])
             .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", self.socket.display()))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -534,3 +547,172 @@ pub fn event_deleted(event: &WatchSandboxesEvent) -> Option<&str> {
 pub fn ready_true(sandbox: &DriverSandbox) -> bool {
     ready_condition(sandbox).is_some_and(|(status, _, _)| status == "True")
 }
+
+/// A real registry (Debian's `docker-registry`, the CNCF distribution
+/// server) on a free 127.0.0.1 port, storing into a temporary directory;
+/// stopped when dropped. Never the system service.
+pub struct TestRegistry {
+    pub dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT`, as image references and `--insecure-registry`
+    /// name it.
+    pub host: String,
+    child: Child,
+}
+
+/// The registry program, or why there is none.
+fn registry_binary() -> Result<PathBuf, String> {
+    let path = PathBuf::from("/usr/bin/docker-registry");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(
+            "no /usr/bin/docker-registry; install Debian's registry (apt-get install \
+             docker-registry) to run the registry tests"
+                .to_owned(),
+        )
+    }
+}
+
+/// A 127.0.0.1 port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+impl TestRegistry {
+    /// Starts a registry; with `htpasswd` (lines `user:bcrypt-hash`) it
+    /// asks for credentials.
+    pub fn start(htpasswd: Option<&str>) -> Result<Self, String> {
+        let binary = registry_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("reg")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let host = format!("127.0.0.1:{}", free_port());
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(htpasswd) = htpasswd {
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, htpasswd).map_err(|e| e.to_string())?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: openshell-test\n    path: {}\n",
+                path.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("registry.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("could not start docker-registry: {e}"))?;
+        let mut registry = Self { dir, host, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&registry.host).is_err() {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                return Err(format!(
+                    "docker-registry exited early ({status}): {}",
+                    registry.log()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err("docker-registry did not listen within 30 s".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(registry)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// `HOST/openshell/NAME:TAG` in this registry.
+    pub fn reference(&self, name: &str, tag: &str) -> String {
+        format!("{}/openshell/{name}:{tag}", self.host)
+    }
+
+    /// Pushes local image `image` as `reference` (with `creds` as
+    /// `user:password` where the registry asks), then makes sure the local
+    /// store has no image by that reference, so using it means pulling.
+    pub fn push(&self, engine: &TestEngine, image: &str, reference: &str, creds: Option<&str>) {
+        let mut push = engine.remote();
+        push.args(["push", "--tls-verify=false"]);
+        if let Some(creds) = creds {
+            push.arg("--creds").arg(creds);
+        }
+        let output = push
+            .arg(image)
+            .arg(reference)
+            .output()
+            .expect("podman push runs");
+        assert!(
+            output.status.success(),
+            "podman push {image} {reference} failed: {}; registry log: {}",
+            String::from_utf8_lossy(&output.stderr).trim(),
+            self.log()
+        );
+        remove_image(engine, reference);
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes `reference` from the engine's local store (untags it when the
+/// image has other names); fine when it is not there.
+pub fn remove_image(engine: &TestEngine, reference: &str) {
+    let output = engine
+        .remote()
+        .args(["rmi", "--ignore", reference])
+        .output()
+        .expect("podman rmi runs");
+    assert!(
+        output.status.success(),
+        "podman rmi {reference} failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+}
+
+/// The id of the local image `reference`, or `None`.
+pub fn image_id(engine: &TestEngine, reference: &str) -> Option<String> {
+    let output = engine
+        .remote()
+        .args(["image", "inspect", "--format", "{{.Id}}", reference])
+        .output()
+        .expect("podman image inspect runs");
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Starts a registry or prints why the test is skipped.
+macro_rules! registry_or_skip {
+    ($htpasswd:expr) => {
+        match common::TestRegistry::start($htpasswd) {
+            Ok(registry) => registry,
+            Err(reason) => {
+                eprintln!("skipped: {reason}");
+                return;
+            }
+        }
+    };
+}
+pub(crate) use registry_or_skip;

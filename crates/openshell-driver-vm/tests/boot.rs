@@ -1,8 +1,9 @@
-//! Tests that boot a real guest. They need hardware KVM and a guest kernel
-//! (scripts/build-guest-kernel.sh, or libkrunfw), and skip with the reason
-//! on hosts without them. One test instead checks what happens on a host
-//! that has a kernel but cannot boot it (PVM): the failure must be reported,
-//! not hang.
+//! Tests that boot a real guest. They need a backend that can boot one
+//! (libkrun on hardware KVM, or QEMU: `hypervisor = auto` picks) and a
+//! guest kernel (scripts/build-guest-kernel.sh, or libkrunfw for libkrun),
+//! and skip with the reason on hosts without them. One test instead checks
+//! what happens when libkrun is forced on a host that has a kernel but
+//! cannot boot it (PVM): the failure must be reported, not hang.
 
 mod common;
 
@@ -16,18 +17,12 @@ use openshell_proto::compute::v1::{StartSandboxRequest, StopSandboxRequest};
 /// skip; otherwise the reason.
 fn bootable() -> Result<(), String> {
     let report = HostReport::check(&HostPaths::system(), None);
-    match (&report.kvm, &report.kernel) {
-        (Ok(_), Ok(_)) => Ok(()),
-        (kvm, kernel) => {
-            let mut why = Vec::new();
-            if let Err(problem) = kvm {
-                why.push(problem.to_string());
-            }
-            if let Err(problem) = kernel {
-                why.push(problem.to_string());
-            }
-            Err(why.join("; "))
+    match report.blocker(false) {
+        None => {
+            eprintln!("booting with {}", report.platform_label());
+            Ok(())
         }
+        Some(problem) => Err(problem.to_string()),
     }
 }
 
@@ -180,8 +175,14 @@ async fn a_real_kernel_on_an_unsupported_host_is_boot_failed() {
         }
     };
     let Some(guest) = guest() else { return };
-    let mut driver =
-        Driver::start(guest.tmp.path(), &["--allow-unsupported-host".to_owned()]).await;
+    let mut driver = Driver::start(
+        guest.tmp.path(),
+        &[
+            "--allow-unsupported-host".to_owned(),
+            "--hypervisor=libkrun".to_owned(),
+        ],
+    )
+    .await;
     let mut watch = Watch::open(&mut driver.client).await;
     driver
         .create(sandbox("pvm-1", &guest.image, &["/bin/true"]))

@@ -211,11 +211,20 @@ fn fail(error: &Error) -> u8 {
 }
 
 /// A command that gets SIGKILL when this process dies: through `setpriv
-/// --pdeathsig KILL` where util-linux's setpriv is installed.
-fn tied_to_us(program: &Path) -> Command {
+/// --pdeathsig KILL` where util-linux's setpriv is installed. With
+/// `run_as`, setpriv switches to that user first: a process that changes
+/// its own credentials loses its parent-death signal (passt drops to
+/// `nobody` when started as root), so the switch must happen before.
+fn tied_to_us(program: &Path, run_as: Option<&nix::unistd::User>) -> Command {
     match crate::preflight::find_on_path("setpriv") {
         Some(setpriv) => {
             let mut command = Command::new(setpriv);
+            if let Some(user) = run_as {
+                command
+                    .arg(format!("--reuid={}", user.uid))
+                    .arg(format!("--regid={}", user.gid))
+                    .arg("--clear-groups");
+            }
             command.args(["--pdeathsig", "KILL", "--"]).arg(program);
             command
         }
@@ -252,7 +261,7 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
         &cmdline,
         passt.as_ref().map(|p| p.socket.as_path()),
     );
-    let mut qemu = match tied_to_us(binary)
+    let mut qemu = match tied_to_us(binary, None)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -378,13 +387,16 @@ fn start_passt(binary: &Path, run_dir: &Path) -> Result<Passt> {
     // (older versions) or binds as root without CAP_DAC_OVERRIDE (newer
     // ones): owner nobody, group root, mode 0770 lets both in and nobody
     // else.
-    if nix::unistd::geteuid().is_root()
-        && let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody")
-    {
+    let nobody = if nix::unistd::geteuid().is_root() {
+        nix::unistd::User::from_name("nobody").ok().flatten()
+    } else {
+        None
+    };
+    if let Some(nobody) = &nobody {
         let _ = nix::unistd::chown(&dir, Some(nobody.uid), Some(nix::unistd::Gid::from_raw(0)));
     }
     let socket = dir.join("passt.sock");
-    let mut child = tied_to_us(binary)
+    let mut child = tied_to_us(binary, nobody.as_ref())
         .args(["--foreground", "--one-off", "--quiet", "--socket"])
         .arg(&socket)
         .stdin(Stdio::null())

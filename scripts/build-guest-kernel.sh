@@ -10,8 +10,15 @@
 # full source package. The install directory gets the exact .config and a
 # note naming the source version.
 #
+# With --cache-dir DIR (or $OPENSHELL_KERNEL_CACHE) a finished vmlinux is
+# kept as DIR/vmlinux-<key>, where the key hashes the config fragment, this
+# script and the source package version; a later run with the same key
+# copies it instead of building (CI builds the kernel once per machine).
+# --clean-build removes the build tree after a successful build.
+#
 # Usage: scripts/build-guest-kernel.sh [--install-deps] [--output PATH]
 #                                      [--build-dir DIR] [--jobs N]
+#                                      [--cache-dir DIR] [--clean-build]
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,8 +35,10 @@ fi
 build_dir="${XDG_CACHE_HOME:-$HOME/.cache}/openshell/guest-kernel"
 jobs="$(nproc)"
 install_deps=0
+cache_dir="${OPENSHELL_KERNEL_CACHE:-}"
+clean_build=0
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "build-guest-kernel: error: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -38,6 +47,8 @@ while [ $# -gt 0 ]; do
     --output) output="${2:?--output needs a path}"; shift ;;
     --build-dir) build_dir="${2:?--build-dir needs a directory}"; shift ;;
     --jobs) jobs="${2:?--jobs needs a number}"; shift ;;
+    --cache-dir) cache_dir="${2:?--cache-dir needs a directory}"; shift ;;
+    --clean-build) clean_build=1 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
@@ -62,6 +73,27 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 version="$(dpkg-query -W -f='${Version}' "$source_package" 2>/dev/null || echo unknown)"
+
+install_kernel() { # install_kernel VMLINUX CONFIG
+  mkdir -p "$(dirname "$output")"
+  local tmp
+  tmp="$(mktemp "$output.XXXXXX")"
+  cp "$1" "$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$output"
+  cp "$2" "$output.config"
+}
+
+key=""
+if [ -n "$cache_dir" ]; then
+  key="$(cat "$fragment" "$0" <(echo "$version") | sha256sum | cut -c1-16)"
+  if [ -f "$cache_dir/vmlinux-$key" ] && [ -f "$cache_dir/vmlinux-$key.config" ]; then
+    echo "== cached kernel $cache_dir/vmlinux-$key (key over guest.config, this script, $version)"
+    install_kernel "$cache_dir/vmlinux-$key" "$cache_dir/vmlinux-$key.config"
+    echo "== done: $(du -h "$output" | cut -f1) $output"
+    exit 0
+  fi
+fi
 src="$build_dir/linux-source-6.1"
 stamp="$build_dir/.source-version"
 mkdir -p "$build_dir"
@@ -92,12 +124,13 @@ echo "== building vmlinux with $jobs jobs"
 make -s ARCH=x86_64 -j"$jobs" vmlinux
 
 echo "== installing $output"
-mkdir -p "$(dirname "$output")"
-tmp="$(mktemp "$output.XXXXXX")"
-cp vmlinux "$tmp"
-chmod 0644 "$tmp"
-mv -f "$tmp" "$output"
-cp .config "$output.config"
+install_kernel vmlinux .config
+if [ -n "$key" ]; then
+  mkdir -p "$cache_dir"
+  cp vmlinux "$cache_dir/vmlinux-$key.tmp" && mv -f "$cache_dir/vmlinux-$key.tmp" "$cache_dir/vmlinux-$key"
+  cp .config "$cache_dir/vmlinux-$key.config"
+  echo "== cached as $cache_dir/vmlinux-$key"
+fi
 cat > "$output.txt" <<NOTE
 Guest kernel for openshell-driver-vm.
 Built $(date -u +%Y-%m-%dT%H:%M:%SZ) from Debian $source_package $version
@@ -107,3 +140,7 @@ $(basename "$output").config. Licence: GPL-2.0. Source: the $source_package
 package, or \`apt-get source linux\` for Debian's complete source package.
 NOTE
 echo "== done: $(du -h "$output" | cut -f1) $output"
+if [ "$clean_build" -eq 1 ]; then
+  cd /
+  rm -rf "$src" "$stamp"
+fi

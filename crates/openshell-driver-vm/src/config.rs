@@ -24,10 +24,26 @@ pub enum LayerMode {
     Copy,
 }
 
+/// Which hypervisor runs the sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorChoice {
+    /// libkrun where hardware KVM is usable, else QEMU with KVM where
+    /// `/dev/kvm` works for it, else QEMU with TCG (software emulation).
+    Auto,
+    /// libkrun only (needs hardware KVM).
+    Libkrun,
+    /// QEMU `-M microvm` only: KVM acceleration where usable, else TCG.
+    Qemu,
+}
+
 /// Guest networking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
+    /// A virtio-net NIC served by passt in user mode (DHCP, DNS forwarding,
+    /// NAT; the host's loopback is reachable as the gateway address).
+    Passt,
     /// libkrun's transparent socket impersonation: guest sockets are opened
     /// by the VMM process on the host. Needs a TSI-aware guest kernel
     /// (libkrunfw's); with another kernel the guest has loopback only.
@@ -100,9 +116,23 @@ pub struct ConfigArgs {
     #[arg(long, value_enum)]
     pub writable_layer: Option<LayerMode>,
 
-    /// Guest networking [default: tsi].
+    /// Guest networking [default: passt where the passt binary is
+    /// installed, else none].
     #[arg(long, value_enum)]
     pub network: Option<NetworkMode>,
+
+    /// Hypervisor backend [default: auto].
+    #[arg(long, value_enum)]
+    pub hypervisor: Option<HypervisorChoice>,
+
+    /// QEMU binary for the qemu backend [default: qemu-system-x86_64 (or
+    /// qemu-system-aarch64) on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub qemu_binary: Option<PathBuf>,
+
+    /// passt binary for passt networking [default: passt on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub passt_binary: Option<PathBuf>,
 
     /// A guest that has not reached its root filesystem after this many
     /// seconds is stopped and reported as BootFailed; 0 waits forever
@@ -148,7 +178,11 @@ pub struct Config {
     pub krun_log_level: u8,
     pub log_level: String,
     pub writable_layer: LayerMode,
-    pub network: NetworkMode,
+    /// `None`: passt where available, else none.
+    pub network: Option<NetworkMode>,
+    pub hypervisor: HypervisorChoice,
+    pub qemu_binary: Option<PathBuf>,
+    pub passt_binary: Option<PathBuf>,
     pub boot_timeout: Option<Duration>,
     pub stop_timeout: Duration,
     pub console_log_max_bytes: u64,
@@ -201,6 +235,9 @@ impl ConfigArgs {
             log_level: self.log_level.or(file.log_level),
             writable_layer: self.writable_layer.or(file.writable_layer),
             network: self.network.or(file.network),
+            hypervisor: self.hypervisor.or(file.hypervisor),
+            qemu_binary: self.qemu_binary.or(file.qemu_binary),
+            passt_binary: self.passt_binary.or(file.passt_binary),
             boot_timeout_secs: self.boot_timeout_secs.or(file.boot_timeout_secs),
             stop_timeout_secs: self.stop_timeout_secs.or(file.stop_timeout_secs),
             console_log_max_mib: self.console_log_max_mib.or(file.console_log_max_mib),
@@ -232,7 +269,10 @@ impl ConfigArgs {
             krun_log_level: given.krun_log_level.unwrap_or(2),
             log_level: given.log_level.unwrap_or_else(|| "info".to_owned()),
             writable_layer: given.writable_layer.unwrap_or(LayerMode::Auto),
-            network: given.network.unwrap_or(NetworkMode::Tsi),
+            network: given.network,
+            hypervisor: given.hypervisor.unwrap_or(HypervisorChoice::Auto),
+            qemu_binary: given.qemu_binary,
+            passt_binary: given.passt_binary,
             boot_timeout: match given.boot_timeout_secs.unwrap_or(60) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
@@ -278,6 +318,19 @@ impl Config {
                 "kernel {} is relative; give an absolute path",
                 kernel.display()
             ));
+        }
+        for (key, path) in [
+            ("qemu_binary", &self.qemu_binary),
+            ("passt_binary", &self.passt_binary),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(format!(
+                    "{key} {} is relative; give an absolute path",
+                    path.display()
+                ));
+            }
         }
         if self.vcpus == 0 {
             return Err("vcpus must be at least 1".to_owned());
@@ -363,6 +416,7 @@ allow_unsupported_host = true
 krun_log_level = 3
 writable_layer = "copy"
 network = "none"
+hypervisor = "qemu"
 boot_timeout_secs = 0
 "#,
         );
@@ -373,7 +427,8 @@ boot_timeout_secs = 0
         assert_eq!(config.mem_mib, 512);
         assert!(config.allow_unsupported_host);
         assert_eq!(config.writable_layer, LayerMode::Copy);
-        assert_eq!(config.network, NetworkMode::None);
+        assert_eq!(config.network, Some(NetworkMode::None));
+        assert_eq!(config.hypervisor, HypervisorChoice::Qemu);
         assert_eq!(config.boot_timeout, None);
         assert_eq!(
             config.default_image.as_deref(),
@@ -405,7 +460,8 @@ boot_timeout_secs = 0
         assert_eq!(config.mem_mib, 1024);
         assert_eq!(config.krun_log_level, 2);
         assert_eq!(config.writable_layer, LayerMode::Auto);
-        assert_eq!(config.network, NetworkMode::Tsi);
+        assert_eq!(config.network, None);
+        assert_eq!(config.hypervisor, HypervisorChoice::Auto);
         assert_eq!(config.boot_timeout, Some(Duration::from_secs(60)));
         assert_eq!(config.stop_timeout, Duration::from_secs(5));
         assert!(!config.allow_unsupported_host);
@@ -491,6 +547,7 @@ enable = false
             path.as_os_str(),
             "--state-dir=/s".as_ref(),
             "--network=none".as_ref(),
+            "--hypervisor=libkrun".as_ref(),
             "--boot-timeout-secs=7".as_ref(),
             "--kernel-args=loglevel=7".as_ref(),
             "--allow-driver-config=false".as_ref(),
@@ -500,7 +557,8 @@ enable = false
         assert!(config.allow_unsupported_host, "a file-only switch is kept");
         assert_eq!(config.stop_timeout, Duration::from_secs(9));
         assert_eq!(config.console_log_max_bytes, 2 << 20);
-        assert_eq!(config.network, NetworkMode::None);
+        assert_eq!(config.network, Some(NetworkMode::None));
+        assert_eq!(config.hypervisor, HypervisorChoice::Libkrun);
         assert_eq!(config.boot_timeout, Some(Duration::from_secs(7)));
         assert_eq!(config.kernel_args, "loglevel=7");
         assert_eq!(config.state_dir, PathBuf::from("/s"));
@@ -517,6 +575,8 @@ enable = false
             ("krun_log_level = 9", "krun_log_level 9"),
             ("state_dir = \"relative/dir\"", "is relative"),
             ("writable_layer = \"zfs\"", "writable_layer"),
+            ("hypervisor = \"xen\"", "hypervisor"),
+            ("qemu_binary = \"qemu\"", "qemu_binary qemu is relative"),
             ("kernel_args = \"init=\\\"x\\\"\"", "double quotes"),
             ("this is not toml", "vm.toml"),
         ] {

@@ -31,11 +31,12 @@ use crate::error::{Error, Result};
 use crate::ids::SandboxId;
 use crate::image::{self, ImageCache, ResolvedImage};
 use crate::launch::{
-    KernelSpec, LAUNCH_VERSION, LaunchConfig, ROOT_TAG, StatusLine, VmmExit, guest_code_meaning,
+    Executor, GuestNetwork, KernelSpec, LAUNCH_VERSION, LaunchConfig, ROOT_TAG, StatusLine,
+    VmmExit, guest_code_meaning,
 };
 use crate::launcher::{Launcher, Vmm};
 use crate::layer::{self, LayerKind};
-use crate::preflight::{HostPaths, HostReport, Kernel};
+use crate::preflight::{Backend, HostPaths, HostReport, Kernel, Platform};
 use crate::spec;
 use crate::state::{self, SandboxDir, StateDir};
 use crate::status::Phase;
@@ -229,7 +230,11 @@ impl Driver {
     }
 
     pub fn host_report(&self) -> HostReport {
-        HostReport::check(&self.inner.host, self.inner.config.kernel.as_deref())
+        HostReport::check_platform(
+            &self.inner.host,
+            self.inner.config.kernel.as_deref(),
+            &Platform::from_config(&self.inner.config),
+        )
     }
 
     fn console_for(&self, dir: &SandboxDir) -> Arc<ConsoleLog> {
@@ -509,12 +514,40 @@ impl Driver {
         }
 
         let guest = spec::guest_command(&request, &meta.image.config(), request.token.is_some())?;
-        let kernel = match kernel {
-            Kernel::Elf(path) => KernelSpec::Elf {
-                path,
-                cmdline: kernel_cmdline(&self.inner.config.kernel_args),
-            },
-            Kernel::Libkrunfw(_) => KernelSpec::Libkrunfw,
+        let (backend, _) = report.backend.map_err(Error::HostUnsupported)?;
+        let network = report.network.map_err(Error::HostUnsupported)?;
+        let network = match (network.mode, network.passt) {
+            (NetworkMode::Passt, Some(binary)) => GuestNetwork::Passt { binary },
+            (NetworkMode::Tsi, _) => GuestNetwork::Tsi,
+            _ => GuestNetwork::None,
+        };
+        let extra = &self.inner.config.kernel_args;
+        let (executor, kernel) = match (backend, kernel) {
+            (Backend::Libkrun, Kernel::Elf(path)) => (
+                Executor::Libkrun,
+                KernelSpec::Elf {
+                    path,
+                    cmdline: kernel_cmdline(extra),
+                },
+            ),
+            (Backend::Libkrun, Kernel::Libkrunfw(_)) => (Executor::Libkrun, KernelSpec::Libkrunfw),
+            (Backend::Qemu { binary, accel }, Kernel::Elf(path)) => (
+                Executor::Qemu { binary, accel },
+                KernelSpec::Elf {
+                    path,
+                    cmdline: crate::qemu::kernel_cmdline(
+                        extra,
+                        matches!(network, GuestNetwork::Passt { .. }),
+                    ),
+                },
+            ),
+            (Backend::Qemu { .. }, Kernel::Libkrunfw(path)) => {
+                return Err(Error::HostUnsupported(format!(
+                    "QEMU boots an ELF vmlinux and only {} was found; build one with \
+                     scripts/build-guest-kernel.sh or pass --kernel",
+                    path.display()
+                )));
+            }
         };
         let launch = LaunchConfig {
             version: LAUNCH_VERSION,
@@ -528,7 +561,9 @@ impl Driver {
             env: guest.env,
             workdir: guest.workdir,
             krun_log_level: self.inner.config.krun_log_level,
-            network: self.inner.config.network == NetworkMode::Tsi,
+            executor,
+            network,
+            run_dir: dir.path().to_owned(),
             sandbox_token: request.token,
         };
         launch.write(&dir.launch())?;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Version of the launch-file format.
-pub const LAUNCH_VERSION: u32 = 1;
+pub const LAUNCH_VERSION: u32 = 2;
 
 /// virtio-fs tag of the guest root when the driver boots an ELF kernel.
 pub const ROOT_TAG: &str = "openshell-root";
@@ -33,6 +33,32 @@ pub enum KernelSpec {
     Elf { path: PathBuf, cmdline: String },
     /// libkrunfw, found by libkrun on the library path.
     Libkrunfw,
+}
+
+/// Which executor turns the launch plan into a running VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Executor {
+    /// libkrun, in the VMM child's own process.
+    Libkrun,
+    /// A QEMU `-M microvm` child of the VMM child.
+    Qemu {
+        binary: PathBuf,
+        accel: crate::preflight::QemuAccel,
+    },
+}
+
+/// The guest's network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum GuestNetwork {
+    /// Loopback only.
+    None,
+    /// libkrun's implicit vsock (TSI).
+    Tsi,
+    /// A virtio-net NIC backed by a passt process; the guest kernel
+    /// configures it by DHCP.
+    Passt { binary: PathBuf },
 }
 
 /// Everything the VMM child needs.
@@ -54,8 +80,11 @@ pub struct LaunchConfig {
     pub workdir: String,
     /// libkrun log level, 0 (off) to 5 (trace).
     pub krun_log_level: u8,
-    /// Keep libkrun's implicit vsock (TSI networking).
-    pub network: bool,
+    pub executor: Executor,
+    pub network: GuestNetwork,
+    /// The sandbox directory: private runtime files (passt's socket) go
+    /// below it.
+    pub run_dir: PathBuf,
     /// Handed to the guest as a virtual file, never written to disk by the
     /// VMM.
     pub sandbox_token: Option<String>,
@@ -161,6 +190,9 @@ pub enum SetupFailure {
     /// The driver was already gone, or the parent-death signal could not be
     /// armed.
     ParentGone = 72,
+    /// The QEMU executor could not prepare the guest root, start passt or
+    /// start QEMU.
+    Executor = 73,
 }
 
 impl SetupFailure {
@@ -176,6 +208,7 @@ impl SetupFailure {
             Self::KrunConfig,
             Self::KrunStart,
             Self::ParentGone,
+            Self::Executor,
         ]
         .into_iter()
         .find(|f| i32::from(f.code()) == code)
@@ -189,6 +222,7 @@ impl SetupFailure {
             Self::KrunConfig => "a libkrun configuration call failed",
             Self::KrunStart => "libkrun could not start the VM",
             Self::ParentGone => "the driver was gone before the VMM started",
+            Self::Executor => "the QEMU executor could not start the VM",
         }
     }
 }
@@ -322,6 +356,7 @@ mod tests {
             SetupFailure::KrunConfig,
             SetupFailure::KrunStart,
             SetupFailure::ParentGone,
+            SetupFailure::Executor,
         ] {
             assert!(guest_code_meaning(i32::from(failure.code())).is_none());
             assert_eq!(
@@ -351,7 +386,14 @@ mod tests {
             env: vec!["A=b".into()],
             workdir: "/".into(),
             krun_log_level: 2,
-            network: false,
+            executor: Executor::Qemu {
+                binary: "/usr/bin/qemu-system-x86_64".into(),
+                accel: crate::preflight::QemuAccel::Tcg,
+            },
+            network: GuestNetwork::Passt {
+                binary: "/usr/bin/passt".into(),
+            },
+            run_dir: "/s".into(),
             sandbox_token: Some("secret".into()),
         };
         config.write(&path).unwrap();

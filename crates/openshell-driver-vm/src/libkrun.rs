@@ -77,6 +77,29 @@ impl CArray {
     }
 }
 
+/// libkrun's guest init (`init.krun`, built from the libkrun crate's
+/// sources), as the bytes libkrun injects at `/init.krun`. The QEMU
+/// executor writes the same bytes into the guest root, so both backends run
+/// the guest command through one init.
+pub fn default_init() -> Result<&'static [u8]> {
+    let mut data: *const u8 = std::ptr::null();
+    let mut len: libc::size_t = 0;
+    // SAFETY: both out-pointers point at live locals of the right type.
+    check("krun_get_default_init", unsafe {
+        krun::krun_get_default_init(&raw mut data, &raw mut len)
+    })?;
+    if data.is_null() || len == 0 {
+        return Err(Error::Krun {
+            call: "krun_get_default_init",
+            errno: libc::ENOENT,
+        });
+    }
+    // SAFETY: libkrun returned a pointer to its embedded init blob, a
+    // static of `len` bytes that lives as long as the process and is never
+    // written.
+    Ok(unsafe { std::slice::from_raw_parts(data, len) })
+}
+
 /// A libkrun configuration context.
 #[derive(Debug)]
 pub struct Context {
@@ -312,6 +335,15 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_embedded_init_is_a_static_elf() {
+        let init = default_init().unwrap();
+        assert!(
+            init.starts_with(b"\x7fELF"),
+            "init.krun is an ELF executable"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use driver_lifecycle::{CancellationToken, ServeArgs};
 use openshell_driver_vm::config::ConfigArgs;
 use openshell_driver_vm::driver::Driver;
 use openshell_driver_vm::image::{ImageCache, disk_usage, human_size};
-use openshell_driver_vm::preflight::{HostPaths, HostReport};
+use openshell_driver_vm::preflight::{HostPaths, HostReport, Platform};
 use openshell_driver_vm::service::Service;
 use openshell_driver_vm::state::StateDir;
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogsServer;
@@ -113,7 +113,11 @@ fn main() -> ExitCode {
 
 fn preflight(args: &ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
-    let report = HostReport::check(&HostPaths::system(), config.kernel.as_deref());
+    let report = HostReport::check_platform(
+        &HostPaths::system(),
+        config.kernel.as_deref(),
+        &Platform::from_config(&config),
+    );
     for line in report.lines() {
         println!("{line}");
     }

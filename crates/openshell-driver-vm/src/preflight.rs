@@ -1,13 +1,15 @@
 //! What the host offers: a usable `/dev/kvm` backed by hardware
-//! virtualization, and a guest kernel. Checked at startup and again before
-//! every create and start, so the messages always describe the host as it
-//! is now.
+//! virtualization, QEMU and passt, and a guest kernel; and from those the
+//! hypervisor backend and guest network the sandboxes get. Checked at
+//! startup and again before every create and start, so the messages always
+//! describe the host as it is now.
 
 use std::fmt;
 use std::io::Read as _;
 use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 
+use crate::config::{Config, HypervisorChoice, NetworkMode};
 use crate::error::Error;
 
 /// The name libkrun `dlopen`s when no kernel is given.
@@ -49,6 +51,196 @@ impl HostPaths {
             kernel_candidates: default_kernel_paths(),
             library_dirs: library_dirs(),
         }
+    }
+}
+
+/// The QEMU system emulator for this architecture.
+#[cfg(target_arch = "x86_64")]
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+#[cfg(target_arch = "aarch64")]
+pub const QEMU_BINARY: &str = "qemu-system-aarch64";
+/// passt, for guest networking.
+pub const PASST_BINARY: &str = "passt";
+
+/// The settings that choose the backend and the guest network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Platform {
+    pub hypervisor: Option<HypervisorChoice>,
+    pub network: Option<NetworkMode>,
+    pub qemu_binary: Option<PathBuf>,
+    pub passt_binary: Option<PathBuf>,
+}
+
+impl Platform {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            hypervisor: Some(config.hypervisor),
+            network: config.network,
+            qemu_binary: config.qemu_binary.clone(),
+            passt_binary: config.passt_binary.clone(),
+        }
+    }
+}
+
+/// How QEMU runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuAccel {
+    /// Hardware virtualization through `/dev/kvm`.
+    Kvm,
+    /// TCG: software emulation; slower, but runs anywhere.
+    Tcg,
+}
+
+/// The hypervisor backend that turns a launch plan into a running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Libkrun,
+    Qemu { binary: PathBuf, accel: QemuAccel },
+}
+
+impl Backend {
+    /// `libkrun`, `qemu-kvm` or `qemu-tcg`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Libkrun => "libkrun",
+            Self::Qemu {
+                accel: QemuAccel::Kvm,
+                ..
+            } => "qemu-kvm",
+            Self::Qemu {
+                accel: QemuAccel::Tcg,
+                ..
+            } => "qemu-tcg",
+        }
+    }
+}
+
+/// The first executable `name` in `$PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+fn locate(configured: Option<&PathBuf>, name: &str) -> Result<PathBuf, String> {
+    match configured {
+        Some(path) if path.is_file() => Ok(path.clone()),
+        Some(path) => Err(format!(
+            "the configured {name} {} does not exist",
+            path.display()
+        )),
+        None => find_on_path(name).ok_or_else(|| format!("{name} is not on PATH")),
+    }
+}
+
+/// Picks the backend: `(backend, why)`, or why none can run.
+fn select_backend(
+    choice: HypervisorChoice,
+    kvm: &Result<KvmBackend, KvmProblem>,
+    qemu: Result<PathBuf, String>,
+) -> Result<(Backend, String), String> {
+    let install = format!(
+        "install QEMU (Debian: apt-get install qemu-system-x86) or set qemu_binary to {QEMU_BINARY}"
+    );
+    match choice {
+        HypervisorChoice::Libkrun => Ok((Backend::Libkrun, "hypervisor = libkrun".to_owned())),
+        HypervisorChoice::Qemu => {
+            let binary = qemu.map_err(|why| format!("hypervisor = qemu but {why}; {install}"))?;
+            let (accel, why) = match kvm {
+                Ok(_) => (
+                    QemuAccel::Kvm,
+                    "hypervisor = qemu, /dev/kvm usable".to_owned(),
+                ),
+                Err(problem) => (
+                    QemuAccel::Tcg,
+                    format!("hypervisor = qemu, no usable KVM ({})", short_kvm(problem)),
+                ),
+            };
+            Ok((Backend::Qemu { binary, accel }, why))
+        }
+        HypervisorChoice::Auto => match (kvm, qemu) {
+            (Ok(_), _) => Ok((
+                Backend::Libkrun,
+                "hypervisor = auto, hardware KVM usable".to_owned(),
+            )),
+            (Err(problem), Ok(binary)) => Ok((
+                Backend::Qemu {
+                    binary,
+                    accel: QemuAccel::Tcg,
+                },
+                format!(
+                    "hypervisor = auto, no usable KVM ({}): QEMU with TCG software emulation",
+                    short_kvm(problem)
+                ),
+            )),
+            (Err(problem), Err(why)) => Err(format!(
+                "hypervisor = auto found neither a usable KVM for libkrun ({problem}) nor QEMU                  ({why}); {install}"
+            )),
+        },
+    }
+}
+
+fn short_kvm(problem: &KvmProblem) -> &'static str {
+    match problem {
+        KvmProblem::Missing { .. } => "/dev/kvm missing",
+        KvmProblem::NotCharDevice { .. } => "/dev/kvm is not a device",
+        KvmProblem::NotAccessible { .. } => "/dev/kvm not accessible",
+        KvmProblem::Pvm { .. } => "/dev/kvm is PVM",
+    }
+}
+
+/// Picks the guest network: `(mode, passt binary, note)`.
+fn select_network(
+    wanted: Option<NetworkMode>,
+    backend: Option<&Backend>,
+    passt: Result<PathBuf, String>,
+) -> Result<(NetworkMode, Option<PathBuf>, String), String> {
+    let install = "install passt (Debian: apt-get install passt) or set passt_binary";
+    match wanted {
+        Some(NetworkMode::Passt) if matches!(backend, Some(Backend::Libkrun)) => Err(
+            "network = passt is implemented for the qemu backend only (this build links libkrun \
+             without its net feature); use tsi or none with libkrun"
+                .to_owned(),
+        ),
+        None if matches!(backend, Some(Backend::Libkrun)) => Ok((
+            NetworkMode::Tsi,
+            None,
+            "network default for libkrun: tsi".to_owned(),
+        )),
+        Some(NetworkMode::Passt) => {
+            let binary = passt.map_err(|why| format!("network = passt but {why}; {install}"))?;
+            Ok((
+                NetworkMode::Passt,
+                Some(binary),
+                "network = passt".to_owned(),
+            ))
+        }
+        Some(NetworkMode::Tsi) => match backend {
+            Some(Backend::Qemu { .. }) => Err(
+                "network = tsi is libkrun's own transport and QEMU has none; use passt or none"
+                    .to_owned(),
+            ),
+            _ => Ok((NetworkMode::Tsi, None, "network = tsi".to_owned())),
+        },
+        Some(NetworkMode::None) => Ok((NetworkMode::None, None, "network = none".to_owned())),
+        None => match passt {
+            Ok(binary) => Ok((
+                NetworkMode::Passt,
+                Some(binary),
+                "network default: passt".to_owned(),
+            )),
+            Err(why) => Ok((
+                NetworkMode::None,
+                None,
+                format!("network default: none, because {why}; {install} for guest networking"),
+            )),
+        },
     }
 }
 
@@ -271,36 +463,106 @@ impl fmt::Display for KernelProblem {
     }
 }
 
+/// The chosen guest network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkChoice {
+    pub mode: NetworkMode,
+    /// The passt binary, for [`NetworkMode::Passt`].
+    pub passt: Option<PathBuf>,
+    /// How it was chosen (and why not passt, where it fell back).
+    pub note: String,
+}
+
 /// The preflight result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostReport {
     pub kvm: Result<KvmBackend, KvmProblem>,
     pub kernel: Result<Kernel, KernelProblem>,
+    /// The backend and why it was chosen, or why none can run.
+    pub backend: Result<(Backend, String), String>,
+    pub network: Result<NetworkChoice, String>,
 }
 
 impl HostReport {
-    /// Looks at the host. `configured_kernel` is the `kernel` setting.
+    /// Looks at the host with the default platform settings (`hypervisor =
+    /// auto`, default network). `configured_kernel` is the `kernel` setting.
     pub fn check(paths: &HostPaths, configured_kernel: Option<&Path>) -> Self {
+        Self::check_platform(paths, configured_kernel, &Platform::default())
+    }
+
+    /// Looks at the host and picks the backend and network `platform` asks
+    /// for.
+    pub fn check_platform(
+        paths: &HostPaths,
+        configured_kernel: Option<&Path>,
+        platform: &Platform,
+    ) -> Self {
+        let kvm = check_kvm(paths);
+        let backend = select_backend(
+            platform.hypervisor.unwrap_or(HypervisorChoice::Auto),
+            &kvm,
+            locate(platform.qemu_binary.as_ref(), QEMU_BINARY),
+        );
+        let network = select_network(
+            platform.network,
+            backend.as_ref().ok().map(|(b, _)| b),
+            locate(platform.passt_binary.as_ref(), PASST_BINARY),
+        )
+        .map(|(mode, passt, note)| NetworkChoice { mode, passt, note });
         Self {
-            kvm: check_kvm(paths),
+            kvm,
             kernel: find_kernel(paths, configured_kernel),
+            backend,
+            network,
         }
     }
 
     /// The error a create or start gets on this host, if any. With
-    /// `allow_unsupported_host` only a missing kernel blocks: everything
-    /// else is left for the VMM to fail on.
+    /// `allow_unsupported_host` only a missing kernel, backend or network
+    /// blocks: a KVM that libkrun cannot use is left for the VMM to fail on.
     pub fn blocker(&self, allow_unsupported_host: bool) -> Option<Error> {
         let mut problems = Vec::new();
-        if let Err(problem) = &self.kvm
-            && !allow_unsupported_host
-        {
-            problems.push(problem.to_string());
+        match &self.backend {
+            Ok((Backend::Libkrun, _)) => {
+                if let Err(problem) = &self.kvm
+                    && !allow_unsupported_host
+                {
+                    problems.push(problem.to_string());
+                }
+            }
+            Ok((Backend::Qemu { .. }, _)) => {
+                if let Ok(Kernel::Libkrunfw(path)) = &self.kernel {
+                    problems.push(format!(
+                        "QEMU boots an ELF vmlinux and only {} was found; build one with \
+                         {KERNEL_SCRIPT} or pass --kernel",
+                        path.display()
+                    ));
+                }
+            }
+            Err(problem) => problems.push(problem.clone()),
         }
         if let Err(problem) = &self.kernel {
             problems.push(problem.to_string());
         }
+        if let Err(problem) = &self.network {
+            problems.push(problem.clone());
+        }
         (!problems.is_empty()).then(|| Error::HostUnsupported(problems.join("; ")))
+    }
+
+    /// `libkrun`, `qemu-kvm`, `qemu-tcg` or `none`, and the network mode,
+    /// for capability reports.
+    pub fn platform_label(&self) -> String {
+        let backend = self.backend.as_ref().map_or("none", |(b, _)| b.label());
+        let network = match &self.network {
+            Ok(choice) => match choice.mode {
+                NetworkMode::Passt => "passt",
+                NetworkMode::Tsi => "tsi",
+                NetworkMode::None => "none",
+            },
+            Err(_) => "unavailable",
+        };
+        format!("{backend}, network {network}")
     }
 
     /// One line per fact, for `openshell-driver-vm preflight` and the log.
@@ -317,11 +579,32 @@ impl HostReport {
             Ok(kernel) => format!("kernel: ok ({})", kernel.describe()),
             Err(problem) => format!("kernel: missing: {problem}"),
         };
-        vec![kvm, kernel]
+        let backend = match &self.backend {
+            Ok((Backend::Libkrun, why)) => format!("hypervisor: libkrun ({why})"),
+            Ok((backend @ Backend::Qemu { binary, .. }, why)) => {
+                format!(
+                    "hypervisor: {} {} ({why})",
+                    backend.label(),
+                    binary.display()
+                )
+            }
+            Err(problem) => format!("hypervisor: none: {problem}"),
+        };
+        let network = match &self.network {
+            Ok(NetworkChoice {
+                passt: Some(passt),
+                note,
+                ..
+            }) => format!("network: passt {} ({note})", passt.display()),
+            Ok(NetworkChoice { note, .. }) => format!("network: {note}"),
+            Err(problem) => format!("network: unavailable: {problem}"),
+        };
+        vec![kvm, kernel, backend, network]
     }
 
+    /// Whether sandboxes can boot here.
     pub fn is_ok(&self) -> bool {
-        self.kvm.is_ok() && self.kernel.is_ok()
+        self.blocker(false).is_none()
     }
 }
 
@@ -603,6 +886,12 @@ mod tests {
                 path: "/dev/kvm".into(),
             }),
             kernel: Ok(Kernel::Elf("/k".into())),
+            backend: Ok((Backend::Libkrun, "test".into())),
+            network: Ok(NetworkChoice {
+                mode: NetworkMode::None,
+                passt: None,
+                note: "test".into(),
+            }),
         };
         let err = report.blocker(false).unwrap();
         assert!(matches!(err, Error::HostUnsupported(_)));
@@ -612,8 +901,75 @@ mod tests {
         let no_kernel = HostReport {
             kvm: Ok(KvmBackend::Intel),
             kernel: Err(KernelProblem::ConfiguredMissing { path: "/k".into() }),
+            ..report.clone()
         };
         assert!(no_kernel.blocker(true).is_some());
+
+        let qemu = HostReport {
+            backend: Ok((
+                Backend::Qemu {
+                    binary: "/q".into(),
+                    accel: QemuAccel::Tcg,
+                },
+                "test".into(),
+            )),
+            ..report.clone()
+        };
+        assert!(qemu.blocker(false).is_none(), "TCG does not need KVM");
+        let qemu_libkrunfw = HostReport {
+            kernel: Ok(Kernel::Libkrunfw("/lib/libkrunfw.so.5".into())),
+            ..qemu
+        };
+        let err = qemu_libkrunfw.blocker(false).unwrap().to_string();
+        assert!(err.contains("ELF vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn backend_selection_follows_kvm_and_qemu() {
+        let pvm: Result<KvmBackend, KvmProblem> = Err(KvmProblem::Pvm {
+            path: "/dev/kvm".into(),
+        });
+        let qemu = || Ok(PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        let missing = || Err("qemu-system-x86_64 is not on PATH".to_owned());
+        let (backend, why) = select_backend(HypervisorChoice::Auto, &pvm, qemu()).unwrap();
+        assert_eq!(backend.label(), "qemu-tcg");
+        assert!(why.contains("PVM"), "{why}");
+        let (backend, _) =
+            select_backend(HypervisorChoice::Auto, &Ok(KvmBackend::Intel), qemu()).unwrap();
+        assert_eq!(backend, Backend::Libkrun);
+        let (backend, _) =
+            select_backend(HypervisorChoice::Qemu, &Ok(KvmBackend::Amd), qemu()).unwrap();
+        assert_eq!(backend.label(), "qemu-kvm");
+        let err = select_backend(HypervisorChoice::Auto, &pvm, missing()).unwrap_err();
+        assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+        let err = select_backend(HypervisorChoice::Qemu, &pvm, missing()).unwrap_err();
+        assert!(err.contains("hypervisor = qemu"), "{err}");
+        let (backend, _) = select_backend(HypervisorChoice::Libkrun, &pvm, missing()).unwrap();
+        assert_eq!(backend, Backend::Libkrun);
+    }
+
+    #[test]
+    fn network_defaults_to_passt_where_installed() {
+        let passt = || Ok(PathBuf::from("/usr/bin/passt"));
+        let missing = || Err("passt is not on PATH".to_owned());
+        let (mode, binary, _) = select_network(None, None, passt()).unwrap();
+        assert_eq!(
+            (mode, binary),
+            (NetworkMode::Passt, Some("/usr/bin/passt".into()))
+        );
+        let (mode, _, note) = select_network(None, None, missing()).unwrap();
+        assert_eq!(mode, NetworkMode::None);
+        assert!(note.contains("passt is not on PATH"), "{note}");
+        let err = select_network(Some(NetworkMode::Passt), None, missing()).unwrap_err();
+        assert!(err.contains("apt-get install passt"), "{err}");
+        let qemu = Backend::Qemu {
+            binary: "/q".into(),
+            accel: QemuAccel::Tcg,
+        };
+        let err = select_network(Some(NetworkMode::Tsi), Some(&qemu), passt()).unwrap_err();
+        assert!(err.contains("tsi"), "{err}");
+        let (mode, _, _) = select_network(None, Some(&Backend::Libkrun), passt()).unwrap();
+        assert_eq!(mode, NetworkMode::Tsi, "libkrun keeps its TSI default");
     }
 
     #[test]

@@ -71,7 +71,13 @@ impl ComputeDriver for Service {
         let config = self.driver.config();
         let facts = contract::DriverFacts {
             driver_name: DRIVER_NAME.to_owned(),
-            driver_version: env!("CARGO_PKG_VERSION").to_owned(),
+            // The backend and network this host runs sandboxes with, e.g.
+            // "0.1.0 (qemu-tcg, network passt)".
+            driver_version: format!(
+                "{} ({})",
+                env!("CARGO_PKG_VERSION"),
+                self.driver.host_report().platform_label()
+            ),
             default_image: config.default_image.clone().unwrap_or_default(),
             gateway_manages_lifecycle: true,
             // cpu_limit and memory_limit size the VM (vCPUs, guest memory).

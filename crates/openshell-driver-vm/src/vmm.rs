@@ -65,6 +65,9 @@ pub fn run(launch_file: &Path) -> u8 {
         Err(error @ Error::Io { .. }) => return fail(SetupFailure::LaunchFileMissing, &error),
         Err(error) => return fail(SetupFailure::LaunchFileInvalid, &error),
     };
+    if let crate::launch::Executor::Qemu { binary, accel } = &config.executor {
+        return crate::qemu::run(&config, binary, *accel);
+    }
     install_logger(config.krun_log_level, &config.rootfs);
     raise_nofile_limit();
     let ctx = match configure(&config) {
@@ -137,8 +140,14 @@ fn configure(config: &LaunchConfig) -> Result<Context> {
     ctx.set_workdir(&config.workdir)?;
     ctx.set_exec(&config.exec, &config.args, &config.env)?;
     ctx.set_console_output(Path::new(CONSOLE_PATH))?;
-    if !config.network {
-        ctx.disable_vsock()?;
+    match &config.network {
+        crate::launch::GuestNetwork::Tsi => {}
+        crate::launch::GuestNetwork::None => ctx.disable_vsock()?,
+        crate::launch::GuestNetwork::Passt { .. } => {
+            return Err(Error::Setting(
+                "network = passt is not available with libkrun in this build".to_owned(),
+            ));
+        }
     }
     Ok(ctx)
 }

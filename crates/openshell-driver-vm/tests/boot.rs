@@ -1,8 +1,9 @@
-//! Tests that boot a real guest. They need hardware KVM and a guest kernel
-//! (scripts/build-guest-kernel.sh, or libkrunfw), and skip with the reason
-//! on hosts without them. One test instead checks what happens on a host
-//! that has a kernel but cannot boot it (PVM): the failure must be reported,
-//! not hang.
+//! Tests that boot a real guest. They need a backend that can boot one
+//! (libkrun on hardware KVM, or QEMU: `hypervisor = auto` picks) and a
+//! guest kernel (scripts/build-guest-kernel.sh, or libkrunfw for libkrun),
+//! and skip with the reason on hosts without them. One test instead checks
+//! what happens when libkrun is forced on a host that has a kernel but
+//! cannot boot it (PVM): the failure must be reported, not hang.
 
 mod common;
 
@@ -16,18 +17,12 @@ use openshell_proto::compute::v1::{StartSandboxRequest, StopSandboxRequest};
 /// skip; otherwise the reason.
 fn bootable() -> Result<(), String> {
     let report = HostReport::check(&HostPaths::system(), None);
-    match (&report.kvm, &report.kernel) {
-        (Ok(_), Ok(_)) => Ok(()),
-        (kvm, kernel) => {
-            let mut why = Vec::new();
-            if let Err(problem) = kvm {
-                why.push(problem.to_string());
-            }
-            if let Err(problem) = kernel {
-                why.push(problem.to_string());
-            }
-            Err(why.join("; "))
+    match report.blocker(false) {
+        None => {
+            eprintln!("booting with {}", report.platform_label());
+            Ok(())
         }
+        Some(problem) => Err(problem.to_string()),
     }
 }
 
@@ -180,8 +175,14 @@ async fn a_real_kernel_on_an_unsupported_host_is_boot_failed() {
         }
     };
     let Some(guest) = guest() else { return };
-    let mut driver =
-        Driver::start(guest.tmp.path(), &["--allow-unsupported-host".to_owned()]).await;
+    let mut driver = Driver::start(
+        guest.tmp.path(),
+        &[
+            "--allow-unsupported-host".to_owned(),
+            "--hypervisor=libkrun".to_owned(),
+        ],
+    )
+    .await;
     let mut watch = Watch::open(&mut driver.client).await;
     driver
         .create(sandbox("pvm-1", &guest.image, &["/bin/true"]))
@@ -199,5 +200,67 @@ async fn a_real_kernel_on_an_unsupported_host_is_boot_failed() {
     .await;
     assert!(driver.children().is_empty());
     eprintln!("{} on PVM: {message}", kernel.describe());
+    driver.shutdown().await;
+}
+
+/// The guest gets the sandbox's environment, starts in its working
+/// directory, and reaches a TCP server on the host's loopback through
+/// passt (the gateway address 192.0.2.1 maps to the host's 127.0.0.1).
+/// Skips where the network is not passt (libkrun, or no passt installed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_workdir_and_the_host_loopback_through_passt() {
+    require_boot!();
+    let report = HostReport::check(&HostPaths::system(), None);
+    if !report.platform_label().ends_with("network passt") {
+        eprintln!(
+            "skipped: the guest network here is not passt ({})",
+            report.platform_label()
+        );
+        return;
+    }
+    let Some(guest) = guest() else { return };
+    // A one-shot HTTP server on the host's loopback only.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut stream, peer) = listener.accept().unwrap();
+        let mut request = [0_u8; 1024];
+        let n = stream.read(&mut request).unwrap_or(0);
+        let body = "reply-from-host-loopback\n";
+        let _ = write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        (peer, String::from_utf8_lossy(&request[..n]).into_owned())
+    });
+    let mut driver = Driver::start(guest.tmp.path(), &[]).await;
+    let script = format!(
+        "echo env=$GREETING; echo cwd=$(pwd); wget -q -O - http://192.0.2.1:{port}/probe; \
+         echo wget-exit=$?"
+    );
+    let mut request = sandbox("net-1", &guest.image, &["/bin/sh", "-c", &script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.environment
+            .insert("GREETING".to_owned(), "hello guest".to_owned());
+    }
+    driver.create(request).await.unwrap();
+    let exited = driver
+        .wait_for("net-1", "Exited", |s| ready_reason(s) == "Exited")
+        .await;
+    let console = driver.console("net-1", 0).await;
+    let message = condition(&exited, "Ready").unwrap().message;
+    assert!(message.contains("code 0"), "{message}\n{console}");
+    assert!(console.contains("env=hello guest"), "{console}");
+    assert!(console.contains("cwd=/"), "{console}");
+    assert!(console.contains("reply-from-host-loopback"), "{console}");
+    assert!(console.contains("wget-exit=0"), "{console}");
+    let (peer, request) = server.join().unwrap();
+    assert!(
+        peer.ip().is_loopback(),
+        "passt maps the guest to loopback: {peer}"
+    );
+    assert!(request.starts_with("GET /probe "), "{request}");
     driver.shutdown().await;
 }

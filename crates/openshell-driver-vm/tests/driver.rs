@@ -62,7 +62,10 @@ fn setup(kind: FakeKernel) -> Option<(Setup, Vec<String>)> {
     };
     let kernel = tmp.path().join("vmlinux-fake");
     write_fake_kernel(&kernel, kind);
+    // Fake kernels exercise libkrun's host-side path; the QEMU backend is
+    // covered by tests/boot.rs with a real kernel.
     let args = vec![
+        "--hypervisor=libkrun".to_owned(),
         "--kernel".to_owned(),
         kernel.display().to_string(),
         "--allow-unsupported-host".to_owned(),

@@ -1,8 +1,10 @@
-//! Bucket `vm`: the libkrun VM driver, managed (`--drivers vm`) and attached
+//! Bucket `vm`: the VM driver, managed (`--drivers vm`) and attached
 //! (`--drivers vm@SOCKET` against a separately started `openshell-driver-vm`),
-//! through the same lifecycle. Gated: it needs hardware KVM and a guest
-//! kernel, which `openshell-driver-vm preflight` checks; elsewhere it prints
-//! the reason and is skipped.
+//! through the same lifecycle. It needs a backend that can boot a guest
+//! (libkrun on hardware KVM, else QEMU, TCG where there is no usable KVM)
+//! and a guest kernel, which `openshell-driver-vm preflight` checks;
+//! elsewhere it prints the reason and is skipped. `.ci/run` installs QEMU,
+//! passt and the kernel, so in CI it runs for real.
 #![cfg(feature = "vm")]
 
 use std::path::{Path, PathBuf};
@@ -173,6 +175,93 @@ fn attached_vm_lifecycle() {
     let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(gateway.driver("vm")["managed"], false);
     lifecycle(&gateway, &env, "vm");
+}
+
+/// The guest's output and exit code come back through the gateway, and a
+/// gateway killed with SIGKILL leaves no QEMU, passt or VMM process behind.
+#[test]
+fn exit_code_and_no_orphans_after_the_gateway_is_killed() {
+    require_vm!();
+    let env = TestEnv::new();
+    let rootfs = busybox_rootfs(&env);
+    let config = GatewayConfig {
+        drivers: Some("vm".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.vm]\ndefault_image = \"rootfs:{}\"\n",
+            rootfs.display()
+        )),
+        ..GatewayConfig::default()
+    };
+    let mut gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
+
+    let short = env.name("vm-exit");
+    gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &short,
+            "--driver",
+            "vm",
+            "--timeout",
+            "180",
+            "--",
+            "sh",
+            "-c",
+            "echo exiting-with-3; exit 3",
+        ])
+        .ok();
+    wait_until(
+        "the exit code in the sandbox",
+        Duration::from_secs(120),
+        || {
+            let shown = gateway
+                .cli(&["-o", "json", "sandbox", "get", &short])
+                .stdout;
+            shown.contains("code 3")
+        },
+    );
+    assert!(
+        gateway
+            .cli(&["sandbox", "logs", &short])
+            .ok()
+            .stdout
+            .contains("exiting-with-3")
+    );
+
+    let long = env.name("vm-long");
+    gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &long,
+            "--driver",
+            "vm",
+            "--timeout",
+            "180",
+            "--",
+            "sleep",
+            "3600",
+        ])
+        .ok();
+    let vm_processes = || -> Vec<u32> {
+        let mut pids = env.leftover_processes();
+        pids.retain(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.contains("qemu-system") || cmd.contains(" vmm ") || cmd.contains("\0vmm\0")
+            })
+        });
+        pids
+    };
+    let passt_before = openshell_e2e::processes_mentioning("openshell-passt-");
+    assert!(!vm_processes().is_empty(), "a VMM runs for {long}");
+    gateway.kill();
+    wait_until("no VM process left", Duration::from_secs(30), || {
+        vm_processes().is_empty()
+    });
+    wait_until("no passt left", Duration::from_secs(30), || {
+        passt_before.iter().all(|pid| !openshell_e2e::alive(*pid))
+    });
 }
 
 /// Where VM sandboxes cannot boot, `--drivers vm` still comes up, lists and

@@ -34,7 +34,7 @@ pub use observe::apply_snapshot_to;
 
 use crate::api::translate;
 use crate::config::Timeouts;
-use crate::drivers::registry::{DriverRuntime, Registry};
+use crate::drivers::registry::{DriverRuntime, Lookup, Registry};
 use crate::error::{Error, Result};
 use crate::phases::ready_false;
 use crate::state::store::{SandboxRow, Store, Updated, now_ms};
@@ -147,6 +147,13 @@ impl Gateway {
         let _ = self.bus.send(event);
     }
 
+    /// Tells public watchers that a driver's availability changed.
+    pub(crate) fn publish_driver_state(&self, driver: &str) {
+        self.publish(BusEvent::DriverState {
+            driver: driver.to_owned(),
+        });
+    }
+
     fn publish_row(&self, row: SandboxRow) {
         self.publish(BusEvent::Changed(Arc::new(row)));
     }
@@ -165,15 +172,17 @@ impl Gateway {
     }
 
     fn runtime_for(&self, row: &SandboxRow) -> Result<Arc<DriverRuntime>> {
-        self.registry.get(&row.driver).cloned().ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+        match self.registry.lookup(&row.driver) {
+            Lookup::Ready(runtime) => Ok(runtime),
+            Lookup::Pending(pending) => Err(Registry::pending_error(&pending)),
+            Lookup::NotConfigured => Err(Error::FailedPrecondition(format!(
                 "sandbox '{}' belongs to driver '{}', which is not configured in this gateway \
                  (configured: {}); configure that driver again to manage the sandbox",
                 row.name,
                 row.driver,
                 self.registry.names()
-            ))
-        })
+            ))),
+        }
     }
 
     /// Replaces a transport failure with the driver's known state, and wakes
@@ -189,6 +198,21 @@ impl Gateway {
             Err(Error::DriverUnavailable { .. }) if !runtime.is_available() => {
                 Err(runtime.unavailable())
             }
+            // CANCELLED before the deadline: the connection went away under
+            // the call (the driver died or was replaced). Say so.
+            Err(Error::DriverCall {
+                code: Code::Cancelled,
+                message,
+                rpc,
+                ..
+            }) => Err(if runtime.is_available() {
+                Error::DriverUnavailable {
+                    driver: runtime.name.clone(),
+                    reason: format!("the connection was lost during {rpc}: {message}"),
+                }
+            } else {
+                runtime.unavailable()
+            }),
             Err(error) => Err(error),
         }
     }

@@ -13,7 +13,7 @@ use super::{
     join_error,
 };
 use crate::api::{translate, validate};
-use crate::drivers::registry::DriverRuntime;
+use crate::drivers::registry::{DriverRuntime, Lookup, Registry};
 use crate::error::{Error, Result};
 use crate::phases::intent_condition;
 use crate::state::store::{Inserted, ListQuery, SandboxRow, Updated, now_ms};
@@ -169,19 +169,22 @@ impl Gateway {
         validate::image(&spec.image).map_err(Error::InvalidArgument)?;
         validate::resources(spec.resources.as_ref()).map_err(Error::InvalidArgument)?;
         validate::labels(&request.labels).map_err(Error::InvalidArgument)?;
-        let runtime = if request.driver.is_empty() {
-            self.registry.default_driver()
+        let wanted = if request.driver.is_empty() {
+            self.registry.default_name().unwrap_or_default().to_owned()
         } else {
-            self.registry.get(&request.driver.to_ascii_lowercase())
-        }
-        .cloned()
-        .ok_or_else(|| {
-            Error::NotFound(format!(
-                "driver '{}' is not configured; configured drivers: {}",
-                request.driver,
-                self.registry.names()
-            ))
-        })?;
+            request.driver.to_ascii_lowercase()
+        };
+        let runtime = match self.registry.lookup(&wanted) {
+            Lookup::Ready(runtime) => runtime,
+            Lookup::Pending(pending) => return Err(Registry::pending_error(&pending)),
+            Lookup::NotConfigured => {
+                return Err(Error::NotFound(format!(
+                    "driver '{}' is not configured; configured drivers: {}",
+                    request.driver,
+                    self.registry.names()
+                )));
+            }
+        };
         if !runtime.is_available() {
             return Err(runtime.unavailable());
         }
@@ -585,7 +588,7 @@ impl Gateway {
     pub fn info(&self) -> gw::GatewayInfo {
         gw::GatewayInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            drivers: self.registry.iter().map(|r| r.info()).collect(),
+            drivers: self.registry.infos(),
             listen: self.listen.clone(),
         }
     }

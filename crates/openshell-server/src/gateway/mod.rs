@@ -83,6 +83,28 @@ fn ambiguous(error: &Error) -> bool {
     }
 }
 
+/// Whether the driver answered the failed call (with an error status), as
+/// opposed to not answering in time or not being reachable: only then is a
+/// follow-up call worth making.
+fn answered(error: &Error) -> bool {
+    matches!(error, Error::DriverCall { .. })
+}
+
+/// The gateway condition reasons of Error rows whose sandbox may never have
+/// reached the driver (or that the driver lost).
+pub(crate) const CREATE_FAILED: &str = "CreateFailed";
+pub(crate) const RESOURCE_MISSING: &str = "ComputeResourceMissing";
+
+/// An Error row the gateway marked because its create failed or the
+/// driver lost it: one the driver confirming absence may remove.
+pub(crate) fn never_reached_driver(row: &SandboxRow) -> bool {
+    row.phase == SandboxPhase::Error
+        && row
+            .gateway_condition
+            .as_ref()
+            .is_some_and(|c| c.reason == CREATE_FAILED)
+}
+
 fn is_not_found(error: &Error) -> bool {
     matches!(
         error,

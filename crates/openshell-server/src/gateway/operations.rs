@@ -9,8 +9,8 @@ use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use tonic::Status;
 
 use super::{
-    DEFAULT_PAGE_SIZE, Gateway, MAX_PAGE_SIZE, ambiguous, apply_snapshot_to, is_not_found,
-    join_error,
+    CREATE_FAILED, DEFAULT_PAGE_SIZE, Gateway, MAX_PAGE_SIZE, ambiguous, answered,
+    apply_snapshot_to, is_not_found, join_error,
 };
 use crate::api::{translate, validate};
 use crate::drivers::registry::{DriverRuntime, Lookup, Registry};
@@ -189,7 +189,9 @@ impl Gateway {
             return Err(runtime.unavailable());
         }
         let name = request.name.clone();
-        if let Some(existing) = self.db(move |s| s.get_by_name(&name)).await? {
+        if let Some(existing) = self.db(move |s| s.get_by_name(&name)).await?
+            && !self.clear_failed_create(&existing).await?
+        {
             return Err(Error::AlreadyExists(format!(
                 "sandbox '{}' already exists (id {}, driver '{}')",
                 existing.name, existing.id, existing.driver
@@ -228,9 +230,9 @@ impl Gateway {
         // for the create instead of racing it.
         let _gate = self.gates.lock(&row.id).await;
         let sandbox = translate::driver_sandbox(&row);
-        let admitted = runtime.confirm_admission().await;
+        let admitted = runtime.guarded(runtime.confirm_admission()).await;
         self.driver_result(&runtime, admitted)?;
-        let validated = runtime.driver.validate(sandbox.clone()).await;
+        let validated = runtime.guarded(runtime.driver.validate(sandbox.clone())).await;
         self.driver_result(&runtime, validated)?;
         let stored = row.clone();
         match self.db(move |s| s.insert(&stored)).await? {
@@ -243,7 +245,7 @@ impl Gateway {
             }
         }
         self.publish_row(row.clone());
-        let created = runtime.driver.create(sandbox).await;
+        let created = runtime.guarded(runtime.driver.create(sandbox)).await;
         match self.driver_result(&runtime, created) {
             Ok(()) => {
                 tracing::info!(sandbox = %row.name, id = %row.id, driver = %runtime.name, "sandbox created");
@@ -261,8 +263,11 @@ impl Gateway {
     /// driver may hold resources that could not be removed, in which case
     /// it stays in Error so the user can see and delete it.
     async fn create_failed(&self, runtime: &DriverRuntime, row: &SandboxRow, error: &Error) {
-        let cleaned = if ambiguous(error) {
-            match runtime.driver.delete(&row.id, &row.name).await {
+        // A driver that did not answer cannot be asked to clean up now (and
+        // a second call would double the wait): the row stays in Error, and
+        // reconcile removes it once the driver confirms it never had it.
+        let cleaned = if ambiguous(error) && answered(error) {
+            match runtime.guarded(runtime.driver.delete(&row.id, &row.name)).await {
                 Ok(_) => true,
                 Err(cleanup) if is_not_found(&cleanup) => true,
                 Err(cleanup) => {
@@ -278,9 +283,10 @@ impl Gateway {
         } else {
             self.mark_error(
                 &row.id,
-                "CreateFailed",
+                CREATE_FAILED,
                 format!(
-                    "create failed ({error}); the driver may still hold resources: delete the sandbox to clean up"
+                    "create failed ({error}); the driver may still hold resources: delete the sandbox to clean up \
+                     (the gateway removes it by itself once the driver confirms it never got it)"
                 ),
             )
             .await
@@ -288,6 +294,35 @@ impl Gateway {
         if let Err(store) = outcome {
             tracing::warn!(sandbox = %row.name, error = %store, "could not record a failed create");
         }
+    }
+
+    /// A create under a name held by an Error row whose create failed (or
+    /// whose sandbox the driver lost): if the driver confirms it has no
+    /// such sandbox, the row is removed and the name is free again.
+    /// Returns whether it was removed.
+    async fn clear_failed_create(&self, existing: &SandboxRow) -> Result<bool> {
+        if !super::never_reached_driver(existing) {
+            return Ok(false);
+        }
+        let Some(runtime) = self.registry.get(&existing.driver) else {
+            return Ok(false);
+        };
+        let _gate = self.gates.lock(&existing.id).await;
+        let checked = runtime
+            .guarded(runtime.driver.get(&existing.id, &existing.name))
+            .await;
+        if !matches!(self.driver_result(&runtime, checked)?, None) {
+            return Ok(false);
+        }
+        let version = existing.resource_version;
+        let id = existing.id.clone();
+        let still = self.db(move |s| s.get(&id)).await?;
+        if still.is_some_and(|r| r.resource_version == version) {
+            tracing::warn!(sandbox = %existing.name, id = %existing.id, driver = %existing.driver, "removing a failed create the driver never got, to create the name again");
+            self.remove_row(&existing.id).await?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     pub async fn get(&self, reference: Option<gw::SandboxRef>) -> Result<gw::Sandbox> {
@@ -400,15 +435,18 @@ impl Gateway {
             Precheck::Done => return Ok(self.view(&row)),
             Precheck::Refused(error) => return Err(error),
         }
+        if !runtime.is_available() {
+            return Err(runtime.unavailable());
+        }
         if transition.call == DriverCall::Start {
-            let admitted = runtime.confirm_admission().await;
+            let admitted = runtime.guarded(runtime.confirm_admission()).await;
             self.driver_result(&runtime, admitted)?;
         }
         let previous = row.phase;
         self.set_transition(&id, transition.via).await?;
         let called = match transition.call {
-            DriverCall::Stop => runtime.driver.stop(&row.id, &row.name).await,
-            DriverCall::Start => runtime.driver.start(&row.id, &row.name).await,
+            DriverCall::Stop => runtime.guarded(runtime.driver.stop(&row.id, &row.name)).await,
+            DriverCall::Start => runtime.guarded(runtime.driver.start(&row.id, &row.name)).await,
         };
         match self.driver_result(&runtime, called) {
             Ok(()) => {
@@ -416,7 +454,9 @@ impl Gateway {
                     Some(phase) => self.settle(&id, transition.via, phase).await?,
                     // The driver's snapshot says where the sandbox is now.
                     None => {
-                        if let Ok(Some(snapshot)) = runtime.driver.get(&row.id, &row.name).await {
+                        if let Ok(Some(snapshot)) =
+                            runtime.guarded(runtime.driver.get(&row.id, &row.name)).await
+                        {
                             self.apply_snapshot(&runtime.name, snapshot).await?;
                         }
                     }
@@ -428,6 +468,13 @@ impl Gateway {
             Err(error) => {
                 self.recover(&runtime, &row, transition.via, previous, &error)
                     .await;
+                if is_not_found(&error) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "driver '{}' has no sandbox '{}' (id {}): its create never reached the driver, or the \
+                         driver lost it; delete the sandbox and create it again",
+                        runtime.name, row.name, row.id
+                    )));
+                }
                 Err(error)
             }
         }
@@ -494,8 +541,8 @@ impl Gateway {
         let outcome = if is_not_found(error) {
             self.mark_error(&row.id, "ComputeResourceMissing", missing())
                 .await
-        } else if ambiguous(error) {
-            match runtime.driver.get(&row.id, &row.name).await {
+        } else if ambiguous(error) && answered(error) {
+            match runtime.guarded(runtime.driver.get(&row.id, &row.name)).await {
                 Ok(Some(snapshot)) => {
                     let driver = runtime.name.clone();
                     self.update(&row.id, move |r| {
@@ -554,9 +601,14 @@ impl Gateway {
             // Removed while we waited for the gate.
             return Ok(true);
         };
+        if !runtime.is_available() {
+            return Err(runtime.unavailable());
+        }
         let previous = row.phase;
         self.set_transition(&id, SandboxPhase::Deleting).await?;
-        let deleted = runtime.driver.delete(&row.id, &row.name).await;
+        let deleted = runtime
+            .guarded(runtime.driver.delete(&row.id, &row.name))
+            .await;
         match self.driver_result(&runtime, deleted) {
             Ok(false) => {
                 self.remove_row(&id).await?;
@@ -564,7 +616,10 @@ impl Gateway {
             Ok(true) => {
                 // Usually gone already; otherwise the watch stream's
                 // `deleted` event (or the next reconcile) removes the row.
-                if let Ok(None) = runtime.driver.get(&row.id, &row.name).await {
+                if let Ok(None) = runtime
+                    .guarded(runtime.driver.get(&row.id, &row.name))
+                    .await
+                {
                     self.remove_row(&id).await?;
                 }
             }
@@ -573,7 +628,13 @@ impl Gateway {
             }
             Err(error) => {
                 let gone = ambiguous(&error)
-                    && matches!(runtime.driver.get(&row.id, &row.name).await, Ok(None));
+                    && answered(&error)
+                    && matches!(
+                        runtime
+                            .guarded(runtime.driver.get(&row.id, &row.name))
+                            .await,
+                        Ok(None)
+                    );
                 if gone {
                     self.remove_row(&id).await?;
                     return Ok(true);

@@ -138,11 +138,7 @@ impl Listener {
 }
 
 /// The options a driver's runtime is built with.
-fn runtime_options(
-    settings: &Settings,
-    index: usize,
-    plan: &DriverPlan,
-) -> Result<RuntimeOptions> {
+fn runtime_options(settings: &Settings, index: usize, plan: &DriverPlan) -> Result<RuntimeOptions> {
     // Checked when the settings were resolved; a bad value cannot get here.
     let expected_admission = plan.expected_admission().map_err(Error::Config)?;
     Ok(RuntimeOptions {
@@ -183,7 +179,10 @@ fn may_defer(settings: &Settings, plan: &DriverPlan, error: &Error) -> bool {
             true
         }
         Error::DriverInit { code, .. } => {
-            matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+            matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            )
         }
         _ => false,
     }
@@ -354,8 +353,10 @@ pub async fn run(settings: Settings) -> Result<()> {
             return Ok(());
         }
     };
-    let runtimes: Vec<Arc<DriverRuntime>> =
-        started.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
+    let runtimes: Vec<Arc<DriverRuntime>> = started
+        .iter()
+        .filter_map(|s| s.as_ref().ok().cloned())
+        .collect();
     let pending: Vec<usize> = started
         .iter()
         .enumerate()

@@ -2,7 +2,9 @@
 //! turned into a [`RemoteComputeDriver`] with its capabilities snapshot,
 //! its health, and the guard that is stopped at the very end.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -345,15 +347,20 @@ impl DriverRuntime {
 
     /// Runs a driver call, giving up with UNAVAILABLE as soon as the driver
     /// is found unresponsive, so that no caller waits out a frozen driver.
-    pub async fn guarded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
-        if !self.is_available() {
-            return Err(self.unavailable());
-        }
-        let mut unresponsive = self.unresponsive.subscribe();
-        tokio::select! {
-            result = call => result,
-            _ = unresponsive.wait_for(Option::is_some) => Err(self.unavailable()),
-        }
+    pub fn guarded<'a, T: Send + 'a>(
+        &'a self,
+        call: impl Future<Output = Result<T>> + Send + 'a,
+    ) -> Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>> {
+        Box::pin(async move {
+            if !self.is_available() {
+                return Err(self.unavailable());
+            }
+            let mut unresponsive = self.unresponsive.subscribe();
+            tokio::select! {
+                result = call => result,
+                _ = unresponsive.wait_for(Option::is_some) => Err(self.unavailable()),
+            }
+        })
     }
 
     /// The error calls get while the driver is down.
@@ -590,7 +597,9 @@ impl Registry {
 
     /// Drivers in configuration order, each connected or pending; the first
     /// is the default.
-    pub fn with_pending(drivers: Vec<std::result::Result<Arc<DriverRuntime>, PendingDriver>>) -> Self {
+    pub fn with_pending(
+        drivers: Vec<std::result::Result<Arc<DriverRuntime>, PendingDriver>>,
+    ) -> Self {
         let slots = drivers
             .into_iter()
             .enumerate()

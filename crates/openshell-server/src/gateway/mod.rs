@@ -19,12 +19,14 @@
 
 pub mod observe;
 pub mod operations;
+pub mod orphans;
 pub mod sweeps;
 pub mod watch;
 
 use std::sync::Arc;
 
 use openshell_driver_kit::KeyLocks;
+use openshell_proto::compute::v1::DriverSandbox;
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +134,9 @@ pub struct Gateway {
     /// Cancelled when the gateway starts shutting down: long-lived streams
     /// end and new mutations are refused.
     pub shutdown: CancellationToken,
+    /// Per driver, the sandboxes its last reconcile listed that have no
+    /// row (see [`orphans`]).
+    orphans: std::sync::Mutex<std::collections::HashMap<String, Vec<DriverSandbox>>>,
 }
 
 impl Gateway {
@@ -145,6 +150,7 @@ impl Gateway {
             timeouts,
             listen,
             shutdown: CancellationToken::new(),
+            orphans: std::sync::Mutex::default(),
         }
     }
 

@@ -216,7 +216,7 @@ impl Gateway {
             updated_at_ms: now,
         };
         let gateway = Arc::clone(self);
-        tokio::spawn(async move { gateway.create_owned(runtime, row).await })
+        tokio::spawn(async move { Box::pin(gateway.create_owned(runtime, row)).await })
             .await
             .map_err(|e| join_error(&e))?
     }
@@ -232,7 +232,9 @@ impl Gateway {
         let sandbox = translate::driver_sandbox(&row);
         let admitted = runtime.guarded(runtime.confirm_admission()).await;
         self.driver_result(&runtime, admitted)?;
-        let validated = runtime.guarded(runtime.driver.validate(sandbox.clone())).await;
+        let validated = runtime
+            .guarded(runtime.driver.validate(sandbox.clone()))
+            .await;
         self.driver_result(&runtime, validated)?;
         let stored = row.clone();
         match self.db(move |s| s.insert(&stored)).await? {
@@ -267,7 +269,10 @@ impl Gateway {
         // a second call would double the wait): the row stays in Error, and
         // reconcile removes it once the driver confirms it never had it.
         let cleaned = if ambiguous(error) && answered(error) {
-            match runtime.guarded(runtime.driver.delete(&row.id, &row.name)).await {
+            match runtime
+                .guarded(runtime.driver.delete(&row.id, &row.name))
+                .await
+            {
                 Ok(_) => true,
                 Err(cleanup) if is_not_found(&cleanup) => true,
                 Err(cleanup) => {
@@ -311,7 +316,7 @@ impl Gateway {
         let checked = runtime
             .guarded(runtime.driver.get(&existing.id, &existing.name))
             .await;
-        if !matches!(self.driver_result(&runtime, checked)?, None) {
+        if self.driver_result(&runtime, checked)?.is_some() {
             return Ok(false);
         }
         let version = existing.resource_version;
@@ -445,8 +450,16 @@ impl Gateway {
         let previous = row.phase;
         self.set_transition(&id, transition.via).await?;
         let called = match transition.call {
-            DriverCall::Stop => runtime.guarded(runtime.driver.stop(&row.id, &row.name)).await,
-            DriverCall::Start => runtime.guarded(runtime.driver.start(&row.id, &row.name)).await,
+            DriverCall::Stop => {
+                runtime
+                    .guarded(runtime.driver.stop(&row.id, &row.name))
+                    .await
+            }
+            DriverCall::Start => {
+                runtime
+                    .guarded(runtime.driver.start(&row.id, &row.name))
+                    .await
+            }
         };
         match self.driver_result(&runtime, called) {
             Ok(()) => {
@@ -454,8 +467,9 @@ impl Gateway {
                     Some(phase) => self.settle(&id, transition.via, phase).await?,
                     // The driver's snapshot says where the sandbox is now.
                     None => {
-                        if let Ok(Some(snapshot)) =
-                            runtime.guarded(runtime.driver.get(&row.id, &row.name)).await
+                        if let Ok(Some(snapshot)) = runtime
+                            .guarded(runtime.driver.get(&row.id, &row.name))
+                            .await
                         {
                             self.apply_snapshot(&runtime.name, snapshot).await?;
                         }
@@ -542,7 +556,10 @@ impl Gateway {
             self.mark_error(&row.id, "ComputeResourceMissing", missing())
                 .await
         } else if ambiguous(error) && answered(error) {
-            match runtime.guarded(runtime.driver.get(&row.id, &row.name)).await {
+            match runtime
+                .guarded(runtime.driver.get(&row.id, &row.name))
+                .await
+            {
                 Ok(Some(snapshot)) => {
                     let driver = runtime.name.clone();
                     self.update(&row.id, move |r| {

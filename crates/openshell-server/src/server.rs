@@ -203,6 +203,7 @@ async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<
     let results = join_all(attempts).await;
     let mut started = Vec::new();
     let mut first_error = None;
+    let mut down = Vec::new();
     for (result, plan) in results.into_iter().zip(&settings.drivers) {
         match result {
             Ok(runtime) => started.push(Ok(Arc::new(runtime))),
@@ -216,6 +217,7 @@ async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<
                     reason,
                     since_ms: openshell_wire::time::now_millis(),
                 }));
+                down.push(error);
             }
             Err(error) => {
                 if first_error.is_some() {
@@ -225,6 +227,11 @@ async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<
                 }
             }
         }
+    }
+    if first_error.is_none() && !started.iter().any(Result::is_ok) {
+        // Nothing could be served: a gateway whose every driver is down
+        // fails as before, with the first driver's error.
+        first_error = down.into_iter().next();
     }
     if let Some(error) = first_error {
         let runtimes: Vec<_> = started.into_iter().filter_map(Result::ok).collect();

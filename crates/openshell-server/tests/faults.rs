@@ -197,11 +197,7 @@ async fn a_frozen_driver_is_unavailable_and_calls_fail_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_to_a_driver_that_freezes_fails_fast() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(
-        &dirs.path("d.sock"),
-        &dirs.path("calls"),
-        &["--provision-delay-ms", "5"],
-    );
+    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
     let config = write_config(
         &dirs,
         &toml(

@@ -85,11 +85,19 @@ fn ambiguous(error: &Error) -> bool {
     }
 }
 
+/// A status the client library makes up when the connection under a call
+/// breaks (the driver did not send it).
+fn connection_lost(code: Code, message: &str) -> bool {
+    code == Code::Cancelled
+        || (code == Code::Unknown
+            && (message.starts_with("transport error") || message.starts_with("h2 protocol error")))
+}
+
 /// Whether the driver answered the failed call (with an error status), as
 /// opposed to not answering in time or not being reachable: only then is a
 /// follow-up call worth making.
 fn answered(error: &Error) -> bool {
-    matches!(error, Error::DriverCall { .. })
+    matches!(error, Error::DriverCall { code, message, .. } if !connection_lost(*code, message))
 }
 
 /// The gateway condition reasons of Error rows whose sandbox may never have
@@ -226,14 +234,12 @@ impl Gateway {
             Err(Error::DriverUnavailable { .. }) if !runtime.is_available() => {
                 Err(runtime.unavailable())
             }
-            // CANCELLED before the deadline: the connection went away under
-            // the call (the driver died or was replaced). Say so.
+            // CANCELLED before the deadline, or a transport error: the
+            // connection went away under the call (the driver died or was
+            // replaced). Say so.
             Err(Error::DriverCall {
-                code: Code::Cancelled,
-                message,
-                rpc,
-                ..
-            }) => Err(if runtime.is_available() {
+                code, message, rpc, ..
+            }) if connection_lost(code, &message) => Err(if runtime.is_available() {
                 Error::DriverUnavailable {
                     driver: runtime.name.clone(),
                     reason: format!("the connection was lost during {rpc}: {message}"),

@@ -209,7 +209,7 @@ async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<
             Ok(runtime) => started.push(Ok(Arc::new(runtime))),
             Err(error) if first_error.is_none() && may_defer(settings, plan, &error) => {
                 let reason = crate::error::error_chain(&error);
-                tracing::error!(driver = %plan.name, error = %reason, "driver is down at startup; serving the other drivers and dialling it in the background (mark it required to refuse to start without it)");
+                tracing::error!(driver = %plan.name, error = %reason, "driver is down at startup; dialling it in the background while the other drivers serve (mark it required to refuse to start without it)");
                 started.push(Err(PendingDriver {
                     name: plan.name.clone(),
                     socket: plan_socket(plan),

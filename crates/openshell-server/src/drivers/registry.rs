@@ -345,6 +345,11 @@ impl DriverRuntime {
         changed.then_some(responsive)
     }
 
+    fn clear_unresponsive(&self) {
+        self.unresponsive
+            .send_if_modified(|current| current.take().is_some());
+    }
+
     /// Runs a driver call, giving up with UNAVAILABLE as soon as the driver
     /// is found unresponsive, so that no caller waits out a frozen driver.
     pub fn guarded<'a, T: Send + 'a>(
@@ -389,6 +394,11 @@ impl DriverRuntime {
 
     /// Mirrors process health into the reported status (managed drivers).
     pub(crate) fn apply_health(&self, health: &DriverHealth) -> bool {
+        if health.is_ready() {
+            // A new process that is ready: an earlier unanswered probe was
+            // about the old one.
+            self.clear_unresponsive();
+        }
         self.status.send_if_modified(|status| {
             let next = DriverStatus::from_health(health, status, now_millis());
             let changed = *status != next;
@@ -400,6 +410,10 @@ impl DriverRuntime {
     /// Records whether the watch stream is connected (drivers without
     /// process health). Returns whether availability changed.
     pub(crate) fn set_connected(&self, connected: bool, message: &str) -> bool {
+        if connected {
+            // The driver just answered a list: it is responsive.
+            self.clear_unresponsive();
+        }
         if self.health.is_some() {
             return false;
         }

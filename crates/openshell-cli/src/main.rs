@@ -14,9 +14,10 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use openshell_proto::gateway::v1::gateway_client::GatewayClient;
 use openshell_proto::gateway::v1::watch_sandboxes_event::Payload;
 use openshell_proto::gateway::v1::{
-    CreateSandboxRequest, DeleteSandboxRequest, GetGatewayInfoRequest, GetSandboxRequest,
-    ListSandboxesRequest, Resources, SandboxLogsRequest, SandboxRef, SandboxSpec,
-    StartSandboxRequest, StopSandboxRequest, WatchSandboxesRequest,
+    AdoptOrphanRequest, CreateSandboxRequest, DeleteOrphanRequest, DeleteSandboxRequest,
+    GetGatewayInfoRequest, GetSandboxRequest, ListOrphansRequest, ListSandboxesRequest, Resources,
+    SandboxLogsRequest, SandboxRef, SandboxSpec, StartSandboxRequest, StopSandboxRequest,
+    WatchSandboxesRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -82,8 +83,19 @@ enum SandboxCommand {
     Get { name: String },
     /// List sandboxes.
     List(ListArgs),
-    /// Delete a sandbox and, unless --no-wait, wait until it is gone.
-    Delete(NameWait),
+    /// Delete a sandbox and, unless --no-wait, wait until it is gone; or,
+    /// with --orphan ID --driver D, a sandbox the driver has and the
+    /// gateway has no record of.
+    Delete(DeleteArgs),
+    /// Take an orphan (a sandbox the driver has and the gateway has no
+    /// record of; see `sandbox list --orphans`) under management.
+    Adopt {
+        /// The orphan's name.
+        name: String,
+        /// The driver that reports it.
+        #[arg(long)]
+        driver: String,
+    },
     /// Stop a sandbox, keeping its state.
     Stop { name: String },
     /// Start a stopped sandbox and, unless --no-wait, wait until it is Ready.
@@ -121,6 +133,21 @@ struct Wait {
 #[derive(Debug, Args)]
 struct NameWait {
     name: String,
+    #[command(flatten)]
+    wait: Wait,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    /// The sandbox to delete.
+    #[arg(required_unless_present = "orphan")]
+    name: Option<String>,
+    /// Delete the orphan with this id instead (see `sandbox list --orphans`).
+    #[arg(long, value_name = "ID", conflicts_with = "name", requires = "driver")]
+    orphan: Option<String>,
+    /// The driver that reports the orphan.
+    #[arg(long, requires = "orphan")]
+    driver: Option<String>,
     #[command(flatten)]
     wait: Wait,
 }
@@ -171,6 +198,11 @@ struct ListArgs {
     /// Stop after this many sandboxes.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
+    /// List the sandboxes drivers report that the gateway has no record of
+    /// (lost or replaced state) instead; adopt them with `sandbox adopt`
+    /// or delete them with `sandbox delete --orphan`.
+    #[arg(long, conflicts_with_all = ["phase", "labels", "limit"])]
+    orphans: bool,
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -290,7 +322,38 @@ async fn sandbox(
             show_sandbox(&response.sandbox.unwrap_or_default(), format)
         }
         SandboxCommand::List(args) => list(client, args, format).await,
-        SandboxCommand::Delete(NameWait { name, wait }) => {
+        SandboxCommand::Delete(DeleteArgs {
+            orphan: Some(id),
+            driver,
+            ..
+        }) => {
+            let deleted = client
+                .delete_orphan(DeleteOrphanRequest {
+                    driver: driver.unwrap_or_default(),
+                    id: id.clone(),
+                })
+                .await?
+                .into_inner()
+                .deleted;
+            match format {
+                Format::Json => print_json(&json!({ "orphan": id, "deleted": deleted })),
+                Format::Table if deleted => print_text(&format!("orphan {id} deleted\n")),
+                Format::Table => print_text(&format!("orphan {id} was already gone\n")),
+            }
+        }
+        SandboxCommand::Adopt { name, driver } => {
+            let response = client
+                .adopt_orphan(AdoptOrphanRequest {
+                    driver,
+                    name,
+                    id: String::new(),
+                })
+                .await?
+                .into_inner();
+            show_sandbox(&response.sandbox.unwrap_or_default(), format)
+        }
+        SandboxCommand::Delete(DeleteArgs { name, wait, .. }) => {
+            let name = name.unwrap_or_default();
             let deleted = client
                 .delete_sandbox(DeleteSandboxRequest {
                     sandbox: by_name(&name),
@@ -410,6 +473,9 @@ async fn list(
     args: ListArgs,
     format: Format,
 ) -> Result<(), CliError> {
+    if args.orphans {
+        return list_orphans(client, args.driver.unwrap_or_default(), format).await;
+    }
     let limit = args.limit.unwrap_or(usize::MAX);
     let mut request = ListSandboxesRequest {
         driver: args.driver.unwrap_or_default(),
@@ -437,6 +503,50 @@ async fn list(
         )),
         Format::Table if sandboxes.is_empty() => print_text("no sandboxes\n"),
         Format::Table => print_text(&render::sandbox_rows(&sandboxes, render::now_ms())),
+    }
+}
+
+async fn list_orphans(
+    client: &mut GatewayClient<Channel>,
+    driver: String,
+    format: Format,
+) -> Result<(), CliError> {
+    let orphans = client
+        .list_orphans(ListOrphansRequest { driver })
+        .await?
+        .into_inner()
+        .orphans;
+    match format {
+        Format::Json => print_json(&json!(
+            orphans
+                .iter()
+                .map(|o| json!({
+                    "driver": o.driver,
+                    "id": o.id,
+                    "name": o.name,
+                    "phase": render::phase_name(o.phase),
+                    "image": o.image,
+                }))
+                .collect::<Vec<_>>()
+        )),
+        Format::Table if orphans.is_empty() => print_text("no orphans\n"),
+        Format::Table => {
+            let mut text = format!(
+                "{:<24} {:<12} {:<14} {:<38} {}\n",
+                "NAME", "DRIVER", "PHASE", "ID", "IMAGE"
+            );
+            for o in &orphans {
+                text.push_str(&format!(
+                    "{:<24} {:<12} {:<14} {:<38} {}\n",
+                    o.name,
+                    o.driver,
+                    render::phase_name(o.phase),
+                    o.id,
+                    o.image
+                ));
+            }
+            print_text(&text)
+        }
     }
 }
 

@@ -94,6 +94,12 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub driver_connect_timeout: Option<f64>,
 
+    /// A driver the gateway must reach to start (repeatable): without it,
+    /// a configured driver that is down at startup is marked Unavailable
+    /// and dialled in the background while the others serve.
+    #[arg(long = "require-driver", value_name = "NAME")]
+    pub require_driver: Vec<String>,
+
     /// Resolve and print the configuration, then exit without starting
     /// anything.
     #[arg(long)]
@@ -162,6 +168,8 @@ pub struct GatewayTable {
     pub driver_connect_timeout: Option<Duration>,
     pub reconcile_interval: Option<Duration>,
     pub orphan_grace: Option<Duration>,
+    pub driver_probe_interval: Option<Duration>,
+    pub driver_probe_timeout: Option<Duration>,
 }
 
 /// A parsed `gateway.toml`.
@@ -171,6 +179,8 @@ pub struct FileConfig {
     pub gateway: GatewayTable,
     /// Keyed by the normalised driver name.
     pub drivers: BTreeMap<String, DriverTable>,
+    /// Drivers whose table says `required = true`.
+    pub required_drivers: std::collections::BTreeSet<String>,
 }
 
 /// The file as serde reads it. Every table the gateway owns refuses
@@ -215,6 +225,8 @@ mod raw {
         pub driver_connect_timeout_secs: Option<Seconds>,
         pub reconcile_interval_secs: Option<Seconds>,
         pub orphan_grace_secs: Option<Seconds>,
+        pub driver_probe_interval_secs: Option<Seconds>,
+        pub driver_probe_timeout_secs: Option<Seconds>,
     }
 
     /// `[openshell.drivers.NAME]`: the keys the gateway reads, and the rest
@@ -226,6 +238,7 @@ mod raw {
         pub binary: Option<AbsolutePath>,
         pub ready_timeout_secs: Option<Seconds>,
         pub trust_driver_readiness: Option<bool>,
+        pub required: Option<bool>,
         #[serde(flatten)]
         pub passthrough: toml::Table,
     }
@@ -501,9 +514,17 @@ impl FileConfig {
                 driver_connect_timeout: gw.driver_connect_timeout_secs.map(|v| v.0),
                 reconcile_interval: gw.reconcile_interval_secs.map(|v| v.0),
                 orphan_grace: gw.orphan_grace_secs.map(|v| v.0),
+                driver_probe_interval: gw.driver_probe_interval_secs.map(|v| v.0),
+                driver_probe_timeout: gw.driver_probe_timeout_secs.map(|v| v.0),
             };
         }
-        config.drivers = driver_tables(openshell.drivers.unwrap_or_default(), path)?;
+        let tables = openshell.drivers.unwrap_or_default();
+        config.required_drivers = tables
+            .iter()
+            .filter(|(_, table)| table.required == Some(true))
+            .filter_map(|(key, _)| normalize_name(key).ok())
+            .collect();
+        config.drivers = driver_tables(tables, path)?;
         Ok(config)
     }
 }
@@ -553,6 +574,11 @@ pub struct Timeouts {
     /// A row absent from its driver's list is left alone until it has not
     /// changed for this long.
     pub orphan_grace: Duration,
+    /// How often each driver is asked GetCapabilities to tell a frozen
+    /// driver from a healthy one.
+    pub driver_probe_interval: Duration,
+    /// How long that probe waits before the driver counts as unresponsive.
+    pub driver_probe_timeout: Duration,
 }
 
 impl Default for Timeouts {
@@ -562,6 +588,8 @@ impl Default for Timeouts {
             driver_connect: Duration::from_secs(30),
             reconcile_interval: Duration::from_secs(60),
             orphan_grace: Duration::from_secs(60),
+            driver_probe_interval: Duration::from_secs(5),
+            driver_probe_timeout: Duration::from_secs(1),
         }
     }
 }

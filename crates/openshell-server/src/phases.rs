@@ -129,6 +129,29 @@ pub fn next_phase(current: SandboxPhase, status: Option<&DriverSandboxStatus>) -
     }
 }
 
+/// The phase a row converges to when reconcile finds it out of step with
+/// its driver's list: the phase the driver's status implies, whatever the
+/// gateway last recorded (a start that timed out but happened late, a stop
+/// the gateway missed, a failed create the driver did make). Deleting is
+/// not converged (the gateway re-drives the delete instead), and a status
+/// that implies nothing leaves the row as it is.
+pub fn converged_phase(current: SandboxPhase, status: &DriverSandboxStatus) -> SandboxPhase {
+    if current == SandboxPhase::Deleting {
+        return current;
+    }
+    match backend_phase(Some(status)) {
+        BackendPhase::Unknown => current,
+        BackendPhase::Deleting => SandboxPhase::Deleting,
+        backend => {
+            if current == SandboxPhase::Stopping && confirms_stopped(status) {
+                SandboxPhase::Stopped
+            } else {
+                public(backend)
+            }
+        }
+    }
+}
+
 /// Phases with running intent: the gateway starts these at startup and
 /// stops them at shutdown for drivers with `gateway_manages_lifecycle`.
 pub fn has_running_intent(phase: SandboxPhase) -> bool {
@@ -202,6 +225,50 @@ pub fn phase_from_name(name: &str) -> Option<SandboxPhase> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_converges_every_phase_to_the_driver() {
+        use openshell_proto::compute::v1::DriverCondition;
+        let status = |kind: &str, value: &str, reason: &str| DriverSandboxStatus {
+            conditions: vec![DriverCondition {
+                r#type: kind.into(),
+                status: value.into(),
+                reason: reason.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ready = status("Ready", "True", "");
+        let suspended = status("Suspended", "True", "");
+        for current in [
+            SandboxPhase::Stopped,
+            SandboxPhase::Stopping,
+            SandboxPhase::Starting,
+            SandboxPhase::Error,
+            SandboxPhase::Provisioning,
+            SandboxPhase::Unknown,
+        ] {
+            assert_eq!(
+                converged_phase(current, &ready),
+                SandboxPhase::Ready,
+                "{current:?}"
+            );
+            assert_eq!(
+                converged_phase(current, &suspended),
+                SandboxPhase::Stopped,
+                "{current:?}"
+            );
+        }
+        assert_eq!(
+            converged_phase(SandboxPhase::Deleting, &ready),
+            SandboxPhase::Deleting
+        );
+        assert_eq!(
+            converged_phase(SandboxPhase::Stopped, &DriverSandboxStatus::default()),
+            SandboxPhase::Provisioning,
+            "no conditions yet: the driver is making it"
+        );
+    }
     use SandboxPhase as P;
     use openshell_proto::compute::v1::DriverCondition;
 

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::listen::ListenAddr;
 use crate::api::service::GatewayService;
 use crate::drivers::acquire::{self, AcquireContext};
-use crate::drivers::registry::{DriverRuntime, Registry, RuntimeOptions};
+use crate::drivers::plan::{Acquisition, DriverPlan};
+use crate::drivers::registry::{DriverRuntime, PendingDriver, Registry, RuntimeOptions};
 use crate::drivers::watcher;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
@@ -136,37 +137,88 @@ impl Listener {
     }
 }
 
-/// Acquires and initialises every driver, concurrently. If any fails, the
-/// ones that worked are stopped and the first error is returned.
-async fn start_drivers(
+/// The options a driver's runtime is built with.
+fn runtime_options(settings: &Settings, index: usize, plan: &DriverPlan) -> Result<RuntimeOptions> {
+    // Checked when the settings were resolved; a bad value cannot get here.
+    let expected_admission = plan.expected_admission().map_err(Error::Config)?;
+    Ok(RuntimeOptions {
+        name: plan.name.clone(),
+        expect_driver_name: plan.expect_driver_name.clone(),
+        call_timeout: settings.timeouts.driver_call,
+        probe_timeout: settings.timeouts.driver_probe_timeout,
+        is_default: index == 0,
+        expected_admission,
+        trust_driver_readiness: plan.trust_driver_readiness,
+    })
+}
+
+/// Acquires and initialises one driver.
+async fn start_driver(
     settings: &Settings,
     ctx: &AcquireContext,
-) -> Result<Vec<Arc<DriverRuntime>>> {
+    index: usize,
+    plan: &DriverPlan,
+) -> Result<DriverRuntime> {
+    let options = runtime_options(settings, index, plan)?;
+    let acquired = acquire::acquire(plan, ctx).await?;
+    DriverRuntime::initialize(options, acquired).await
+}
+
+/// Whether a driver that failed to start may be left for the background
+/// dial: an attached driver that is down (cannot be dialled, times out,
+/// answers UNAVAILABLE), and not marked required. A refusal (incompatible
+/// contract, admission mismatch, wrong driver name, a bad answer) is a
+/// configuration error that retrying cannot fix; a managed driver's
+/// process is the gateway's own and fails startup as before.
+fn may_defer(settings: &Settings, plan: &DriverPlan, error: &Error) -> bool {
+    if plan.is_managed() || settings.required_drivers.contains(&plan.name) {
+        return false;
+    }
+    match error {
+        Error::Lifecycle { .. } | Error::DriverUnavailable { .. } | Error::DriverTimeout { .. } => {
+            true
+        }
+        Error::DriverInit { code, .. } => {
+            matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            )
+        }
+        _ => false,
+    }
+}
+
+/// A driver started, or left pending for the background dial.
+type Started = std::result::Result<Arc<DriverRuntime>, PendingDriver>;
+
+/// Acquires and initialises every driver, concurrently. An attached driver
+/// that is down (and not required) is left pending; any other failure
+/// stops the ones that worked and is returned.
+async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<Started>> {
     let attempts = settings
         .drivers
         .iter()
         .enumerate()
-        .map(|(index, plan)| async move {
-            // Checked when the settings were resolved; a bad value cannot
-            // get here.
-            let expected_admission = plan.expected_admission().map_err(Error::Config)?;
-            let acquired = acquire::acquire(plan, ctx).await?;
-            let options = RuntimeOptions {
-                name: plan.name.clone(),
-                expect_driver_name: plan.expect_driver_name.clone(),
-                call_timeout: settings.timeouts.driver_call,
-                is_default: index == 0,
-                expected_admission,
-                trust_driver_readiness: plan.trust_driver_readiness,
-            };
-            DriverRuntime::initialize(options, acquired).await
-        });
+        .map(|(index, plan)| start_driver(settings, ctx, index, plan));
     let results = join_all(attempts).await;
-    let mut runtimes = Vec::new();
+    let mut started = Vec::new();
     let mut first_error = None;
-    for result in results {
+    let mut down = Vec::new();
+    for (result, plan) in results.into_iter().zip(&settings.drivers) {
         match result {
-            Ok(runtime) => runtimes.push(Arc::new(runtime)),
+            Ok(runtime) => started.push(Ok(Arc::new(runtime))),
+            Err(error) if first_error.is_none() && may_defer(settings, plan, &error) => {
+                let reason = crate::error::error_chain(&error);
+                tracing::error!(driver = %plan.name, error = %reason, "driver is down at startup; dialling it in the background while the other drivers serve (mark it required to refuse to start without it)");
+                started.push(Err(PendingDriver {
+                    name: plan.name.clone(),
+                    socket: plan_socket(plan),
+                    managed: false,
+                    reason,
+                    since_ms: openshell_wire::time::now_millis(),
+                }));
+                down.push(error);
+            }
             Err(error) => {
                 if first_error.is_some() {
                     tracing::error!(error = %crate::error::error_chain(&error), "another driver failed to start");
@@ -176,11 +228,87 @@ async fn start_drivers(
             }
         }
     }
+    if first_error.is_none() && !started.iter().any(Result::is_ok) {
+        // Nothing could be served: a gateway whose every driver is down
+        // fails as before, with the first driver's error.
+        first_error = down.into_iter().next();
+    }
     if let Some(error) = first_error {
+        let runtimes: Vec<_> = started.into_iter().filter_map(Result::ok).collect();
         stop_drivers(&runtimes).await;
         return Err(error);
     }
-    Ok(runtimes)
+    Ok(started)
+}
+
+fn plan_socket(plan: &DriverPlan) -> std::path::PathBuf {
+    match &plan.acquisition {
+        Acquisition::Attach { socket, .. } => socket.clone(),
+        Acquisition::Managed(_) => std::path::PathBuf::new(),
+    }
+}
+
+/// Keeps dialling a driver that was down at startup; once it answers, it
+/// is initialised as at startup, installed, resumed and watched like the
+/// others. A refusal (see [`may_defer`]) ends the attempts.
+async fn connect_later(
+    gateway: Arc<Gateway>,
+    settings: Arc<Settings>,
+    ctx: Arc<AcquireContext>,
+    index: usize,
+    cancel: CancellationToken,
+) {
+    let Some(plan) = settings.drivers.get(index) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(500);
+    let runtime = loop {
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => return,
+            attempt = start_driver(&settings, &ctx, index, plan) => attempt,
+        };
+        match attempt {
+            Ok(runtime) => break Arc::new(runtime),
+            Err(error) => {
+                let reason = crate::error::error_chain(&error);
+                gateway.registry.set_pending_reason(&plan.name, &reason);
+                if !may_defer(&settings, plan, &error) {
+                    tracing::error!(driver = %plan.name, error = %reason, "driver refused; not dialling it again until the gateway restarts");
+                    return;
+                }
+                tracing::debug!(driver = %plan.name, error = %reason, "driver still down");
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    };
+    tracing::info!(driver = %plan.name, "driver connected after startup");
+    gateway.registry.connect(Arc::clone(&runtime));
+    gateway.publish_driver_state(&runtime.name);
+    let health = tokio::spawn(watcher::follow_health(
+        Arc::clone(&gateway),
+        Arc::clone(&runtime),
+        cancel.clone(),
+    ));
+    let probe = tokio::spawn(watcher::probe(
+        Arc::clone(&gateway),
+        Arc::clone(&runtime),
+        cancel.clone(),
+    ));
+    if let Err(error) = gateway.startup_sweep(&runtime).await {
+        tracing::warn!(driver = %runtime.name, error = %error, "could not resume the driver's sandboxes");
+    }
+    watcher::run(Arc::clone(&gateway), Arc::clone(&runtime), None, cancel).await;
+    let _ = health.await;
+    let _ = probe.await;
+    if let Some(guard) = runtime.take_guard()
+        && let Err(error) = guard.shutdown().await
+    {
+        tracing::warn!(driver = %runtime.name, error = %error, "could not stop the driver");
+    }
 }
 
 /// Stops every managed driver; returns the failures.
@@ -225,16 +353,25 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.state_dir.clone(),
         settings.timeouts.driver_connect,
     );
-    let runtimes = tokio::select! {
+    let started = tokio::select! {
         started = start_drivers(&settings, &ctx) => started?,
         () = signals.stop.cancelled() => {
             tracing::info!("stop requested during startup");
             return Ok(());
         }
     };
+    let runtimes: Vec<Arc<DriverRuntime>> = started
+        .iter()
+        .filter_map(|s| s.as_ref().ok().cloned())
+        .collect();
+    let pending: Vec<usize> = started
+        .iter()
+        .enumerate()
+        .filter_map(|(index, s)| s.is_err().then_some(index))
+        .collect();
     let gateway = Arc::new(Gateway::new(
         store,
-        Registry::new(runtimes.clone()),
+        Registry::with_pending(started),
         settings.timeouts,
         address.clone(),
     ));
@@ -243,6 +380,19 @@ pub async fn run(settings: Settings) -> Result<()> {
         result = recover_and_watch(&gateway, &runtimes, &mut watchers) => result.map(|()| true),
         () = signals.stop.cancelled() => Ok(false),
     };
+    if !pending.is_empty() {
+        let shared_settings = Arc::new(settings.clone());
+        let shared_ctx = Arc::new(ctx.clone());
+        for index in pending {
+            watchers.tasks.spawn(connect_later(
+                Arc::clone(&gateway),
+                Arc::clone(&shared_settings),
+                Arc::clone(&shared_ctx),
+                index,
+                watchers.cancel.clone(),
+            ));
+        }
+    }
     if !matches!(started, Ok(true)) {
         watchers.stop().await;
         for failure in stop_drivers(&runtimes).await {
@@ -302,6 +452,11 @@ async fn recover_and_watch(
     gateway.report_orphaned_drivers().await?;
     for runtime in runtimes {
         watchers.tasks.spawn(watcher::follow_health(
+            Arc::clone(gateway),
+            Arc::clone(runtime),
+            watchers.cancel.clone(),
+        ));
+        watchers.tasks.spawn(watcher::probe(
             Arc::clone(gateway),
             Arc::clone(runtime),
             watchers.cancel.clone(),

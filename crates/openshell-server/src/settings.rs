@@ -26,6 +26,9 @@ pub struct Settings {
     pub log_level: Option<String>,
     pub timeouts: Timeouts,
     pub config_file: Option<PathBuf>,
+    /// Drivers that must be reachable for the gateway to start
+    /// (`--require-driver`, `required = true`); the others may be down.
+    pub required_drivers: Vec<String>,
 }
 
 /// The default config file, when it exists.
@@ -172,7 +175,32 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             .unwrap_or(defaults.driver_connect),
         reconcile_interval: gw.reconcile_interval.unwrap_or(defaults.reconcile_interval),
         orphan_grace: gw.orphan_grace.unwrap_or(defaults.orphan_grace),
+        driver_probe_interval: gw
+            .driver_probe_interval
+            .unwrap_or(defaults.driver_probe_interval),
+        driver_probe_timeout: gw
+            .driver_probe_timeout
+            .unwrap_or(defaults.driver_probe_timeout),
     };
+    let mut required_drivers: Vec<String> = file.required_drivers.iter().cloned().collect();
+    for name in &cli.require_driver {
+        let name = name.trim().to_ascii_lowercase();
+        if !selection.plans.iter().any(|p| p.name == name) {
+            return Err(Error::Config(format!(
+                "--require-driver {}: no such driver is configured (configured: {})",
+                openshell_driver_kit::contract::truncate(&name, 64),
+                selection
+                    .plans
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !required_drivers.contains(&name) {
+            required_drivers.push(name);
+        }
+    }
     Ok(Settings {
         drivers: selection.plans,
         warnings: selection.warnings,
@@ -192,6 +220,7 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             .or_else(|| gw.log_level.clone()),
         timeouts,
         config_file: (!file.path.as_os_str().is_empty()).then(|| file.path.clone()),
+        required_drivers,
     })
 }
 

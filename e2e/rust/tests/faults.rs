@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use openshell_e2e::{
     Gateway, GatewayConfig, TEST_IMAGE, TestEnv, alive, bin, require_podman, start_external_podman,
-    wait_until,
+    start_test_driver, wait_until,
 };
 
 fn podman_config() -> GatewayConfig {
@@ -197,4 +197,243 @@ fn driver_that_never_becomes_ready_fails_startup_with_its_stderr() {
         env.leftover_processes().is_empty(),
         "the failed driver is gone"
     );
+}
+
+// ---- A bad day with the test driver (no container engine needed) --------
+//
+// Issue 11: drivers down at startup, frozen drivers, timed-out starts,
+// creates cut off by a dying driver or gateway, and a lost database, each
+// with real processes and the real CLI.
+
+/// `[openshell.gateway]` with attached drivers and quick reconciles.
+fn attached_toml(drivers: &[(&str, &std::path::Path)], extra: &str) -> String {
+    let list = drivers
+        .iter()
+        .map(|(name, socket)| format!("\"{name}@{}\"", socket.display()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[openshell.gateway]\ncompute_drivers = [{list}]\nreconcile_interval_secs = 0.3\n\
+         orphan_grace_secs = 0.3\n{extra}"
+    )
+}
+
+fn attached(drivers: &[(&str, &std::path::Path)], extra: &str, args: &[&str]) -> GatewayConfig {
+    GatewayConfig {
+        drivers: None,
+        toml: Some(attached_toml(drivers, extra)),
+        extra_args: args.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn signal(pid: u32, signal: Signal) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits")),
+        signal,
+    );
+}
+
+/// Item 5: a driver down at startup is Unavailable while the other serves,
+/// and is connected once it is up.
+#[test]
+fn a_driver_down_at_startup_is_dialled_in_the_background() {
+    let env = TestEnv::new();
+    let up = env.path().join("up.sock");
+    let late = env.path().join("late.sock");
+    let _up = start_test_driver(&env, &up, &[]);
+    let gateway = Gateway::start(
+        &env,
+        &attached(
+            &[("up", &up), ("late", &late)],
+            "",
+            &["--driver-connect-timeout", "0.5"],
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gateway.driver("late")["state"], "Unavailable");
+    gateway
+        .cli(&[
+            "sandbox", "create", "a", "--driver", "up", "--", "sleep", "60",
+        ])
+        .ok();
+    let refused = gateway
+        .cli(&[
+            "sandbox", "create", "b", "--driver", "late", "--", "sleep", "60",
+        ])
+        .fails_with(1);
+    assert!(refused.stderr.contains("UNAVAILABLE"), "{}", refused.stderr);
+    let _late = start_test_driver(&env, &late, &[]);
+    wait_until("the late driver connected", Duration::from_secs(60), || {
+        gateway.driver("late")["state"] == "Ready"
+    });
+    gateway
+        .cli(&[
+            "sandbox", "create", "b", "--driver", "late", "--", "sleep", "60",
+        ])
+        .ok();
+}
+
+/// Items 4 and 3: a frozen driver is Unavailable and creates fail fast;
+/// a start that timed out against it converges once it thaws.
+#[test]
+fn a_frozen_driver_fails_fast_and_a_late_start_converges() {
+    let env = TestEnv::new();
+    let socket = env.path().join("d.sock");
+    let calls = env.path().join("calls");
+    let calls_arg = calls.display().to_string();
+    let driver = start_test_driver(&env, &socket, &["--call-log", &calls_arg]);
+    let gateway = Gateway::start(
+        &env,
+        &attached(
+            &[("d", &socket)],
+            "driver_call_timeout_secs = 2\ndriver_probe_interval_secs = 0.3\ndriver_probe_timeout_secs = 1\n",
+            &[],
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    gateway
+        .cli(&["sandbox", "create", "s", "--", "sleep", "60"])
+        .ok();
+    gateway.cli(&["sandbox", "stop", "s"]).ok();
+
+    signal(driver.pid(), Signal::SIGSTOP);
+    // Sent before the probe notices: times out (or, if the probe was
+    // quicker, is refused as UNAVAILABLE).
+    let start = gateway
+        .cli(&["sandbox", "start", "s", "--no-wait"])
+        .fails_with(1);
+    assert!(
+        start.stderr.contains("DEADLINE_EXCEEDED") || start.stderr.contains("UNAVAILABLE"),
+        "{}",
+        start.stderr
+    );
+    wait_until(
+        "the frozen driver is Unavailable",
+        Duration::from_secs(30),
+        || gateway.driver("d")["state"] == "Unavailable",
+    );
+    let create = gateway
+        .cli(&["sandbox", "create", "t", "--", "sleep", "60"])
+        .fails_with(1);
+    assert!(create.stderr.contains("UNAVAILABLE"), "{}", create.stderr);
+    assert!(create.stderr.contains("unresponsive"), "{}", create.stderr);
+
+    signal(driver.pid(), Signal::SIGCONT);
+    wait_until("the driver is Ready again", Duration::from_secs(30), || {
+        gateway.driver("d")["state"] == "Ready"
+    });
+    // Give the thawed driver a moment to read what was queued for it.
+    std::thread::sleep(Duration::from_secs(1));
+    let late_start = std::fs::read_to_string(&calls)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("StartSandbox"));
+    if late_start {
+        // The driver ran the start late: the row follows the driver.
+        gateway.wait_phase("s", "Ready", Duration::from_secs(30));
+    } else {
+        eprintln!("the timed-out start never reached the driver; nothing to converge");
+        assert_eq!(gateway.phase("s").as_deref(), Some("Stopped"));
+    }
+}
+
+/// Item 7: a create cut off by a dying driver says UNAVAILABLE, and the
+/// name can be created again once a driver is back.
+#[test]
+fn a_create_cut_off_by_a_dying_driver_frees_its_name() {
+    let env = TestEnv::new();
+    let socket = env.path().join("d.sock");
+    let mut stalled = start_test_driver(&env, &socket, &["--stall", "CreateSandbox"]);
+    let gateway = Gateway::start(&env, &attached(&[("d", &socket)], "", &[]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let address = gateway.address();
+    let create = std::thread::spawn(move || {
+        std::process::Command::new(bin::cli())
+            .args([
+                "--gateway",
+                &address,
+                "sandbox",
+                "create",
+                "c",
+                "--no-wait",
+                "--",
+                "sleep",
+                "60",
+            ])
+            .output()
+            .expect("run openshell")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stalled.signal(Signal::SIGKILL);
+    stalled.wait_exit(Duration::from_secs(10));
+    let out = create.join().expect("create thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("UNAVAILABLE"), "{stderr}");
+    drop(stalled);
+    let _fresh = start_test_driver(&env, &socket, &[]);
+    wait_until("the driver is back", Duration::from_secs(30), || {
+        gateway.driver("d")["state"] == "Ready"
+    });
+    gateway
+        .cli(&["sandbox", "create", "c", "--", "sleep", "60"])
+        .ok();
+}
+
+/// Items 6 and 7: after a gateway SIGKILL and a lost database, the
+/// driver's sandboxes are orphans to adopt or delete from the CLI.
+#[test]
+fn a_lost_database_leaves_orphans_the_cli_can_adopt_and_delete() {
+    let env = TestEnv::new();
+    let socket = env.path().join("d.sock");
+    let _driver = start_test_driver(&env, &socket, &[]);
+    let mut gateway = Gateway::start(&env, &attached(&[("d", &socket)], "", &[]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    gateway
+        .cli(&["sandbox", "create", "o1", "--", "sleep", "60"])
+        .ok();
+    gateway
+        .cli(&["sandbox", "create", "o2", "--", "sleep", "60"])
+        .ok();
+    gateway.kill();
+    for file in ["gateway.db", "gateway.db-wal", "gateway.db-shm"] {
+        let _ = std::fs::remove_file(env.state_dir().join(file));
+    }
+    let gateway = gateway.restart().unwrap_or_else(|e| panic!("{e}"));
+    wait_until("two orphans listed", Duration::from_secs(30), || {
+        gateway
+            .cli(&["-o", "json", "sandbox", "list", "--orphans"])
+            .ok()
+            .json()
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    });
+    assert!(
+        gateway.log().contains("gateway.db was lost"),
+        "{}",
+        gateway.log()
+    );
+    let orphans = gateway
+        .cli(&["-o", "json", "sandbox", "list", "--orphans"])
+        .ok()
+        .json();
+    let o2 = orphans
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["name"] == "o2"))
+        .expect("o2 listed")
+        .clone();
+    let adopted = gateway
+        .cli(&["-o", "json", "sandbox", "adopt", "o1", "--driver", "d"])
+        .ok()
+        .json();
+    assert_eq!(adopted["name"], "o1");
+    gateway.cli(&["sandbox", "stop", "o1"]).ok();
+    let id = o2["id"].as_str().expect("id");
+    let deleted = gateway
+        .cli(&["sandbox", "delete", "--orphan", id, "--driver", "d"])
+        .ok();
+    assert!(deleted.stdout.contains("deleted"), "{}", deleted.stdout);
+    gateway
+        .cli(&["sandbox", "create", "o2", "--", "sleep", "60"])
+        .ok();
 }

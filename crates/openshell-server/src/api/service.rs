@@ -33,6 +33,32 @@ fn sandbox(sandbox: gw::Sandbox) -> Response<gw::SandboxResponse> {
 
 #[tonic::async_trait]
 impl gateway_server::Gateway for GatewayService {
+    async fn list_orphans(
+        &self,
+        request: Request<gw::ListOrphansRequest>,
+    ) -> Result<Response<gw::ListOrphansResponse>, Status> {
+        Ok(Response::new(
+            self.gateway.list_orphans(&request.into_inner().driver)?,
+        ))
+    }
+
+    async fn adopt_orphan(
+        &self,
+        request: Request<gw::AdoptOrphanRequest>,
+    ) -> Result<Response<gw::SandboxResponse>, Status> {
+        Ok(sandbox(
+            self.gateway.adopt_orphan(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_orphan(
+        &self,
+        request: Request<gw::DeleteOrphanRequest>,
+    ) -> Result<Response<gw::DeleteOrphanResponse>, Status> {
+        let deleted = self.gateway.delete_orphan(request.into_inner()).await?;
+        Ok(Response::new(gw::DeleteOrphanResponse { deleted }))
+    }
+
     async fn create_sandbox(
         &self,
         request: Request<gw::CreateSandboxRequest>,

@@ -2,9 +2,12 @@
 //! turned into a [`RemoteComputeDriver`] with its capabilities snapshot,
 //! its health, and the guard that is stopped at the very end.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use driver_lifecycle::{DriverGuard, DriverHealth};
 use openshell_driver_kit::contract::{AdmissionPolicy, Generation};
@@ -26,7 +29,9 @@ pub struct RuntimeOptions {
     /// The `driver_name` the driver must report, when configured.
     pub expect_driver_name: Option<String>,
     /// Deadline of every unary call.
-    pub call_timeout: std::time::Duration,
+    pub call_timeout: Duration,
+    /// Deadline of the periodic responsiveness probe.
+    pub probe_timeout: Duration,
     /// Whether creates that name no driver go here.
     pub is_default: bool,
     /// The admission policy a 1.x driver must acknowledge; `None` adopts
@@ -111,8 +116,13 @@ pub struct DriverRuntime {
     pub managed: bool,
     pub is_default: bool,
     pub driver: RemoteComputeDriver,
+    /// The same channel with the probe's short deadline.
+    probe_driver: RemoteComputeDriver,
     pub capabilities: Capabilities,
     status: watch::Sender<DriverStatus>,
+    /// Why the driver counts as unresponsive (its probe timed out), while
+    /// it does; overrides a Ready status.
+    unresponsive: watch::Sender<Option<String>>,
     health: Option<watch::Receiver<DriverHealth>>,
     guard: Mutex<Option<DriverGuard>>,
     /// Wakes the watch task to reconnect now (a call just got through).
@@ -137,6 +147,7 @@ impl DriverRuntime {
             name,
             expect_driver_name,
             call_timeout,
+            probe_timeout,
             is_default,
             expected_admission,
             trust_driver_readiness,
@@ -147,7 +158,8 @@ impl DriverRuntime {
             channel,
             connections,
         } = acquired;
-        let driver = RemoteComputeDriver::new(&name, channel, call_timeout);
+        let driver = RemoteComputeDriver::new(&name, channel.clone(), call_timeout);
+        let probe_driver = RemoteComputeDriver::new(&name, channel, probe_timeout);
         let probed = async {
             let capabilities = Self::probe(
                 &name,
@@ -195,8 +207,10 @@ impl DriverRuntime {
                     managed,
                     is_default,
                     driver,
+                    probe_driver,
                     capabilities,
                     status,
+                    unresponsive: watch::channel(None).0,
                     health,
                     guard: Mutex::new(Some(guard)),
                     wake: Notify::new(),
@@ -293,12 +307,65 @@ impl DriverRuntime {
         self.capabilities.reports_runtime_readiness || self.trust_driver_readiness
     }
 
+    /// The driver's status: its process or connection state, shown as
+    /// Unavailable while a Ready driver does not answer its probe.
     pub fn status(&self) -> DriverStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        if status.state == DriverState::Ready
+            && let Some(reason) = self.unresponsive.borrow().as_ref()
+        {
+            status.state = DriverState::Unavailable;
+            status.message.clone_from(reason);
+        }
+        status
     }
 
     pub fn is_available(&self) -> bool {
-        self.status.borrow().state == DriverState::Ready
+        self.status().state == DriverState::Ready
+    }
+
+    /// Asks the driver GetCapabilities with the probe's short deadline and
+    /// records whether it answered in time. An answer of any kind (even an
+    /// error status) counts as responsive. Returns `Some(now_responsive)`
+    /// when that changed.
+    pub async fn probe_responsive(&self) -> Option<bool> {
+        let reason = match self.probe_driver.capabilities().await {
+            Ok(_) | Err(Error::DriverCall { .. }) => None,
+            Err(Error::DriverTimeout { timeout, .. }) => Some(format!(
+                "unresponsive: did not answer GetCapabilities within {timeout:?} (frozen or overloaded)"
+            )),
+            Err(other) => Some(format!("unresponsive: {other}")),
+        };
+        let responsive = reason.is_none();
+        let changed = self.unresponsive.send_if_modified(|current| {
+            let changed = current.is_some() != reason.is_some();
+            *current = reason;
+            changed
+        });
+        changed.then_some(responsive)
+    }
+
+    fn clear_unresponsive(&self) {
+        self.unresponsive
+            .send_if_modified(|current| current.take().is_some());
+    }
+
+    /// Runs a driver call, giving up with UNAVAILABLE as soon as the driver
+    /// is found unresponsive, so that no caller waits out a frozen driver.
+    pub fn guarded<'a, T: Send + 'a>(
+        &'a self,
+        call: impl Future<Output = Result<T>> + Send + 'a,
+    ) -> Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>> {
+        Box::pin(async move {
+            if !self.is_available() {
+                return Err(self.unavailable());
+            }
+            let mut unresponsive = self.unresponsive.subscribe();
+            tokio::select! {
+                result = call => result,
+                _ = unresponsive.wait_for(Option::is_some) => Err(self.unavailable()),
+            }
+        })
     }
 
     /// The error calls get while the driver is down.
@@ -327,6 +394,11 @@ impl DriverRuntime {
 
     /// Mirrors process health into the reported status (managed drivers).
     pub(crate) fn apply_health(&self, health: &DriverHealth) -> bool {
+        if health.is_ready() {
+            // A new process that is ready: an earlier unanswered probe was
+            // about the old one.
+            self.clear_unresponsive();
+        }
         self.status.send_if_modified(|status| {
             let next = DriverStatus::from_health(health, status, now_millis());
             let changed = *status != next;
@@ -338,6 +410,10 @@ impl DriverRuntime {
     /// Records whether the watch stream is connected (drivers without
     /// process health). Returns whether availability changed.
     pub(crate) fn set_connected(&self, connected: bool, message: &str) -> bool {
+        if connected {
+            // The driver just answered a list: it is responsive.
+            self.clear_unresponsive();
+        }
         if self.health.is_some() {
             return false;
         }
@@ -470,11 +546,59 @@ fn admit(
     }
 }
 
+/// A configured driver that could not be reached at startup: shown as
+/// Unavailable until the background dial connects it.
+#[derive(Debug, Clone)]
+pub struct PendingDriver {
+    pub name: String,
+    pub socket: PathBuf,
+    pub managed: bool,
+    /// Why it is not connected.
+    pub reason: String,
+    /// Since when, in milliseconds since the Unix epoch.
+    pub since_ms: i64,
+}
+
+/// One configured driver: connected (a runtime) or still pending.
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    is_default: bool,
+    runtime: RwLock<Option<Arc<DriverRuntime>>>,
+    pending: Mutex<Option<PendingDriver>>,
+}
+
+impl Slot {
+    fn runtime(&self) -> Option<Arc<DriverRuntime>> {
+        self.runtime
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn pending(&self) -> Option<PendingDriver> {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What a lookup of a driver by name found.
+#[derive(Debug)]
+pub enum Lookup {
+    Ready(Arc<DriverRuntime>),
+    /// Configured, but not connected since startup.
+    Pending(PendingDriver),
+    NotConfigured,
+}
+
 /// Every configured driver, in configuration order; the first is the
-/// default for creates that name none.
+/// default for creates that name none. Drivers down at startup are kept as
+/// pending slots until they connect.
 #[derive(Debug)]
 pub struct Registry {
-    runtimes: Vec<Arc<DriverRuntime>>,
+    slots: Vec<Slot>,
     /// When this set of drivers was configured (milliseconds since the Unix
     /// epoch): the transition time of "driver not configured".
     configured_ms: i64,
@@ -482,38 +606,163 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(runtimes: Vec<Arc<DriverRuntime>>) -> Self {
+        Self::with_pending(runtimes.into_iter().map(Ok).collect())
+    }
+
+    /// Drivers in configuration order, each connected or pending; the first
+    /// is the default.
+    pub fn with_pending(
+        drivers: Vec<std::result::Result<Arc<DriverRuntime>, PendingDriver>>,
+    ) -> Self {
+        let slots = drivers
+            .into_iter()
+            .enumerate()
+            .map(|(index, driver)| match driver {
+                Ok(runtime) => Slot {
+                    name: runtime.name.clone(),
+                    is_default: index == 0,
+                    runtime: RwLock::new(Some(runtime)),
+                    pending: Mutex::new(None),
+                },
+                Err(pending) => Slot {
+                    name: pending.name.clone(),
+                    is_default: index == 0,
+                    runtime: RwLock::new(None),
+                    pending: Mutex::new(Some(pending)),
+                },
+            })
+            .collect();
         Self {
-            runtimes,
+            slots,
             configured_ms: now_millis(),
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<DriverRuntime>> {
-        self.runtimes.iter().find(|r| r.name == name)
+    /// Installs a driver that connected after startup.
+    pub fn connect(&self, runtime: Arc<DriverRuntime>) {
+        if let Some(slot) = self.slots.iter().find(|s| s.name == runtime.name) {
+            *slot.runtime.write().unwrap_or_else(PoisonError::into_inner) = Some(runtime);
+            *slot.pending.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
     }
 
-    pub fn default_driver(&self) -> Option<&Arc<DriverRuntime>> {
-        self.runtimes.first()
+    /// Updates why a pending driver is not connected yet.
+    pub fn set_pending_reason(&self, name: &str, reason: &str) {
+        if let Some(slot) = self.slots.iter().find(|s| s.name == name)
+            && let Some(pending) = slot
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+        {
+            reason.clone_into(&mut pending.reason);
+        }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<DriverRuntime>> {
-        self.runtimes.iter()
+    /// Whether `name` is a configured driver, connected or not.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.slots.iter().any(|s| s.name == name)
+    }
+
+    /// The connected driver called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<DriverRuntime>> {
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(Slot::runtime)
+    }
+
+    pub fn lookup(&self, name: &str) -> Lookup {
+        match self.slots.iter().find(|s| s.name == name) {
+            None => Lookup::NotConfigured,
+            Some(slot) => match (slot.runtime(), slot.pending()) {
+                (Some(runtime), _) => Lookup::Ready(runtime),
+                (None, Some(pending)) => Lookup::Pending(pending),
+                (None, None) => Lookup::NotConfigured,
+            },
+        }
+    }
+
+    /// The default driver's name.
+    pub fn default_name(&self) -> Option<&str> {
+        self.slots.first().map(|s| s.name.as_str())
+    }
+
+    pub fn default_driver(&self) -> Option<Arc<DriverRuntime>> {
+        self.slots.first().and_then(Slot::runtime)
+    }
+
+    /// The connected drivers.
+    pub fn iter(&self) -> impl Iterator<Item = Arc<DriverRuntime>> {
+        self.slots
+            .iter()
+            .filter_map(Slot::runtime)
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// `a, b, c`, for messages.
     pub fn names(&self) -> String {
-        self.runtimes
+        self.slots
             .iter()
-            .map(|r| r.name.as_str())
+            .map(|s| s.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     }
 
+    /// Every configured driver as GetGatewayInfo shows it.
+    pub fn infos(&self) -> Vec<gw::DriverInfo> {
+        self.slots
+            .iter()
+            .map(|slot| match (slot.runtime(), slot.pending()) {
+                (Some(runtime), _) => runtime.info(),
+                (None, pending) => {
+                    let pending = pending.unwrap_or_else(|| PendingDriver {
+                        name: slot.name.clone(),
+                        socket: PathBuf::new(),
+                        managed: false,
+                        reason: "not connected".to_owned(),
+                        since_ms: self.configured_ms,
+                    });
+                    gw::DriverInfo {
+                        name: slot.name.clone(),
+                        managed: pending.managed,
+                        socket: pending.socket.display().to_string(),
+                        capabilities: None,
+                        state: DriverState::Unavailable.into(),
+                        state_message: pending.reason,
+                        pid: 0,
+                        restarts: 0,
+                        is_default: slot.is_default,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The error a call for a driver that is configured but pending gets.
+    pub fn pending_error(pending: &PendingDriver) -> Error {
+        Error::DriverUnavailable {
+            driver: pending.name.clone(),
+            reason: format!(
+                "not connected since the gateway started ({}); the gateway keeps dialling it",
+                pending.reason
+            ),
+        }
+    }
+
     /// The condition for a sandbox whose driver is `name`.
     pub fn condition_for(&self, name: &str) -> Option<gw::Condition> {
-        match self.get(name) {
-            Some(runtime) => runtime.availability_condition(),
-            None => Some(gw::Condition {
+        match self.lookup(name) {
+            Lookup::Ready(runtime) => runtime.availability_condition(),
+            Lookup::Pending(pending) => Some(gw::Condition {
+                r#type: "DriverAvailable".to_owned(),
+                status: "False".to_owned(),
+                reason: "DriverUnavailable".to_owned(),
+                message: format!("driver '{}': {}", pending.name, pending.reason),
+                last_transition_time: rfc3339_millis(pending.since_ms),
+            }),
+            Lookup::NotConfigured => Some(gw::Condition {
                 r#type: "DriverAvailable".to_owned(),
                 status: "False".to_owned(),
                 reason: "DriverNotConfigured".to_owned(),

@@ -189,6 +189,37 @@ pub async fn follow_health(
     }
 }
 
+/// Probes the driver every `driver_probe_interval` with a short deadline,
+/// so that a frozen driver (SIGSTOP, a hung event loop) shows as
+/// Unavailable and calls fail fast instead of each waiting out its
+/// deadline. Runs until cancelled.
+pub async fn probe(gateway: Arc<Gateway>, runtime: Arc<DriverRuntime>, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(gateway.timeouts.driver_probe_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let changed = tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = runtime.probe_responsive() => changed,
+        };
+        match changed {
+            Some(true) => {
+                tracing::info!(driver = %runtime.name, "driver responsive again");
+                runtime.wake.notify_one();
+                gateway.publish_driver_state(&runtime.name);
+            }
+            Some(false) => {
+                tracing::warn!(driver = %runtime.name, reason = %runtime.status().message, "driver is unresponsive; its calls fail with UNAVAILABLE until it answers again");
+                gateway.publish_driver_state(&runtime.name);
+            }
+            None => {}
+        }
+    }
+}
+
 /// The watch loop of one driver. `first` is the watch asked for during
 /// startup, if the driver answered the list then.
 pub async fn run(

@@ -19,12 +19,14 @@
 
 pub mod observe;
 pub mod operations;
+pub mod orphans;
 pub mod sweeps;
 pub mod watch;
 
 use std::sync::Arc;
 
 use openshell_driver_kit::KeyLocks;
+use openshell_proto::compute::v1::DriverSandbox;
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +36,7 @@ pub use observe::apply_snapshot_to;
 
 use crate::api::translate;
 use crate::config::Timeouts;
-use crate::drivers::registry::{DriverRuntime, Registry};
+use crate::drivers::registry::{DriverRuntime, Lookup, Registry};
 use crate::error::{Error, Result};
 use crate::phases::ready_false;
 use crate::state::store::{SandboxRow, Store, Updated, now_ms};
@@ -83,6 +85,36 @@ fn ambiguous(error: &Error) -> bool {
     }
 }
 
+/// A status the client library makes up when the connection under a call
+/// breaks (the driver did not send it).
+fn connection_lost(code: Code, message: &str) -> bool {
+    code == Code::Cancelled
+        || (code == Code::Unknown
+            && (message.starts_with("transport error") || message.starts_with("h2 protocol error")))
+}
+
+/// Whether the driver answered the failed call (with an error status), as
+/// opposed to not answering in time or not being reachable: only then is a
+/// follow-up call worth making.
+fn answered(error: &Error) -> bool {
+    matches!(error, Error::DriverCall { code, message, .. } if !connection_lost(*code, message))
+}
+
+/// The gateway condition reasons of Error rows whose sandbox may never have
+/// reached the driver (or that the driver lost).
+pub(crate) const CREATE_FAILED: &str = "CreateFailed";
+pub(crate) const RESOURCE_MISSING: &str = "ComputeResourceMissing";
+
+/// An Error row the gateway marked because its create failed or the
+/// driver lost it: one the driver confirming absence may remove.
+pub(crate) fn never_reached_driver(row: &SandboxRow) -> bool {
+    row.phase == SandboxPhase::Error
+        && row
+            .gateway_condition
+            .as_ref()
+            .is_some_and(|c| c.reason == CREATE_FAILED)
+}
+
 fn is_not_found(error: &Error) -> bool {
     matches!(
         error,
@@ -110,6 +142,9 @@ pub struct Gateway {
     /// Cancelled when the gateway starts shutting down: long-lived streams
     /// end and new mutations are refused.
     pub shutdown: CancellationToken,
+    /// Per driver, the sandboxes its last reconcile listed that have no
+    /// row (see [`orphans`]).
+    orphans: std::sync::Mutex<std::collections::HashMap<String, Vec<DriverSandbox>>>,
 }
 
 impl Gateway {
@@ -123,6 +158,7 @@ impl Gateway {
             timeouts,
             listen,
             shutdown: CancellationToken::new(),
+            orphans: std::sync::Mutex::default(),
         }
     }
 
@@ -147,6 +183,13 @@ impl Gateway {
         let _ = self.bus.send(event);
     }
 
+    /// Tells public watchers that a driver's availability changed.
+    pub(crate) fn publish_driver_state(&self, driver: &str) {
+        self.publish(BusEvent::DriverState {
+            driver: driver.to_owned(),
+        });
+    }
+
     fn publish_row(&self, row: SandboxRow) {
         self.publish(BusEvent::Changed(Arc::new(row)));
     }
@@ -165,15 +208,17 @@ impl Gateway {
     }
 
     fn runtime_for(&self, row: &SandboxRow) -> Result<Arc<DriverRuntime>> {
-        self.registry.get(&row.driver).cloned().ok_or_else(|| {
-            Error::FailedPrecondition(format!(
+        match self.registry.lookup(&row.driver) {
+            Lookup::Ready(runtime) => Ok(runtime),
+            Lookup::Pending(pending) => Err(Registry::pending_error(&pending)),
+            Lookup::NotConfigured => Err(Error::FailedPrecondition(format!(
                 "sandbox '{}' belongs to driver '{}', which is not configured in this gateway \
                  (configured: {}); configure that driver again to manage the sandbox",
                 row.name,
                 row.driver,
                 self.registry.names()
-            ))
-        })
+            ))),
+        }
     }
 
     /// Replaces a transport failure with the driver's known state, and wakes
@@ -189,6 +234,19 @@ impl Gateway {
             Err(Error::DriverUnavailable { .. }) if !runtime.is_available() => {
                 Err(runtime.unavailable())
             }
+            // CANCELLED before the deadline, or a transport error: the
+            // connection went away under the call (the driver died or was
+            // replaced). Say so.
+            Err(Error::DriverCall {
+                code, message, rpc, ..
+            }) if connection_lost(code, &message) => Err(if runtime.is_available() {
+                Error::DriverUnavailable {
+                    driver: runtime.name.clone(),
+                    reason: format!("the connection was lost during {rpc}: {message}"),
+                }
+            } else {
+                runtime.unavailable()
+            }),
             Err(error) => Err(error),
         }
     }

@@ -14,7 +14,7 @@ use super::{BusEvent, Gateway};
 use crate::api::translate;
 use crate::drivers::registry::DriverRuntime;
 use crate::error::Result;
-use crate::phases::{intent_condition, next_phase, ready_false};
+use crate::phases::{converged_phase, intent_condition, next_phase, ready_false};
 use crate::state::store::{SandboxRow, Updated, now_ms};
 
 /// Makes a driver's observation read the same whichever contract
@@ -173,10 +173,22 @@ impl Gateway {
         Ok(())
     }
 
-    /// Brings a driver's rows in line with its list: present sandboxes get
-    /// their snapshot; absent ones, once unchanged for the orphan grace and
-    /// confirmed absent with GetSandbox, are removed if they were being
-    /// deleted and marked Error (ComputeResourceMissing) otherwise.
+    /// Brings a driver's rows in line with its list. The driver is the
+    /// authority on what exists and in which state:
+    ///
+    /// - a listed sandbox's row gets its snapshot; a row that has not
+    ///   changed for the orphan grace and still disagrees with the driver
+    ///   (a start that timed out but happened late, a stop the gateway
+    ///   missed, a failed create the driver did make) is converged to the
+    ///   phase the driver reports, whatever its phase; a row being deleted
+    ///   has its delete sent again;
+    /// - an absent row, once unchanged for the orphan grace and confirmed
+    ///   absent with GetSandbox, is removed if it was being deleted, if its
+    ///   create failed, or if the driver never reported it (its create
+    ///   never reached the driver); otherwise it is marked Error
+    ///   (ComputeResourceMissing);
+    /// - a listed sandbox without a row is an orphan: logged, kept for
+    ///   ListOrphans, adoptable or deletable.
     pub async fn reconcile(
         &self,
         runtime: &DriverRuntime,
@@ -193,7 +205,10 @@ impl Gateway {
             })
             .collect();
         let grace = i64::try_from(self.timeouts.orphan_grace.as_millis()).unwrap_or(i64::MAX);
+        let stale = |row: &SandboxRow| now_ms().saturating_sub(row.updated_at_ms) >= grace;
         let mut changed = Vec::new();
+        let mut converge = Vec::new();
+        let mut redelete = Vec::new();
         let mut absent = Vec::new();
         for row in rows {
             match listed.remove(&row.id) {
@@ -201,17 +216,34 @@ impl Gateway {
                     // Most rows are current; only write the ones that change.
                     let mut probe = row.clone();
                     if apply_snapshot_to(&mut probe, &runtime.name, &snapshot) {
-                        changed.push(snapshot_event(snapshot));
+                        changed.push(snapshot_event(snapshot.clone()));
+                    }
+                    if !stale(&row) {
+                        continue;
+                    }
+                    if row.phase == SandboxPhase::Deleting {
+                        redelete.push(row);
+                    } else if let Some(status) = &snapshot.status
+                        && converged_phase(probe.phase, status) != probe.phase
+                    {
+                        converge.push((row, snapshot));
                     }
                 }
                 None => absent.push(row),
             }
         }
         self.apply_events(&runtime.name, changed).await?;
+        for (row, snapshot) in converge {
+            self.converge(runtime, &row, snapshot).await?;
+        }
+        for row in redelete {
+            self.redelete(runtime, &row).await?;
+        }
+        self.record_orphans(runtime, listed.into_values().collect())
+            .await?;
         for row in absent {
-            if row.phase == SandboxPhase::Error
-                || now_ms().saturating_sub(row.updated_at_ms) < grace
-            {
+            let removable = super::never_reached_driver(&row);
+            if (row.phase == SandboxPhase::Error && !removable) || !stale(&row) {
                 continue;
             }
             match runtime.driver.get(&row.id, &row.name).await {
@@ -226,7 +258,73 @@ impl Gateway {
         Ok(())
     }
 
+    /// Sets a row to the phase its driver reports (see [`converged_phase`]).
+    async fn converge(
+        &self,
+        runtime: &DriverRuntime,
+        seen: &SandboxRow,
+        snapshot: DriverSandbox,
+    ) -> Result<()> {
+        let version = seen.resource_version;
+        let Some(status) = snapshot.status else {
+            return Ok(());
+        };
+        let updated = self
+            .update(&seen.id, move |row| {
+                if row.resource_version != version {
+                    return false;
+                }
+                let phase = converged_phase(row.phase, &status);
+                if phase == row.phase {
+                    return false;
+                }
+                row.phase = phase;
+                row.gateway_condition = intent_condition(phase, now_ms());
+                if !status.instance_id.is_empty() {
+                    row.instance_id.clone_from(&status.instance_id);
+                }
+                row.observed = Some(status);
+                true
+            })
+            .await?;
+        if let Updated::Changed(row) = updated {
+            tracing::warn!(sandbox = %row.name, id = %row.id, driver = %runtime.name, was = ?seen.phase, now = ?row.phase, "sandbox was out of step with its driver; following the driver");
+        }
+        Ok(())
+    }
+
+    /// Sends the delete of a row still being deleted again.
+    async fn redelete(&self, runtime: &DriverRuntime, row: &SandboxRow) -> Result<()> {
+        let _gate = self.gates.lock(&row.id).await;
+        match runtime.driver.delete(&row.id, &row.name).await {
+            Ok(false) => drop(self.remove_row(&row.id).await?),
+            Ok(true) => {
+                tracing::info!(sandbox = %row.name, driver = %runtime.name, "sent an unfinished delete again");
+            }
+            Err(error) if super::is_not_found(&error) => drop(self.remove_row(&row.id).await?),
+            Err(error) => {
+                tracing::warn!(sandbox = %row.name, driver = %runtime.name, error = %error, "could not send an unfinished delete again");
+            }
+        }
+        Ok(())
+    }
+
     async fn missing(&self, runtime: &DriverRuntime, seen: &SandboxRow) -> Result<()> {
+        let never_reached = super::never_reached_driver(seen)
+            || (seen.phase == SandboxPhase::Provisioning && seen.observed.is_none());
+        if never_reached {
+            // Under the gate: a create still in flight holds it, and changes
+            // the row (its version) when it finishes.
+            let _gate = self.gates.lock(&seen.id).await;
+            let version = seen.resource_version;
+            let id = seen.id.clone();
+            let still = self.db(move |s| s.get(&id)).await?;
+            if still.is_some_and(|r| r.resource_version == version) {
+                tracing::warn!(sandbox = %seen.name, id = %seen.id, driver = %runtime.name, phase = ?seen.phase, "removing a sandbox whose create never reached its driver; create it again");
+                self.remove_row(&seen.id).await?;
+            }
+            return Ok(());
+        }
         let version = seen.resource_version;
         if seen.phase == SandboxPhase::Deleting {
             let id = seen.id.clone();
@@ -247,7 +345,7 @@ impl Gateway {
                 }
                 row.phase = SandboxPhase::Error;
                 row.gateway_condition =
-                    Some(ready_false("ComputeResourceMissing", &message, now_ms()));
+                    Some(ready_false(super::RESOURCE_MISSING, &message, now_ms()));
                 true
             })
             .await?;

@@ -9,11 +9,11 @@ use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use tonic::Status;
 
 use super::{
-    DEFAULT_PAGE_SIZE, Gateway, MAX_PAGE_SIZE, ambiguous, apply_snapshot_to, is_not_found,
-    join_error,
+    CREATE_FAILED, DEFAULT_PAGE_SIZE, Gateway, MAX_PAGE_SIZE, ambiguous, answered,
+    apply_snapshot_to, is_not_found, join_error,
 };
 use crate::api::{translate, validate};
-use crate::drivers::registry::DriverRuntime;
+use crate::drivers::registry::{DriverRuntime, Lookup, Registry};
 use crate::error::{Error, Result};
 use crate::phases::intent_condition;
 use crate::state::store::{Inserted, ListQuery, SandboxRow, Updated, now_ms};
@@ -169,24 +169,29 @@ impl Gateway {
         validate::image(&spec.image).map_err(Error::InvalidArgument)?;
         validate::resources(spec.resources.as_ref()).map_err(Error::InvalidArgument)?;
         validate::labels(&request.labels).map_err(Error::InvalidArgument)?;
-        let runtime = if request.driver.is_empty() {
-            self.registry.default_driver()
+        let wanted = if request.driver.is_empty() {
+            self.registry.default_name().unwrap_or_default().to_owned()
         } else {
-            self.registry.get(&request.driver.to_ascii_lowercase())
-        }
-        .cloned()
-        .ok_or_else(|| {
-            Error::NotFound(format!(
-                "driver '{}' is not configured; configured drivers: {}",
-                request.driver,
-                self.registry.names()
-            ))
-        })?;
+            request.driver.to_ascii_lowercase()
+        };
+        let runtime = match self.registry.lookup(&wanted) {
+            Lookup::Ready(runtime) => runtime,
+            Lookup::Pending(pending) => return Err(Registry::pending_error(&pending)),
+            Lookup::NotConfigured => {
+                return Err(Error::NotFound(format!(
+                    "driver '{}' is not configured; configured drivers: {}",
+                    request.driver,
+                    self.registry.names()
+                )));
+            }
+        };
         if !runtime.is_available() {
             return Err(runtime.unavailable());
         }
         let name = request.name.clone();
-        if let Some(existing) = self.db(move |s| s.get_by_name(&name)).await? {
+        if let Some(existing) = self.db(move |s| s.get_by_name(&name)).await?
+            && !self.clear_failed_create(&existing).await?
+        {
             return Err(Error::AlreadyExists(format!(
                 "sandbox '{}' already exists (id {}, driver '{}')",
                 existing.name, existing.id, existing.driver
@@ -211,7 +216,7 @@ impl Gateway {
             updated_at_ms: now,
         };
         let gateway = Arc::clone(self);
-        tokio::spawn(async move { gateway.create_owned(runtime, row).await })
+        tokio::spawn(async move { Box::pin(gateway.create_owned(runtime, row)).await })
             .await
             .map_err(|e| join_error(&e))?
     }
@@ -225,9 +230,11 @@ impl Gateway {
         // for the create instead of racing it.
         let _gate = self.gates.lock(&row.id).await;
         let sandbox = translate::driver_sandbox(&row);
-        let admitted = runtime.confirm_admission().await;
+        let admitted = runtime.guarded(runtime.confirm_admission()).await;
         self.driver_result(&runtime, admitted)?;
-        let validated = runtime.driver.validate(sandbox.clone()).await;
+        let validated = runtime
+            .guarded(runtime.driver.validate(sandbox.clone()))
+            .await;
         self.driver_result(&runtime, validated)?;
         let stored = row.clone();
         match self.db(move |s| s.insert(&stored)).await? {
@@ -240,7 +247,7 @@ impl Gateway {
             }
         }
         self.publish_row(row.clone());
-        let created = runtime.driver.create(sandbox).await;
+        let created = runtime.guarded(runtime.driver.create(sandbox)).await;
         match self.driver_result(&runtime, created) {
             Ok(()) => {
                 tracing::info!(sandbox = %row.name, id = %row.id, driver = %runtime.name, "sandbox created");
@@ -258,8 +265,14 @@ impl Gateway {
     /// driver may hold resources that could not be removed, in which case
     /// it stays in Error so the user can see and delete it.
     async fn create_failed(&self, runtime: &DriverRuntime, row: &SandboxRow, error: &Error) {
-        let cleaned = if ambiguous(error) {
-            match runtime.driver.delete(&row.id, &row.name).await {
+        // A driver that did not answer cannot be asked to clean up now (and
+        // a second call would double the wait): the row stays in Error, and
+        // reconcile removes it once the driver confirms it never had it.
+        let cleaned = if ambiguous(error) && answered(error) {
+            match runtime
+                .guarded(runtime.driver.delete(&row.id, &row.name))
+                .await
+            {
                 Ok(_) => true,
                 Err(cleanup) if is_not_found(&cleanup) => true,
                 Err(cleanup) => {
@@ -275,9 +288,10 @@ impl Gateway {
         } else {
             self.mark_error(
                 &row.id,
-                "CreateFailed",
+                CREATE_FAILED,
                 format!(
-                    "create failed ({error}); the driver may still hold resources: delete the sandbox to clean up"
+                    "create failed ({error}); the driver may still hold resources: delete the sandbox to clean up \
+                     (the gateway removes it by itself once the driver confirms it never got it)"
                 ),
             )
             .await
@@ -285,6 +299,35 @@ impl Gateway {
         if let Err(store) = outcome {
             tracing::warn!(sandbox = %row.name, error = %store, "could not record a failed create");
         }
+    }
+
+    /// A create under a name held by an Error row whose create failed (or
+    /// whose sandbox the driver lost): if the driver confirms it has no
+    /// such sandbox, the row is removed and the name is free again.
+    /// Returns whether it was removed.
+    async fn clear_failed_create(&self, existing: &SandboxRow) -> Result<bool> {
+        if !super::never_reached_driver(existing) {
+            return Ok(false);
+        }
+        let Some(runtime) = self.registry.get(&existing.driver) else {
+            return Ok(false);
+        };
+        let _gate = self.gates.lock(&existing.id).await;
+        let checked = runtime
+            .guarded(runtime.driver.get(&existing.id, &existing.name))
+            .await;
+        if self.driver_result(&runtime, checked)?.is_some() {
+            return Ok(false);
+        }
+        let version = existing.resource_version;
+        let id = existing.id.clone();
+        let still = self.db(move |s| s.get(&id)).await?;
+        if still.is_some_and(|r| r.resource_version == version) {
+            tracing::warn!(sandbox = %existing.name, id = %existing.id, driver = %existing.driver, "removing a failed create the driver never got, to create the name again");
+            self.remove_row(&existing.id).await?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     pub async fn get(&self, reference: Option<gw::SandboxRef>) -> Result<gw::Sandbox> {
@@ -397,15 +440,26 @@ impl Gateway {
             Precheck::Done => return Ok(self.view(&row)),
             Precheck::Refused(error) => return Err(error),
         }
+        if !runtime.is_available() {
+            return Err(runtime.unavailable());
+        }
         if transition.call == DriverCall::Start {
-            let admitted = runtime.confirm_admission().await;
+            let admitted = runtime.guarded(runtime.confirm_admission()).await;
             self.driver_result(&runtime, admitted)?;
         }
         let previous = row.phase;
         self.set_transition(&id, transition.via).await?;
         let called = match transition.call {
-            DriverCall::Stop => runtime.driver.stop(&row.id, &row.name).await,
-            DriverCall::Start => runtime.driver.start(&row.id, &row.name).await,
+            DriverCall::Stop => {
+                runtime
+                    .guarded(runtime.driver.stop(&row.id, &row.name))
+                    .await
+            }
+            DriverCall::Start => {
+                runtime
+                    .guarded(runtime.driver.start(&row.id, &row.name))
+                    .await
+            }
         };
         match self.driver_result(&runtime, called) {
             Ok(()) => {
@@ -413,7 +467,10 @@ impl Gateway {
                     Some(phase) => self.settle(&id, transition.via, phase).await?,
                     // The driver's snapshot says where the sandbox is now.
                     None => {
-                        if let Ok(Some(snapshot)) = runtime.driver.get(&row.id, &row.name).await {
+                        if let Ok(Some(snapshot)) = runtime
+                            .guarded(runtime.driver.get(&row.id, &row.name))
+                            .await
+                        {
                             self.apply_snapshot(&runtime.name, snapshot).await?;
                         }
                     }
@@ -425,6 +482,13 @@ impl Gateway {
             Err(error) => {
                 self.recover(&runtime, &row, transition.via, previous, &error)
                     .await;
+                if is_not_found(&error) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "driver '{}' has no sandbox '{}' (id {}): its create never reached the driver, or the \
+                         driver lost it; delete the sandbox and create it again",
+                        runtime.name, row.name, row.id
+                    )));
+                }
                 Err(error)
             }
         }
@@ -491,8 +555,11 @@ impl Gateway {
         let outcome = if is_not_found(error) {
             self.mark_error(&row.id, "ComputeResourceMissing", missing())
                 .await
-        } else if ambiguous(error) {
-            match runtime.driver.get(&row.id, &row.name).await {
+        } else if ambiguous(error) && answered(error) {
+            match runtime
+                .guarded(runtime.driver.get(&row.id, &row.name))
+                .await
+            {
                 Ok(Some(snapshot)) => {
                     let driver = runtime.name.clone();
                     self.update(&row.id, move |r| {
@@ -551,9 +618,14 @@ impl Gateway {
             // Removed while we waited for the gate.
             return Ok(true);
         };
+        if !runtime.is_available() {
+            return Err(runtime.unavailable());
+        }
         let previous = row.phase;
         self.set_transition(&id, SandboxPhase::Deleting).await?;
-        let deleted = runtime.driver.delete(&row.id, &row.name).await;
+        let deleted = runtime
+            .guarded(runtime.driver.delete(&row.id, &row.name))
+            .await;
         match self.driver_result(&runtime, deleted) {
             Ok(false) => {
                 self.remove_row(&id).await?;
@@ -561,7 +633,10 @@ impl Gateway {
             Ok(true) => {
                 // Usually gone already; otherwise the watch stream's
                 // `deleted` event (or the next reconcile) removes the row.
-                if let Ok(None) = runtime.driver.get(&row.id, &row.name).await {
+                if let Ok(None) = runtime
+                    .guarded(runtime.driver.get(&row.id, &row.name))
+                    .await
+                {
                     self.remove_row(&id).await?;
                 }
             }
@@ -570,7 +645,13 @@ impl Gateway {
             }
             Err(error) => {
                 let gone = ambiguous(&error)
-                    && matches!(runtime.driver.get(&row.id, &row.name).await, Ok(None));
+                    && answered(&error)
+                    && matches!(
+                        runtime
+                            .guarded(runtime.driver.get(&row.id, &row.name))
+                            .await,
+                        Ok(None)
+                    );
                 if gone {
                     self.remove_row(&id).await?;
                     return Ok(true);
@@ -585,7 +666,7 @@ impl Gateway {
     pub fn info(&self) -> gw::GatewayInfo {
         gw::GatewayInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            drivers: self.registry.iter().map(|r| r.info()).collect(),
+            drivers: self.registry.infos(),
             listen: self.listen.clone(),
         }
     }

@@ -93,6 +93,7 @@ impl Gateway {
     pub async fn shutdown_sweep(&self) -> Vec<String> {
         let failures = Mutex::new(Vec::new());
         for runtime in self.registry.iter() {
+            let runtime = &runtime;
             if !runtime.capabilities.gateway_manages_lifecycle {
                 continue;
             }
@@ -137,7 +138,7 @@ impl Gateway {
     /// Warns about stored sandboxes whose driver is not configured.
     pub async fn report_orphaned_drivers(&self) -> Result<()> {
         for (driver, count) in self.db(|s| s.driver_counts()).await? {
-            if self.registry.get(&driver).is_none() {
+            if !self.registry.is_configured(&driver) {
                 tracing::warn!(driver = %driver, sandboxes = count, "stored sandboxes belong to a driver that is not configured; they are listed but cannot be changed until it is configured again");
             }
         }

@@ -31,9 +31,8 @@ pub mod reason {
     pub const OOM_KILLED: &str = "OOMKilled";
     pub const IMAGE_MISSING: &str = "ImageMissing";
     /// The image is being pulled; there is no container yet (the message
-    /// says so). Not "Pulling": the gateway counts only the `Ready=False`
-    /// reasons it knows as transient, and would mark the sandbox failed.
-    pub const PULLING: &str = "Starting";
+    /// says so). The gateway counts it as a transient reason.
+    pub const PULLING: &str = "Pulling";
     pub const ENGINE_UNAVAILABLE: &str = "EngineUnavailable";
     pub const UNKNOWN_STATE: &str = "UnknownState";
 }

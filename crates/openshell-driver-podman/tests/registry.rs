@@ -202,7 +202,7 @@ async fn sandboxes_come_from_a_registry_under_each_pull_policy() {
         seen.iter().any(|e| event_sandbox(e).is_some_and(|s| {
             s.id == first.id
                 && ready_condition(s).is_some_and(|(status, reason, message)| {
-                    status == "False" && reason == "Starting" && message.contains("pulling image")
+                    status == "False" && reason == "Pulling" && message.contains("pulling image")
                 })
         })),
         "the sandbox showed Ready=False, pulling, while pulling: {seen:#?}"

@@ -15,6 +15,7 @@ const TRANSIENT_REASONS: &[&str] = &[
     "dependenciesnotready",
     "supervisornotconnected",
     "starting",
+    "pulling",
     "containerstarting",
     "containercreated",
     "healthcheckstarting",

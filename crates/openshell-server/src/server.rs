@@ -10,7 +10,7 @@
 //! A second signal skips the sandbox sweep.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,30 +67,13 @@ impl Signals {
     }
 }
 
-/// Creates the state directory (0700 when new) and takes its lock.
+/// Checks the state directory (created 0700 when new; see
+/// [`crate::state::prepare_state_dir`]) and takes its lock, opened without
+/// following symlinks.
 fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io("create the state directory", dir, e))?;
-    let meta = fs::metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
-    if !meta.is_dir() {
-        return Err(Error::Config(format!(
-            "state directory {} is not a directory",
-            dir.display()
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "the state directory is readable by other users; sandbox specs (including env) are stored there");
-    }
+    crate::state::prepare_state_dir(dir)?;
     let lock = dir.join("gateway.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(|e| Error::io("open", &lock, e))?;
+    let file = crate::state::open_private_file(&lock, "lock file")?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
             Error::StateDirLocked {

@@ -233,6 +233,30 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 connections,
             })
         }
+        Acquisition::Remote { addr, tls, .. } => {
+            // Completed (with the gateway-wide defaults) when the settings
+            // were resolved.
+            let tls = tls.complete(&plan.name).map_err(Error::Config)?;
+            // The endpoint's "socket" is the URL: it only appears in
+            // messages and `gateway info`.
+            let endpoint = DriverEndpoint::new(plan.name.clone(), addr.to_string());
+            let policy = DialPolicy {
+                deadline: ctx.attach_timeout,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(500),
+            };
+            let connections = openshell_wire::ConnectionCounter::new();
+            let channel =
+                openshell_wire::tls::connect(addr, &tls, policy, Some(connections.clone()))
+                    .await
+                    .map_err(|e| Error::Config(format!("driver '{}' at {addr}: {e}", plan.name)))?;
+            Ok(Acquired {
+                endpoint,
+                guard: DriverGuard::Attached,
+                channel,
+                connections,
+            })
+        }
     }
 }
 

@@ -105,6 +105,73 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// A rustls acceptor with the same rules as [`ServerTls::config`]
+    /// (client certificate required, signed by the client CA; HTTP/2 by
+    /// ALPN), for servers that accept connections themselves.
+    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+
+        fn pem_error(
+            what: &'static str,
+            path: &Path,
+            expected: &'static str,
+        ) -> impl FnOnce(rustls_pki_types::pem::Error) -> TlsError {
+            let path = path.to_owned();
+            move |_| TlsError::NotPem {
+                what,
+                path,
+                expected,
+            }
+        }
+        let ca_pem = read_pem("client CA", &self.client_ca, "a certificate")?;
+        let cert_pem = read_pem("certificate", &self.identity.cert, "a certificate")?;
+        let key_pem = read_pem("private key", &self.identity.key, "a private key")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+            let cert = cert.map_err(pem_error("client CA", &self.client_ca, "a certificate"))?;
+            roots.add(cert).map_err(|e| {
+                TlsError::Config(format!("client CA {}: {e}", self.client_ca.display()))
+            })?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_error(
+                "certificate",
+                &self.identity.cert,
+                "a certificate",
+            ))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(pem_error(
+            "private key",
+            &self.identity.key,
+            "a private key",
+        ))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(format!("client CA {}: {e}", self.client_ca.display())))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                TlsError::Config(format!(
+                    "certificate {} and key {} do not make a usable pair: {e}",
+                    self.identity.cert.display(),
+                    self.identity.key.display()
+                ))
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    }
+}
+
 /// A client's TLS files: the CA the server must chain to and the client's
 /// own certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]

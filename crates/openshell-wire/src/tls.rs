@@ -310,7 +310,7 @@ fn is_tls_refusal(reason: &str) -> bool {
 /// Turns a rustls failure into what a person can act on. Anything that is
 /// not a recognised TLS failure is returned unchanged.
 pub fn explain(cause: &str) -> String {
-    let hint = if cause.contains("UnknownIssuer") {
+    let hint = if cause.contains("UnknownIssuer") || cause.contains("BadSignature") {
         "the server's certificate is not signed by the CA you trust (wrong --tls-ca, or the server uses another CA's certificate)"
     } else if cause.contains("expired") || cause.contains("Expired") {
         "a certificate has expired (or the clock is wrong); issue a new one with `openshell-gateway certs init`"

@@ -41,7 +41,7 @@ impl From<tonic::Status> for CliError {
         // server checks our certificate after our side finished) comes as
         // a bare "transport error"; say what it was.
         let transport = std::error::Error::source(&status)
-            .map(|source| openshell_wire::uds::root_cause(source))
+            .map(openshell_wire::uds::root_cause)
             .map(|cause| {
                 let reason = openshell_wire::tls::explain(&cause);
                 if reason.starts_with("TLS:") {

@@ -144,6 +144,7 @@ fn main() {
 async fn run() {
     let dir = tempfile::Builder::new()
         .prefix("tlsbench")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir_in("/tmp")
         .expect("temp dir");
     let certs: PathBuf = dir.path().join("certs");

@@ -369,6 +369,94 @@ mod tests {
         assert_eq!(explain("connection refused"), "connection refused");
     }
 
+    /// A CA, a server certificate (`sans`, valid `years` around `year`)
+    /// and a client certificate, as PEM files in `dir`.
+    fn issue(dir: &Path, sans: &[&str], not_after_year: i32) -> (ServerTls, ClientTls) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair as Key};
+        let ca_key = Key::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
+        let issuer = Issuer::new(ca, &ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let server_key = Key::generate().expect("key");
+        let mut server =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        server.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        server.not_after = rcgen::date_time_ymd(not_after_year, 1, 1);
+        let server_pem = server
+            .signed_by(&server_key, &issuer)
+            .expect("server")
+            .pem();
+        let client_key = Key::generate().expect("key");
+        let client = CertificateParams::new(Vec::<String>::new()).expect("params");
+        let client_pem = client
+            .signed_by(&client_key, &issuer)
+            .expect("client")
+            .pem();
+        let ca = write("ca.pem", ca_pem);
+        (
+            ServerTls {
+                identity: KeyPair {
+                    cert: write("server.pem", server_pem),
+                    key: write("server.key", server_key.serialize_pem()),
+                },
+                client_ca: ca.clone(),
+            },
+            ClientTls {
+                ca,
+                identity: KeyPair {
+                    cert: write("client.pem", client_pem),
+                    key: write("client.key", client_key.serialize_pem()),
+                },
+            },
+        )
+    }
+
+    /// Serves TLS handshakes on a loopback port; returns its address.
+    async fn handshakes(server: &ServerTls) -> HttpsAddr {
+        let acceptor = server.acceptor().expect("acceptor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _tls = acceptor.accept(stream).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                });
+            }
+        });
+        HttpsAddr::parse(&format!("https://127.0.0.1:{port}")).expect("addr")
+    }
+
+    async fn refusal(sans: &[&str], not_after_year: i32) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (server, client) = issue(dir.path(), sans, not_after_year);
+        let addr = handshakes(&server).await;
+        match connect(&addr, &client, DialPolicy::ONCE, None).await {
+            Ok(_) => "connected".to_owned(),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn real_rustls_refusals_are_explained() {
+        let ok = refusal(&["127.0.0.1"], 2999).await;
+        assert_eq!(ok, "connected");
+        let mismatch = refusal(&["elsewhere.example"], 2999).await;
+        assert!(mismatch.contains("host name mismatch"), "{mismatch}");
+        let expired = refusal(&["127.0.0.1"], 2001).await;
+        assert!(expired.contains("has expired"), "{expired}");
+    }
+
     #[test]
     fn files_are_checked_for_shape_naming_them() {
         let dir = tempfile::tempdir().expect("tempdir");

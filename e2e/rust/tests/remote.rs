@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use openshell_e2e::{
-    Gateway, GatewayConfig, Proc, TEST_IMAGE, TestEnv, alive, bin, require_podman,
-    wait_for_socket, wait_until,
+    Gateway, GatewayConfig, Proc, TEST_IMAGE, TestEnv, alive, bin, require_podman, wait_for_socket,
+    wait_until,
 };
 
 const DRIVER: &str = "remote-podman";
@@ -146,7 +146,10 @@ fn podman_over_mutual_tls_full_lifecycle_and_reconnect() {
     // The driver outlives the gateway.
     let status = gateway.stop();
     assert!(status.success(), "{status}\n{}", gateway.log());
-    assert!(alive(driver.pid()), "an attached driver outlives the gateway");
+    assert!(
+        alive(driver.pid()),
+        "an attached driver outlives the gateway"
+    );
 }
 
 #[test]

@@ -3,12 +3,12 @@
 # binaries on private temp dirs. Buckets that need something this machine
 # lacks (Podman, hardware KVM and a guest kernel) print why and skip.
 #
-#   scripts/e2e.sh                 all buckets: podman external multi faults vm foreign
+#   scripts/e2e.sh                 all buckets: podman external multi faults vm foreign remote
 #   scripts/e2e.sh podman faults   only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(podman external multi faults vm foreign)
+all=(podman external multi faults vm foreign remote)
 buckets=("$@")
 [ ${#buckets[@]} -eq 0 ] && buckets=("${all[@]}")
 for bucket in "${buckets[@]}"; do

@@ -11,7 +11,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy --all-targets -D warnings (all e2e buckets compiled)"
-cargo clippy --workspace --all-targets --locked --features openshell-e2e/podman,openshell-e2e/external,openshell-e2e/multi,openshell-e2e/faults,openshell-e2e/vm,openshell-e2e/foreign -- -D warnings
+cargo clippy --workspace --all-targets --locked --features openshell-e2e/podman,openshell-e2e/external,openshell-e2e/multi,openshell-e2e/faults,openshell-e2e/vm,openshell-e2e/foreign,openshell-e2e/remote -- -D warnings
 
 echo "== cargo test --workspace"
 cargo test --workspace --locked

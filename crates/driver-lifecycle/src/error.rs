@@ -158,6 +158,11 @@ pub enum LifecycleError {
     )]
     PeerPolicyMissing,
 
+    /// `--bind-tcp` and its TLS files: a missing flag, an unreadable or
+    /// wrong file, an address that cannot be bound.
+    #[error("{0}")]
+    Tcp(String),
+
     #[error("the ready fd {fd} is not usable")]
     ReadyFd {
         fd: i32,

@@ -18,7 +18,9 @@
 //! socket under the same rules: a private 0700 directory, an exclusive lock
 //! next to the socket, stale sockets removed only when nothing listens, a
 //! `sun_path` length check, a 0600 socket, and peers filtered by uid (and
-//! pid, when the spawner said who it is).
+//! pid, when the spawner said who it is). With `--bind-tcp` it also serves
+//! on TCP, always with mutual TLS (a gateway on another host attaches with
+//! `NAME@https://HOST:PORT` and a client certificate the driver trusts).
 
 mod endpoint;
 mod error;
@@ -33,7 +35,8 @@ pub use endpoint::{DialPolicy, DriverEndpoint, connect, connect_counting, connec
 pub use error::{LifecycleError, Result, StderrTail, error_chain};
 pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
 pub use server::{
-    LogStderr, PeerPolicy, ServeArgs, ServeExit, ServeOptions, close_inherited_fds, serve_uds,
+    LogStderr, PeerPolicy, ServeArgs, ServeExit, ServeOptions, TcpServe, close_inherited_fds,
+    serve_uds,
 };
 pub use spawn::{
     DEFAULT_ENV_ALLOWLIST, DriverCommand, PARENT_PID_ENV, READY_FD_ENV, READY_LINE_PREFIX,

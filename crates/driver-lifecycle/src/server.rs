@@ -82,6 +82,33 @@ pub struct ServeArgs {
     #[arg(long, env = "OPENSHELL_COMPUTE_DRIVER_ALLOW_SAME_UID_PEER")]
     pub allow_same_uid_peer: bool,
 
+    /// Also serve on TCP at HOST:PORT, always with mutual TLS: for a
+    /// gateway on another host (`--drivers NAME@https://HOST:PORT`). Needs
+    /// --tls-cert, --tls-key and --tls-client-ca.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "OPENSHELL_COMPUTE_DRIVER_BIND_TCP"
+    )]
+    pub bind_tcp: Option<String>,
+
+    /// Server certificate (PEM) for --bind-tcp.
+    #[arg(long, value_name = "PATH", env = "OPENSHELL_COMPUTE_DRIVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", env = "OPENSHELL_COMPUTE_DRIVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that gateways' client certificates must be signed by; a
+    /// gateway without such a certificate cannot attach.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "OPENSHELL_COMPUTE_DRIVER_TLS_CLIENT_CA"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Descriptor to write the ready line to (set by the spawner).
     #[arg(long, value_name = "FD", env = READY_FD_ENV, hide = true)]
     pub ready_fd: Option<RawFd>,
@@ -102,6 +129,7 @@ impl ServeArgs {
         };
         Ok(ServeOptions {
             socket: self.bind_socket.clone(),
+            tcp: self.tcp()?,
             peers,
             ready_fd: self.ready_fd,
             parent_pid: self.parent_pid,
@@ -111,10 +139,58 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// `--bind-tcp` with its TLS files, all or nothing.
+    fn tcp(&self) -> Result<Option<TcpServe>> {
+        let tls = (&self.tls_cert, &self.tls_key, &self.tls_client_ca);
+        let Some(bind) = &self.bind_tcp else {
+            if tls.0.is_some() || tls.1.is_some() || tls.2.is_some() {
+                return Err(LifecycleError::Tcp(
+                    "--tls-cert/--tls-key/--tls-client-ca apply to --bind-tcp, which is not set; \
+                     add --bind-tcp HOST:PORT or drop them"
+                        .to_owned(),
+                ));
+            }
+            return Ok(None);
+        };
+        let addr: std::net::SocketAddr = bind.trim().parse().map_err(|_| {
+            LifecycleError::Tcp(format!(
+                "--bind-tcp {bind:?} is not IP:PORT (e.g. 0.0.0.0:7443, 127.0.0.1:7443 or [::]:7443)"
+            ))
+        })?;
+        let (Some(cert), Some(key), Some(client_ca)) = tls else {
+            return Err(LifecycleError::Tcp(format!(
+                "--bind-tcp {bind} is served only with mutual TLS: give --tls-cert, --tls-key and \
+                 --tls-client-ca (`openshell-gateway certs init DIR --driver NAME` writes them)"
+            )));
+        };
+        Ok(Some(TcpServe {
+            addr,
+            tls: openshell_wire::tls::ServerTls {
+                identity: openshell_wire::tls::KeyPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                client_ca: client_ca.clone(),
+            },
+        }))
+    }
+}
+
+/// A TCP listener beside the Unix socket, with mutual TLS.
+#[derive(Debug, Clone)]
+pub struct TcpServe {
+    pub addr: std::net::SocketAddr,
+    pub tls: openshell_wire::tls::ServerTls,
+}
+
 /// Everything [`serve_uds`] needs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub socket: PathBuf,
+    /// Also serve on TCP with mutual TLS (peer credentials do not apply
+    /// there: the client certificate is the credential).
+    pub tcp: Option<TcpServe>,
     pub peers: PeerPolicy,
     /// Write the ready line here after bind+listen.
     pub ready_fd: Option<RawFd>,
@@ -215,6 +291,21 @@ pub async fn serve_uds(
     }
     drop(reason_tx);
 
+    // TLS files and the TCP address are checked before the socket is
+    // bound, so a mistake fails startup before the driver looks ready.
+    let tcp = match &options.tcp {
+        Some(tcp) => {
+            let acceptor = tcp
+                .tls
+                .acceptor()
+                .map_err(|e| LifecycleError::Tcp(format!("--bind-tcp {}: {e}", tcp.addr)))?;
+            let listener = tokio::net::TcpListener::bind(tcp.addr).await.map_err(|e| {
+                LifecycleError::Tcp(format!("cannot listen on --bind-tcp {}: {e}", tcp.addr))
+            })?;
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
     let (listener, bound) = socket::bind_unix_listener_async(&options.socket).await?;
     if let Some(ready) = ready {
         let mut file = fs::File::from(ready);
@@ -231,6 +322,17 @@ pub async fn serve_uds(
     }
     tracing::info!(socket = %options.socket.display(), peer_uid = options.peers.uid, peer_pid = ?options.peers.pid, "driver serving");
 
+    let tcp_server = tcp.map(|(listener, acceptor)| {
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        tracing::info!(address = %address, "driver serving on TCP (mutual TLS)");
+        let stop = cancel.clone();
+        tokio::spawn(router.clone().serve_with_incoming_shutdown(
+            tls_accept_stream(listener, acceptor, cancel.clone()),
+            async move { stop.cancelled().await },
+        ))
+    });
     let incoming = accept_stream(listener, options.peers);
     let stop = cancel.clone();
     let server =
@@ -244,6 +346,10 @@ pub async fn serve_uds(
         }
     };
     let exit = reason_rx.try_recv().unwrap_or(ServeExit::Cancelled);
+    if let Some(tcp_server) = tcp_server {
+        cancel.cancel();
+        tcp_server.abort();
+    }
     drop(bound);
     served.map_err(|source| LifecycleError::Serve {
         path: options.socket.clone(),
@@ -276,6 +382,56 @@ fn accept_stream(
                 }
             }
         }
+    })
+}
+
+/// TLS connections accepted on `listener` whose client certificate the
+/// acceptor verified. Handshakes run in their own tasks (bounded by a
+/// timeout), so a slow or silent client cannot hold up the others; failed
+/// handshakes are logged with the peer address and dropped.
+fn tls_accept_stream(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    cancel: CancellationToken,
+) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = cancel.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let acceptor = acceptor.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let handshake =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await;
+                        match handshake {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok(tls)).await;
+                            }
+                            Ok(Err(error)) => {
+                                tracing::warn!(%peer, %error, "rejected a TLS connection");
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "rejected a TLS connection: no handshake within 10s");
+                            }
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
     })
 }
 

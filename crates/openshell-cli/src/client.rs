@@ -12,8 +12,11 @@ use crate::error::CliError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Unix(PathBuf),
-    /// `host:port`
+    /// `host:port`, plain TCP: only a gateway started with
+    /// `--insecure-tcp` (development) answers it.
     Tcp(String),
+    /// `https://host:port`: TCP with mutual TLS.
+    Https(openshell_wire::tls::HttpsAddr),
 }
 
 impl std::fmt::Display for Address {
@@ -21,6 +24,7 @@ impl std::fmt::Display for Address {
         match self {
             Self::Unix(path) => write!(f, "unix://{}", path.display()),
             Self::Tcp(authority) => write!(f, "tcp://{authority}"),
+            Self::Https(addr) => write!(f, "{addr}"),
         }
     }
 }
@@ -30,7 +34,7 @@ pub fn default_address() -> Address {
     Address::Unix(openshell_wire::paths::default_gateway_socket())
 }
 
-const ADDRESS_HINT: &str = "use unix:///path/to/gateway.sock or tcp://HOST:PORT";
+const ADDRESS_HINT: &str = "use unix:///path/to/gateway.sock, https://HOST:PORT (with --tls-ca/--tls-cert/--tls-key) or tcp://HOST:PORT";
 
 /// Parses `unix:///path` or `tcp://host:port`.
 pub fn parse_address(text: &str) -> Result<Address, CliError> {
@@ -46,6 +50,11 @@ pub fn parse_address(text: &str) -> Result<Address, CliError> {
             ));
         }
         return Ok(Address::Unix(PathBuf::from(path)));
+    }
+    if text.starts_with("https://") {
+        return openshell_wire::tls::HttpsAddr::parse(text)
+            .map(Address::Https)
+            .map_err(|e| CliError::Usage(format!("gateway address: {e}; {ADDRESS_HINT}")));
     }
     if let Some(authority) = text.strip_prefix("tcp://") {
         let authority = authority.trim_end_matches('/');
@@ -66,13 +75,78 @@ pub fn parse_address(text: &str) -> Result<Address, CliError> {
 /// How long to keep trying to reach the gateway before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The CLI's TLS files for an https:// gateway, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// All three, or a usage error naming the missing flags.
+    fn complete(&self) -> Result<openshell_wire::tls::ClientTls, CliError> {
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(openshell_wire::tls::ClientTls {
+                ca: ca.clone(),
+                identity: openshell_wire::tls::KeyPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            }),
+            _ => {
+                let missing: Vec<&str> = [
+                    (self.ca.is_none(), "--tls-ca"),
+                    (self.cert.is_none(), "--tls-cert"),
+                    (self.key.is_none(), "--tls-key"),
+                ]
+                .into_iter()
+                .filter_map(|(absent, flag)| absent.then_some(flag))
+                .collect();
+                Err(CliError::Usage(format!(
+                    "an https:// gateway needs the CA that signed its certificate and your \
+                     client certificate and key; missing: {} (or OPENSHELL_GATEWAY_TLS_CA, \
+                     OPENSHELL_GATEWAY_TLS_CERT, OPENSHELL_GATEWAY_TLS_KEY)",
+                    missing.join(", ")
+                )))
+            }
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
 /// Connects to the gateway.
-pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliError> {
+pub async fn connect(
+    address: &Address,
+    tls: &TlsFiles,
+) -> Result<GatewayClient<Channel>, CliError> {
     let unreachable = |reason: String| CliError::Unreachable {
         address: address.to_string(),
         reason,
     };
+    if tls.any() && !matches!(address, Address::Https(_)) {
+        return Err(CliError::Usage(format!(
+            "--tls-ca/--tls-cert/--tls-key apply to an https:// gateway, not {address}"
+        )));
+    }
     let channel = match address {
+        Address::Https(addr) => {
+            let files = tls.complete()?;
+            openshell_wire::tls::connect(
+                addr,
+                &files,
+                openshell_wire::DialPolicy::within(CONNECT_TIMEOUT),
+                None,
+            )
+            .await
+            .map_err(|e| match e {
+                openshell_wire::tls::TlsError::Dial { reason, .. } => unreachable(reason),
+                other => CliError::Usage(other.to_string()),
+            })?
+        }
         Address::Unix(path) => {
             if let Err(e) = std::fs::symlink_metadata(path) {
                 return Err(unreachable(socket_problem(path, &e)));
@@ -129,6 +203,39 @@ mod tests {
     }
 
     #[test]
+    fn https_needs_all_three_tls_files() {
+        let address = parse_address("https://127.0.0.1:7443").unwrap();
+        assert_eq!(address.to_string(), "https://127.0.0.1:7443");
+        let tls = TlsFiles {
+            ca: Some(PathBuf::from("/ca.pem")),
+            ..TlsFiles::default()
+        };
+        let err = tls.complete().unwrap_err().to_string();
+        assert!(err.contains("missing: --tls-cert, --tls-key"), "{err}");
+        assert!(
+            parse_address("https://h")
+                .unwrap_err()
+                .to_string()
+                .contains("no port")
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_flags_without_https_are_a_usage_error() {
+        let address = parse_address("tcp://127.0.0.1:1").unwrap();
+        let tls = TlsFiles {
+            ca: Some(PathBuf::from("/ca.pem")),
+            ..TlsFiles::default()
+        };
+        let err = connect(&address, &tls).await.unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("apply to an https:// gateway"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn rejects_bad_addresses_with_a_hint() {
         for (input, why) in [
             ("unix://", "has no socket path"),
@@ -166,7 +273,7 @@ mod tests {
     async fn missing_socket_is_reported_as_unreachable() {
         let tmp = tempfile::tempdir().unwrap();
         let address = Address::Unix(tmp.path().join("gateway.sock"));
-        let err = connect(&address).await.unwrap_err();
+        let err = connect(&address, &TlsFiles::default()).await.unwrap_err();
         assert_eq!(err.exit_code(), 3);
         assert!(err.to_string().contains("does not exist"), "{err}");
     }

@@ -37,7 +37,26 @@ pub enum CliError {
 
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
-        let message = if status.message().is_empty() {
+        // A TLS refusal that only shows on the first call (TLS 1.3: the
+        // server checks our certificate after our side finished) comes as
+        // a bare "transport error"; say what it was.
+        let transport = std::error::Error::source(&status)
+            .map(openshell_wire::uds::root_cause)
+            .map(|cause| {
+                let reason = openshell_wire::tls::explain(&cause);
+                if reason.starts_with("TLS:") {
+                    reason
+                } else {
+                    format!(
+                        "the gateway closed the connection ({cause}); with an https:// \
+                         gateway this means it refused our client certificate: check that \
+                         --tls-cert is signed by the gateway's client CA"
+                    )
+                }
+            });
+        let message = if let Some(reason) = transport {
+            reason
+        } else if status.message().is_empty() {
             status.code().description().to_owned()
         } else {
             status.message().to_owned()

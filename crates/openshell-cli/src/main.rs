@@ -36,10 +36,39 @@ use crate::wait::{Goal, Progress};
                         4 sandbox failed, 5 timed out waiting"
 )]
 struct Cli {
-    /// Gateway address: unix:///path/to/gateway.sock or tcp://HOST:PORT
+    /// Gateway address: unix:///path/to/gateway.sock, https://HOST:PORT
+    /// (mutual TLS: --tls-ca, --tls-cert, --tls-key) or tcp://HOST:PORT
+    /// (only a gateway started with --insecure-tcp answers plain TCP)
     /// [default: the gateway's default socket in the run directory]
     #[arg(long, global = true, env = "OPENSHELL_GATEWAY", value_name = "ADDRESS")]
     gateway: Option<String>,
+
+    /// CA certificate (PEM) that signed an https:// gateway's certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "OPENSHELL_GATEWAY_TLS_CA",
+        value_name = "PATH"
+    )]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// Your client certificate (PEM) for an https:// gateway.
+    #[arg(
+        long,
+        global = true,
+        env = "OPENSHELL_GATEWAY_TLS_CERT",
+        value_name = "PATH"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "OPENSHELL_GATEWAY_TLS_KEY",
+        value_name = "PATH"
+    )]
+    tls_key: Option<std::path::PathBuf>,
 
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
@@ -255,7 +284,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Some(text) => client::parse_address(text)?,
         None => client::default_address(),
     };
-    let mut client = client::connect(&address).await?;
+    let tls = client::TlsFiles {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+    };
+    let mut client = client::connect(&address, &tls).await?;
     let format = cli.output;
     match cli.command {
         Command::Completions { .. } => Ok(()),

@@ -76,6 +76,53 @@ pub struct Cli {
     )]
     pub allow_remote: Option<bool>,
 
+    /// Server certificate (PEM) for a tcp:// listener. TCP is always TLS
+    /// with client certificates; see `openshell-gateway certs init`.
+    #[arg(long, env = "OPENSHELL_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "OPENSHELL_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that clients' certificates must be signed by.
+    #[arg(long, env = "OPENSHELL_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Development only: serve tcp:// on loopback without TLS. Any local
+    /// user can then drive the gateway.
+    #[arg(
+        long,
+        env = "OPENSHELL_INSECURE_TCP",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub insecure_tcp: Option<bool>,
+
+    /// Also accept this uid on the gateway's Unix socket (the gateway's own
+    /// uid always is). Repeatable.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+
+    /// Also accept peers whose primary gid is this on the gateway's Unix
+    /// socket. Repeatable.
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gids: Vec<u32>,
+
+    /// CA (PEM) that remote drivers' server certificates must be signed by
+    /// (default for every `NAME@https://...` driver).
+    #[arg(long, env = "OPENSHELL_DRIVER_TLS_CA", value_name = "PATH")]
+    pub driver_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) the gateway presents to remote drivers.
+    #[arg(long, env = "OPENSHELL_DRIVER_TLS_CERT", value_name = "PATH")]
+    pub driver_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --driver-tls-cert.
+    #[arg(long, env = "OPENSHELL_DRIVER_TLS_KEY", value_name = "PATH")]
+    pub driver_tls_key: Option<PathBuf>,
+
     /// Log line format.
     #[arg(long, env = "OPENSHELL_LOG_FORMAT", value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -160,6 +207,15 @@ pub struct GatewayTable {
     pub compute_drivers: Option<Vec<String>>,
     pub listen: Option<String>,
     pub allow_remote: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure_tcp: Option<bool>,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub driver_tls_ca: Option<PathBuf>,
+    pub driver_tls_cert: Option<PathBuf>,
+    pub driver_tls_key: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
@@ -217,6 +273,15 @@ mod raw {
         pub compute_drivers: Option<StringList>,
         pub listen: Option<NonEmpty>,
         pub allow_remote: Option<bool>,
+        pub tls_cert: Option<AbsolutePath>,
+        pub tls_key: Option<AbsolutePath>,
+        pub tls_client_ca: Option<AbsolutePath>,
+        pub insecure_tcp: Option<bool>,
+        pub allow_uids: Option<Vec<u32>>,
+        pub allow_gids: Option<Vec<u32>>,
+        pub driver_tls_ca: Option<AbsolutePath>,
+        pub driver_tls_cert: Option<AbsolutePath>,
+        pub driver_tls_key: Option<AbsolutePath>,
         pub state_dir: Option<AbsolutePath>,
         pub run_dir: Option<AbsolutePath>,
         pub log_format: Option<Format>,
@@ -234,6 +299,10 @@ mod raw {
     #[derive(Debug, Deserialize)]
     pub struct Driver {
         pub socket_path: Option<AbsolutePath>,
+        pub endpoint: Option<NonEmpty>,
+        pub tls_ca: Option<AbsolutePath>,
+        pub tls_cert: Option<AbsolutePath>,
+        pub tls_key: Option<AbsolutePath>,
         pub expect_driver_name: Option<NonEmpty>,
         pub binary: Option<AbsolutePath>,
         pub ready_timeout_secs: Option<Seconds>,
@@ -506,6 +575,15 @@ impl FileConfig {
                 compute_drivers: gw.compute_drivers.map(|l| l.0),
                 listen: gw.listen.map(|v| v.0),
                 allow_remote: gw.allow_remote,
+                tls_cert: gw.tls_cert.map(|v| v.0),
+                tls_key: gw.tls_key.map(|v| v.0),
+                tls_client_ca: gw.tls_client_ca.map(|v| v.0),
+                insecure_tcp: gw.insecure_tcp,
+                allow_uids: gw.allow_uids.unwrap_or_default(),
+                allow_gids: gw.allow_gids.unwrap_or_default(),
+                driver_tls_ca: gw.driver_tls_ca.map(|v| v.0),
+                driver_tls_cert: gw.driver_tls_cert.map(|v| v.0),
+                driver_tls_key: gw.driver_tls_key.map(|v| v.0),
                 state_dir: gw.state_dir.map(|v| v.0),
                 run_dir: gw.run_dir.map(|v| v.0),
                 log_format: gw.log_format.map(|v| v.0),
@@ -551,6 +629,12 @@ fn driver_tables(
             name,
             DriverTable {
                 socket_path: table.socket_path.map(|v| v.0),
+                endpoint: table.endpoint.map(|v| v.0),
+                tls: crate::drivers::plan::DriverTls {
+                    ca: table.tls_ca.map(|v| v.0),
+                    cert: table.tls_cert.map(|v| v.0),
+                    key: table.tls_key.map(|v| v.0),
+                },
                 expect_driver_name: table.expect_driver_name.map(|v| v.0),
                 binary: table.binary.map(|v| v.0),
                 ready_timeout: table.ready_timeout_secs.map(|v| v.0),

@@ -21,9 +21,10 @@
 //! - [`state`]: SQLite persistence; [`phases`]: public phase derivation.
 //! - [`config`] (command line and `gateway.toml`), [`settings`] (them
 //!   merged, drivers selected), [`server`] (startup and shutdown order),
-//!   [`error`].
+//!   [`certs`] (`openshell-gateway certs init`), [`error`].
 
 pub mod api;
+pub mod certs;
 pub mod config;
 pub mod drivers;
 pub mod error;

@@ -27,7 +27,34 @@ fn init_logging(settings: &Settings) -> Result<(), String> {
     Ok(())
 }
 
+/// `openshell-gateway certs init DIR ...`: write certificates and exit.
+fn certs_main(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use clap::Parser as _;
+    use openshell_server::certs::{CertsCli, CertsCommand};
+    let cli = match CertsCli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let CertsCommand::Init(init) = cli.command;
+    match openshell_server::certs::init(&init) {
+        Ok(written) => {
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "certs") {
+        return certs_main(args.into_iter().skip(1).collect());
+    }
     let (cli, sources) = match config::parse_cli(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(error) => error.exit(),

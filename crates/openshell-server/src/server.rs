@@ -10,7 +10,7 @@
 //! A second signal skips the sandbox sweep.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,30 +68,13 @@ impl Signals {
     }
 }
 
-/// Creates the state directory (0700 when new) and takes its lock.
+/// Checks the state directory (created 0700 when new; see
+/// [`crate::state::prepare_state_dir`]) and takes its lock, opened without
+/// following symlinks.
 fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io("create the state directory", dir, e))?;
-    let meta = fs::metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
-    if !meta.is_dir() {
-        return Err(Error::Config(format!(
-            "state directory {} is not a directory",
-            dir.display()
-        )));
-    }
-    if meta.mode() & 0o077 != 0 {
-        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "the state directory is readable by other users; sandbox specs (including env) are stored there");
-    }
+    crate::state::prepare_state_dir(dir)?;
     let lock = dir.join("gateway.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(|e| Error::io("open", &lock, e))?;
+    let file = crate::state::open_private_file(&lock, "lock file")?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
             Error::StateDirLocked {
@@ -104,33 +87,121 @@ fn lock_state_dir(dir: &Path) -> Result<Flock<fs::File>> {
     })
 }
 
+/// Who may connect to the gateway's Unix socket: the gateway's own uid,
+/// and the uids and primary gids the operator listed. Checked on the raw
+/// stream, before anything is read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UdsPeers {
+    uid: u32,
+    allow_uids: Vec<u32>,
+    allow_gids: Vec<u32>,
+}
+
+impl UdsPeers {
+    fn from_settings(settings: &Settings) -> Self {
+        Self {
+            uid: nix::unistd::geteuid().as_raw(),
+            allow_uids: settings.allow_uids.clone(),
+            allow_gids: settings.allow_gids.clone(),
+        }
+    }
+
+    /// Whether a peer with these credentials is let in.
+    fn admits(&self, uid: u32, gid: u32) -> bool {
+        uid == self.uid || self.allow_uids.contains(&uid) || self.allow_gids.contains(&gid)
+    }
+
+    /// Checks `stream`'s peer; a refused peer is logged with its uid, gid
+    /// and pid.
+    fn check(&self, stream: &tokio::net::UnixStream) -> bool {
+        match stream.peer_cred() {
+            Ok(cred) if self.admits(cred.uid(), cred.gid()) => true,
+            Ok(cred) => {
+                tracing::warn!(
+                    peer_uid = cred.uid(),
+                    peer_gid = cred.gid(),
+                    peer_pid = ?cred.pid(),
+                    "refused a connection to the gateway socket: this uid/gid is not allowed (--allow-uid, --allow-gid)"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, "refused a connection to the gateway socket: peer credentials unavailable");
+                false
+            }
+        }
+    }
+}
+
 /// The bound API listener.
 enum Listener {
-    Unix(UnixListener, socket::BoundSocket),
-    Tcp(TcpListener),
+    Unix(UnixListener, socket::BoundSocket, UdsPeers),
+    /// With its TLS configuration; `None` only under `--insecure-tcp`.
+    Tcp(TcpListener, Option<tonic::transport::ServerTlsConfig>),
 }
 
 impl Listener {
-    async fn bind(addr: &ListenAddr) -> Result<Self> {
+    async fn bind(settings: &Settings) -> Result<Self> {
+        let addr = &settings.listen;
+        if let ListenAddr::Tcp(_) = addr {
+            // Read the certificates before binding: a wrong file fails
+            // startup, naming it.
+            let tls = settings
+                .tls
+                .as_ref()
+                .map(|tls| {
+                    tls.config()
+                        .map_err(|e| Error::Config(format!("--listen {addr}: {e}")))
+                })
+                .transpose()?;
+            if tls.is_none() && !settings.insecure_tcp {
+                return Err(Error::Config(format!(
+                    "--listen {addr} has no TLS; see --tls-cert"
+                )));
+            }
+            let listener = Self::bind_inner(addr).await?;
+            return Ok(match listener {
+                Self::Tcp(listener, _) => Self::Tcp(listener, tls),
+                other => other,
+            });
+        }
+        let listener = Self::bind_inner(addr).await?;
+        Ok(match listener {
+            Self::Unix(listener, file, _) => {
+                Self::Unix(listener, file, UdsPeers::from_settings(settings))
+            }
+            other => other,
+        })
+    }
+
+    async fn bind_inner(addr: &ListenAddr) -> Result<Self> {
         match addr {
             ListenAddr::Unix(path) => {
                 let (listener, file) =
                     socket::bind_unix_listener_async(path).await.map_err(|e| {
                         Error::Config(format!("cannot listen on {}: {e}", path.display()))
                     })?;
-                Ok(Self::Unix(listener, file))
+                Ok(Self::Unix(
+                    listener,
+                    file,
+                    UdsPeers {
+                        uid: nix::unistd::geteuid().as_raw(),
+                        allow_uids: Vec::new(),
+                        allow_gids: Vec::new(),
+                    },
+                ))
             }
             ListenAddr::Tcp(addr) => TcpListener::bind(addr)
                 .await
-                .map(Self::Tcp)
+                .map(|l| Self::Tcp(l, None))
                 .map_err(|e| Error::io("listen on", addr.to_string(), e)),
         }
     }
 
     fn address(&self) -> String {
         match self {
-            Self::Unix(_, file) => format!("unix://{}", file.path().display()),
-            Self::Tcp(listener) => listener
+            Self::Unix(_, file, _) => format!("unix://{}", file.path().display()),
+            Self::Tcp(listener, _) => listener
                 .local_addr()
                 .map_or_else(|_| "tcp://?".to_owned(), |a| format!("tcp://{a}")),
         }
@@ -241,9 +312,12 @@ async fn start_drivers(settings: &Settings, ctx: &AcquireContext) -> Result<Vec<
     Ok(started)
 }
 
+/// Where a pending driver is reached, for `gateway info` (a remote
+/// driver's URL stands where a socket path would).
 fn plan_socket(plan: &DriverPlan) -> std::path::PathBuf {
     match &plan.acquisition {
         Acquisition::Attach { socket, .. } => socket.clone(),
+        Acquisition::Remote { addr, .. } => std::path::PathBuf::from(addr.to_string()),
         Acquisition::Managed(_) => std::path::PathBuf::new(),
     }
 }
@@ -342,10 +416,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         socket::prepare_private_dir(&settings.run_dir)
             .map_err(|e| Error::Config(format!("run directory: {e}")))?;
     }
-    let listener = Listener::bind(&settings.listen).await?;
+    let listener = Listener::bind(&settings).await?;
     let address = listener.address();
-    if !settings.listen.is_local() {
-        tracing::warn!(address = %address, "the API listens on an address other machines can reach, and it has no authentication (--allow-remote)");
+    if let Listener::Tcp(_, None) = &listener {
+        tracing::warn!(address = %address, "INSECURE: --insecure-tcp serves the API over plain TCP without authentication; any local user can create, read and delete every sandbox. Development only");
+    } else if !settings.listen.is_local() {
+        tracing::warn!(address = %address, "the API listens on an address other machines can reach (--allow-remote); only clients with a certificate from the client CA get in");
     }
 
     let ctx = AcquireContext::new(
@@ -498,9 +574,22 @@ async fn serve(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let service = GatewayServer::new(GatewayService::new(Arc::clone(gateway)));
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(service);
+    let mut builder = tonic::transport::Server::builder();
+    if let Listener::Tcp(_, Some(tls)) = &listener {
+        builder = match builder.tls_config(tls.clone()) {
+            Ok(builder) => builder,
+            Err(error) => {
+                return (
+                    Err(Error::Config(format!(
+                        "TLS settings of the API listener: {}",
+                        crate::error::error_chain(&error)
+                    ))),
+                    None,
+                );
+            }
+        };
+    }
+    let router = builder.add_service(health_service).add_service(service);
     let stopping = {
         let stop = signals.stop.clone();
         let gateway = Arc::clone(gateway);
@@ -518,19 +607,22 @@ async fn serve(
     };
     tracing::info!(address = %address, drivers = %gateway.registry.names(), "listening");
     let (serving, socket_file) = match listener {
-        Listener::Unix(listener, file) => (
+        Listener::Unix(listener, file, peers) => (
             tokio::spawn(
-                // Stock gRPC clients send the socket path as :authority;
-                // AuthorityFix lets hyper accept their requests.
+                // Peer credentials are checked on the raw stream; then,
+                // since stock gRPC clients send the socket path as
+                // :authority, AuthorityFix lets hyper accept their requests.
                 router.serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener)
-                        .map(|accepted| accepted.map(AuthorityFix::new)),
+                    UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
+                        Ok(stream) => peers.check(&stream).then(|| Ok(AuthorityFix::new(stream))),
+                        Err(error) => Some(Err(error)),
+                    }),
                     stopping,
                 ),
             ),
             Some(file),
         ),
-        Listener::Tcp(listener) => (
+        Listener::Tcp(listener, _) => (
             tokio::spawn(
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping),
             ),
@@ -623,8 +715,23 @@ mod tests {
             "--drivers",
             "k@/run/k.sock",
             "--listen",
-            "tcp://127.0.0.1:7000"
+            "tcp://127.0.0.1:7000",
+            "--insecure-tcp"
         ])));
+    }
+
+    #[test]
+    fn the_gateway_socket_admits_its_uid_and_the_listed_ones() {
+        let peers = UdsPeers {
+            uid: 1000,
+            allow_uids: vec![1001],
+            allow_gids: vec![50],
+        };
+        assert!(peers.admits(1000, 1000));
+        assert!(peers.admits(1001, 7));
+        assert!(peers.admits(65534, 50));
+        assert!(!peers.admits(65534, 65534));
+        assert!(!peers.admits(0, 0));
     }
 
     #[test]

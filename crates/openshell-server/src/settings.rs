@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::api::listen::ListenAddr;
 use crate::config::{Cli, CliSources, FileConfig, LogFormat, Timeouts, positive_seconds};
-use crate::drivers::plan::{DriverPlan, FlagSource, ListOrigin};
+use crate::drivers::plan::{Acquisition, DriverPlan, DriverTls, FlagSource, ListOrigin};
 use crate::drivers::select::{self, SelectionInput};
 use crate::error::{Error, Result};
 
@@ -20,6 +20,13 @@ pub struct Settings {
     pub warnings: Vec<String>,
     pub listen: ListenAddr,
     pub allow_remote: bool,
+    /// TLS of a tcp:// listener (always set for TCP unless `insecure_tcp`).
+    pub tls: Option<openshell_wire::tls::ServerTls>,
+    /// Plain TCP on loopback, for development only.
+    pub insecure_tcp: bool,
+    /// Peers the Unix socket accepts besides the gateway's own uid.
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub log_format: LogFormat,
@@ -158,10 +165,38 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
     let allow_remote = cli.allow_remote.or(gw.allow_remote).unwrap_or(false);
     if !listen.is_local() && !allow_remote {
         return Err(Error::Config(format!(
-            "--listen {listen} can be reached from other machines, and the gateway API has no \
-             authentication; listen on 127.0.0.1 or a Unix socket, or pass --allow-remote to accept that"
+            "--listen {listen} can be reached from other machines; listen on 127.0.0.1 or a \
+             Unix socket, or pass --allow-remote (TLS with client certificates is required \
+             either way)"
         )));
     }
+    let insecure_tcp = cli.insecure_tcp.or(gw.insecure_tcp).unwrap_or(false);
+    let tls = listener_tls(cli, gw, &listen, insecure_tcp)?;
+    let driver_tls_defaults = DriverTls {
+        ca: cli
+            .driver_tls_ca
+            .clone()
+            .or_else(|| gw.driver_tls_ca.clone()),
+        cert: cli
+            .driver_tls_cert
+            .clone()
+            .or_else(|| gw.driver_tls_cert.clone()),
+        key: cli
+            .driver_tls_key
+            .clone()
+            .or_else(|| gw.driver_tls_key.clone()),
+    };
+    let mut selection = selection;
+    for plan in &mut selection.plans {
+        if let Acquisition::Remote { tls, .. } = &mut plan.acquisition {
+            *tls = tls.or(&driver_tls_defaults);
+            tls.complete(&plan.name).map_err(Error::Config)?;
+        }
+    }
+    let mut allow_uids = cli.allow_uids.clone();
+    allow_uids.extend(&gw.allow_uids);
+    let mut allow_gids = cli.allow_gids.clone();
+    allow_gids.extend(&gw.allow_gids);
     for plan in &selection.plans {
         plan.expected_admission().map_err(Error::Config)?;
     }
@@ -206,6 +241,10 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
         warnings: selection.warnings,
         listen,
         allow_remote,
+        tls,
+        insecure_tcp,
+        allow_uids,
+        allow_gids,
         state_dir,
         run_dir,
         log_format: cli.log_format.or(gw.log_format).unwrap_or_default(),
@@ -224,6 +263,85 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
     })
 }
 
+/// The TLS files of the API listener. TCP needs all three (certificate,
+/// key, client CA) unless `--insecure-tcp` on loopback; a Unix socket needs
+/// none.
+fn listener_tls(
+    cli: &Cli,
+    gw: &crate::config::GatewayTable,
+    listen: &ListenAddr,
+    insecure_tcp: bool,
+) -> Result<Option<openshell_wire::tls::ServerTls>> {
+    let cert = cli.tls_cert.clone().or_else(|| gw.tls_cert.clone());
+    let key = cli.tls_key.clone().or_else(|| gw.tls_key.clone());
+    let client_ca = cli
+        .tls_client_ca
+        .clone()
+        .or_else(|| gw.tls_client_ca.clone());
+    let absolute_or = |flag: &str, path: Option<PathBuf>| -> Result<Option<PathBuf>> {
+        path.map(|p| absolute(flag, &p)).transpose()
+    };
+    let cert = absolute_or("--tls-cert", cert)?;
+    let key = absolute_or("--tls-key", key)?;
+    let client_ca = absolute_or("--tls-client-ca", client_ca)?;
+    let any = cert.is_some() || key.is_some() || client_ca.is_some();
+    if let ListenAddr::Unix(_) = listen {
+        // Keys in the file may serve a tcp:// listen that a flag replaced;
+        // flags that cannot apply are a mistake worth stopping for.
+        let flagged = cli.tls_cert.is_some()
+            || cli.tls_key.is_some()
+            || cli.tls_client_ca.is_some()
+            || cli.insecure_tcp == Some(true);
+        if flagged {
+            return Err(Error::Config(format!(
+                "--tls-cert/--tls-key/--tls-client-ca and --insecure-tcp apply to a tcp:// \
+                 listener, but the gateway listens on {listen} (protected by file permissions \
+                 and peer credentials); drop them or listen on tcp://HOST:PORT"
+            )));
+        }
+        return Ok(None);
+    }
+    match (cert, key, client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            if insecure_tcp {
+                return Err(Error::Config(
+                    "--insecure-tcp and TLS files were both given; drop --insecure-tcp".to_owned(),
+                ));
+            }
+            Ok(Some(openshell_wire::tls::ServerTls {
+                identity: openshell_wire::tls::KeyPair { cert, key },
+                client_ca,
+            }))
+        }
+        (cert, key, client_ca) if any => {
+            let missing: Vec<&str> = [
+                (cert.is_none(), "--tls-cert"),
+                (key.is_none(), "--tls-key"),
+                (client_ca.is_none(), "--tls-client-ca"),
+            ]
+            .into_iter()
+            .filter_map(|(absent, flag)| absent.then_some(flag))
+            .collect();
+            Err(Error::Config(format!(
+                "--listen {listen} with TLS needs --tls-cert, --tls-key and --tls-client-ca; \
+                 missing: {}",
+                missing.join(", ")
+            )))
+        }
+        _ if insecure_tcp && listen.is_local() => Ok(None),
+        _ if insecure_tcp => Err(Error::Config(format!(
+            "--insecure-tcp is for development on loopback only, but --listen {listen} can be \
+             reached from other machines; give --tls-cert, --tls-key and --tls-client-ca"
+        ))),
+        _ => Err(Error::Config(format!(
+            "--listen {listen} is TCP, and TCP is served only with TLS and client \
+             certificates: give --tls-cert, --tls-key and --tls-client-ca (`openshell-gateway \
+             certs init DIR` writes them), or use a Unix socket; --insecure-tcp serves plain \
+             TCP on loopback for development only"
+        ))),
+    }
+}
+
 impl Settings {
     /// A human-readable summary, for `--check-config`.
     pub fn describe(&self) -> String {
@@ -237,6 +355,19 @@ impl Settings {
                 .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
         );
         let _ = writeln!(out, "listen: {}", self.listen);
+        if let Some(tls) = &self.tls {
+            let _ = writeln!(
+                out,
+                "tls: cert {}, client CA {} (client certificates required)",
+                tls.identity.cert.display(),
+                tls.client_ca.display()
+            );
+        } else if self.insecure_tcp {
+            let _ = writeln!(
+                out,
+                "warning: --insecure-tcp: plain TCP, any local user can use the API"
+            );
+        }
         let _ = writeln!(out, "state dir: {}", self.state_dir.display());
         let _ = writeln!(out, "run dir: {}", self.run_dir.display());
         let _ = writeln!(
@@ -284,6 +415,7 @@ mod tests {
             [openshell.gateway]
             compute_drivers = ["kyma@/run/kyma.sock"]
             listen = "tcp://127.0.0.1:7000"
+            insecure_tcp = true
             log_format = "json"
             state_dir = "/var/lib/os"
             driver_call_timeout_secs = 9
@@ -379,6 +511,9 @@ mod tests {
             "--listen",
             "tcp://0.0.0.0:7000",
             "--allow-remote",
+            "--tls-cert=/etc/os/gateway.pem",
+            "--tls-key=/etc/os/gateway.key",
+            "--tls-client-ca=/etc/os/ca.pem",
         ]);
         assert!(
             resolve_with(&args, sources, &FileConfig::default())
@@ -393,6 +528,97 @@ mod tests {
             "--allow-remote=false",
         ]);
         assert!(resolve_with(&args, sources, &FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn tcp_needs_tls_unless_insecure_on_loopback() {
+        let resolve = |extra: &[&str]| {
+            let mut args = vec!["--drivers", "vm"];
+            args.extend_from_slice(extra);
+            let (args, sources) = cli(&args);
+            resolve_with(&args, sources, &FileConfig::default()).map_err(|e| e.to_string())
+        };
+        let tls = [
+            "--tls-cert=/c.pem",
+            "--tls-key=/k.pem",
+            "--tls-client-ca=/ca.pem",
+        ];
+        let error = resolve(&["--listen", "tcp://127.0.0.1:7000"]).unwrap_err();
+        assert!(
+            error.contains("only with TLS and client certificates"),
+            "{error}"
+        );
+        let error =
+            resolve(&["--listen", "tcp://127.0.0.1:7000", "--tls-cert=/c.pem"]).unwrap_err();
+        assert!(
+            error.contains("missing: --tls-key, --tls-client-ca"),
+            "{error}"
+        );
+        let mut args = vec!["--listen", "tcp://127.0.0.1:7000"];
+        args.extend_from_slice(&tls);
+        let settings = resolve(&args).unwrap();
+        assert_eq!(settings.tls.unwrap().client_ca, PathBuf::from("/ca.pem"));
+        let settings = resolve(&["--listen", "tcp://127.0.0.1:7000", "--insecure-tcp"]).unwrap();
+        assert!(settings.insecure_tcp && settings.tls.is_none());
+        assert!(settings.describe().contains("--insecure-tcp"));
+        let error = resolve(&[
+            "--listen",
+            "tcp://0.0.0.0:7000",
+            "--allow-remote",
+            "--insecure-tcp",
+        ])
+        .unwrap_err();
+        assert!(error.contains("loopback only"), "{error}");
+        let error =
+            resolve(&["--listen", "unix:///tmp/x/g.sock", "--tls-cert=/c.pem"]).unwrap_err();
+        assert!(error.contains("apply to a tcp:// listener"), "{error}");
+    }
+
+    #[test]
+    fn remote_drivers_take_tls_from_their_table_or_the_defaults() {
+        let file = parse(
+            r#"
+            [openshell.drivers.far]
+            endpoint = "https://10.0.0.7:7443"
+            tls_ca = "/etc/os/ca.pem"
+            "#,
+        )
+        .unwrap();
+        let (args, sources) = cli(&["--drivers", "far"]);
+        let error = resolve_with(&args, sources, &file).unwrap_err().to_string();
+        assert!(
+            error.contains("driver 'far'") && error.contains("tls_cert, tls_key are not set"),
+            "{error}"
+        );
+        let (args, sources) = cli(&[
+            "--drivers",
+            "far,near@https://[::1]:9000",
+            "--driver-tls-ca=/d/ca.pem",
+            "--driver-tls-cert=/d/gw.pem",
+            "--driver-tls-key=/d/gw.key",
+        ]);
+        let settings = resolve_with(&args, sources, &file).unwrap();
+        let Acquisition::Remote { addr, tls, .. } = &settings.drivers[0].acquisition else {
+            panic!("far is remote: {:?}", settings.drivers[0]);
+        };
+        assert_eq!(addr.to_string(), "https://10.0.0.7:7443");
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/os/ca.pem")));
+        assert_eq!(tls.cert.as_deref(), Some(Path::new("/d/gw.pem")));
+        let Acquisition::Remote { addr, .. } = &settings.drivers[1].acquisition else {
+            panic!("near is remote");
+        };
+        assert_eq!(addr.bare_host(), "::1");
+        let (args, sources) = cli(&["--drivers", "x@http://h:1"]);
+        let error = resolve_with(&args, sources, &FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("NAME@https://HOST:PORT"), "{error}");
+        let both =
+            parse("[openshell.drivers.far]\nendpoint = \"https://h:1\"\nsocket_path = \"/x.sock\"")
+                .unwrap();
+        let (args, sources) = cli(&["--drivers", "far"]);
+        let error = resolve_with(&args, sources, &both).unwrap_err().to_string();
+        assert!(error.contains("both socket_path and endpoint"), "{error}");
     }
 
     #[test]
@@ -475,6 +701,7 @@ mod tests {
             .map(|p| match &p.acquisition {
                 Acquisition::Managed(_) => format!("{}=managed", p.name),
                 Acquisition::Attach { socket, .. } => format!("{}@{}", p.name, socket.display()),
+                Acquisition::Remote { addr, .. } => format!("{}@{addr}", p.name),
             })
             .collect())
     }

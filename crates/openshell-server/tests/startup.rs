@@ -38,7 +38,7 @@ fn flags_beat_environment_beats_file() {
     let dirs = Dirs::new();
     let config = write_config(
         &dirs,
-        "[openshell.gateway]\ncompute_drivers = [\"podman\"]\nlisten = \"tcp://127.0.0.1:7001\"\n",
+        "[openshell.gateway]\ncompute_drivers = [\"podman\"]\nlisten = \"tcp://127.0.0.1:7001\"\ninsecure_tcp = true\n",
     );
     let config = config.display().to_string();
     let (code, out, err) = check_config(&["--config", &config], &[]);

@@ -93,7 +93,7 @@ pub async fn dial_endpoint(
 /// itself after a connection is lost, and a caller can tell from a changed
 /// count that the peer it talks to may be a different process now.
 #[derive(Debug, Clone, Default)]
-pub struct ConnectionCounter(Arc<AtomicU64>);
+pub struct ConnectionCounter(pub(crate) Arc<AtomicU64>);
 
 impl ConnectionCounter {
     pub fn new() -> Self {

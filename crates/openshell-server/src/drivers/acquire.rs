@@ -233,7 +233,72 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 connections,
             })
         }
+        Acquisition::Remote { addr, tls, .. } => {
+            // Completed (with the gateway-wide defaults) when the settings
+            // were resolved.
+            let tls = tls.complete(&plan.name).map_err(Error::Config)?;
+            // The endpoint's "socket" is the URL: it only appears in
+            // messages and `gateway info`.
+            let endpoint = DriverEndpoint::new(plan.name.clone(), addr.to_string());
+            let policy = DialPolicy {
+                deadline: ctx.attach_timeout,
+                initial_backoff: Duration::from_millis(20),
+                max_backoff: Duration::from_millis(500),
+            };
+            let connections = openshell_wire::ConnectionCounter::new();
+            let channel =
+                openshell_wire::tls::connect(addr, &tls, policy, Some(connections.clone()))
+                    .await
+                    .map_err(|e| Error::Config(format!("driver '{}' at {addr}: {e}", plan.name)))?;
+            probe_tls(&plan.name, addr, channel.clone()).await?;
+            Ok(Acquired {
+                endpoint,
+                guard: DriverGuard::Attached,
+                channel,
+                connections,
+            })
+        }
     }
+}
+
+/// With TLS 1.3 a server's refusal of our client certificate arrives
+/// after the client thinks the handshake is done, so the first call is
+/// what fails. Make one (GetCapabilities, a query) and turn a TLS failure
+/// into an error naming the driver and the reason; other failures are left
+/// to the runtime's own startup calls.
+async fn probe_tls(
+    name: &str,
+    addr: &openshell_wire::tls::HttpsAddr,
+    channel: Channel,
+) -> Result<()> {
+    use openshell_proto::compute::v1::GetCapabilitiesRequest;
+    use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
+    let request = GetCapabilitiesRequest {
+        gateway: Some(crate::drivers::remote::gateway_metadata()),
+    };
+    let Err(status) = ComputeDriverClient::new(channel)
+        .get_capabilities(request)
+        .await
+    else {
+        return Ok(());
+    };
+    let Some(source) = std::error::Error::source(&status) else {
+        return Ok(());
+    };
+    let cause = openshell_wire::uds::root_cause(source);
+    let reason = openshell_wire::tls::explain(&cause);
+    if reason.starts_with("TLS:") {
+        return Err(Error::Config(format!(
+            "driver '{name}' at {addr}: {reason}"
+        )));
+    }
+    // The refusal can also surface only as a closed connection.
+    Err(Error::Config(format!(
+        "driver '{name}' at {addr}: the driver closed the connection on the first call \
+         ({cause}); over mutual TLS this means it does not trust our client certificate: \
+         check that --driver-tls-cert (or tls_cert) is signed by the CA the driver was given \
+         as --tls-client-ca"
+    )))
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub enum FlagSource {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DriverTable {
     pub socket_path: Option<PathBuf>,
+    /// `endpoint = "https://HOST:PORT"`: a driver on another host.
+    pub endpoint: Option<String>,
+    /// `tls_ca`, `tls_cert`, `tls_key` for that endpoint.
+    pub tls: DriverTls,
     pub expect_driver_name: Option<String>,
     pub binary: Option<PathBuf>,
     pub ready_timeout: Option<Duration>,
@@ -31,6 +35,65 @@ pub struct DriverTable {
     pub trust_driver_readiness: bool,
     /// Every other key, passed to a managed driver as its config file.
     pub passthrough: toml::Table,
+}
+
+/// The TLS files the gateway uses towards one remote driver; each falls
+/// back to the gateway-wide `--driver-tls-*` default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverTls {
+    /// CA the driver's server certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// The gateway's client certificate and key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl DriverTls {
+    /// Fills what this table leaves out from `defaults`.
+    pub fn or(&self, defaults: &Self) -> Self {
+        Self {
+            ca: self.ca.clone().or_else(|| defaults.ca.clone()),
+            cert: self.cert.clone().or_else(|| defaults.cert.clone()),
+            key: self.key.clone().or_else(|| defaults.key.clone()),
+        }
+    }
+
+    /// All three files, or an error naming the missing ones and where to
+    /// set them.
+    pub fn complete(&self, driver: &str) -> Result<openshell_wire::tls::ClientTls, String> {
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(openshell_wire::tls::ClientTls {
+                ca: ca.clone(),
+                identity: openshell_wire::tls::KeyPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            }),
+            _ => {
+                let missing: Vec<&str> = [
+                    (self.ca.is_none(), "tls_ca"),
+                    (self.cert.is_none(), "tls_cert"),
+                    (self.key.is_none(), "tls_key"),
+                ]
+                .into_iter()
+                .filter_map(|(absent, key)| absent.then_some(key))
+                .collect();
+                let verb = if missing.len() == 1 { "is" } else { "are" };
+                let keys: Vec<String> = missing
+                    .iter()
+                    .map(|k| format!("{k} = \"/path.pem\""))
+                    .collect();
+                Err(format!(
+                    "driver '{driver}' is reached over TCP with mutual TLS, but {} {verb} not \
+                     set; set [openshell.drivers.{driver}] {} (or the gateway-wide \
+                     --driver-tls-ca, --driver-tls-cert, --driver-tls-key); \
+                     `openshell-gateway certs init` writes the files",
+                    missing.join(", "),
+                    keys.join(", ")
+                ))
+            }
+        }
+    }
 }
 
 /// The passed-through key the gateway reads as well: the admission policy
@@ -62,6 +125,13 @@ pub enum Acquisition {
     Managed(&'static ManagedDriver),
     /// The operator runs the driver; the gateway dials `socket`.
     Attach { socket: PathBuf, from: SocketSource },
+    /// The operator runs the driver on another host; the gateway dials
+    /// `addr` over TCP with mutual TLS.
+    Remote {
+        addr: openshell_wire::tls::HttpsAddr,
+        tls: DriverTls,
+        from: SocketSource,
+    },
 }
 
 /// Which setting named an attached driver's socket.
@@ -138,6 +208,13 @@ impl DriverPlan {
                     SocketSource::Flag => "from --compute-driver-socket",
                 };
                 format!("attached at {} ({from})", socket.display())
+            }
+            Acquisition::Remote { addr, from, .. } => {
+                let from = match from {
+                    SocketSource::ConfigFile => "from endpoint",
+                    _ => "from the drivers list",
+                };
+                format!("remote at {addr}, mutual TLS ({from})")
             }
         }
     }

@@ -75,6 +75,8 @@ struct Entry {
     raw: String,
     name: String,
     socket: Option<PathBuf>,
+    /// `NAME@https://HOST:PORT`: a driver on another host.
+    remote: Option<openshell_wire::tls::HttpsAddr>,
 }
 
 fn parse_entry(
@@ -109,6 +111,17 @@ fn parse_entry(
         ));
     }
     let name = normalize_name(name_part).map_err(|e| format!("{what}: {e}"))?;
+    if let Some(url) = socket_part.filter(|p| p.contains("://")) {
+        let addr = openshell_wire::tls::HttpsAddr::parse(url).map_err(|e| {
+            format!("{what}: {e}; a remote driver is NAME@https://HOST:PORT (mutual TLS)")
+        })?;
+        return Ok(Entry {
+            raw: entry.to_owned(),
+            name,
+            socket: None,
+            remote: Some(addr),
+        });
+    }
     let socket = match socket_part {
         None => None,
         Some("") => {
@@ -129,6 +142,7 @@ fn parse_entry(
         raw: entry.to_owned(),
         name,
         socket,
+        remote: None,
     })
 }
 
@@ -153,8 +167,10 @@ fn select_inner(input: &SelectionInput<'_>) -> std::result::Result<Selection, St
     let mut plans = Vec::with_capacity(entries.len());
     for entry in entries {
         let table = input.tables.get(&entry.name).cloned().unwrap_or_default();
-        let (acquisition, warning) =
-            acquisition_for(&entry, socket_flag.as_ref(), &table, origin, &label)?;
+        let (acquisition, warning) = match remote_for(&entry, socket_flag.as_ref(), &table)? {
+            Some(remote) => (remote, None),
+            None => acquisition_for(&entry, socket_flag.as_ref(), &table, origin, &label)?,
+        };
         warnings.extend(warning);
         if !matches!(acquisition, Acquisition::Managed(_)) {
             warnings.extend(ignored_keys_warning(&entry.name, &table));
@@ -296,6 +312,43 @@ fn acquisition_for(
         (None, None, Some(socket)) => Ok((attach(socket, SocketSource::ConfigFile), None)),
         (None, None, None) => without_socket(entry, label).map(|a| (a, None)),
     }
+}
+
+/// A driver on another host: `NAME@https://...` in the list, or the
+/// table's `endpoint` when nothing names a socket. A table with both
+/// `socket_path` and `endpoint` is refused.
+fn remote_for(
+    entry: &Entry,
+    socket_flag: Option<&PathBuf>,
+    table: &DriverTable,
+) -> std::result::Result<Option<Acquisition>, String> {
+    let name = &entry.name;
+    if table.endpoint.is_some() && table.socket_path.is_some() {
+        return Err(format!(
+            "[openshell.drivers.{name}] sets both socket_path and endpoint; a driver is \
+             reached one way: keep socket_path for a local socket or endpoint for https://HOST:PORT"
+        ));
+    }
+    if let Some(addr) = &entry.remote {
+        return Ok(Some(Acquisition::Remote {
+            addr: addr.clone(),
+            tls: table.tls.clone(),
+            from: SocketSource::Entry,
+        }));
+    }
+    let Some(endpoint) = table.endpoint.as_deref() else {
+        return Ok(None);
+    };
+    if entry.socket.is_some() || socket_flag.is_some() {
+        return Ok(None);
+    }
+    let addr = openshell_wire::tls::HttpsAddr::parse(endpoint.trim())
+        .map_err(|e| format!("[openshell.drivers.{name}] endpoint: {e}"))?;
+    Ok(Some(Acquisition::Remote {
+        addr,
+        tls: table.tls.clone(),
+        from: SocketSource::ConfigFile,
+    }))
 }
 
 /// A name given without any socket: managed when the gateway can run it,

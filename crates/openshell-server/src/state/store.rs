@@ -14,8 +14,6 @@
 //! for a writer (WAL).
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -206,17 +204,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 impl Store {
     /// Opens (creating with mode 0600 if needed) and migrates the database.
     pub fn open(path: &Path) -> Result<Self> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io("create the database file", path, e))?;
-        let meta = std::fs::metadata(path).map_err(|e| Error::io("inspect", path, e))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io("set mode 0600 on", path, e))?;
-        }
+        // Never through a symlink, only a regular file of ours, 0600.
+        drop(super::open_private_file(path, "database")?);
         let open = || -> Result<Connection> {
             let conn = Connection::open(path)
                 .map_err(|e| Error::store(format!("open {}", path.display()), e))?;
@@ -533,6 +522,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     fn row(name: &str, driver: &str) -> SandboxRow {

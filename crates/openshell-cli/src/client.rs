@@ -66,7 +66,9 @@ pub fn parse_address(text: &str) -> Result<Address, CliError> {
 /// How long to keep trying to reach the gateway before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Connects to the gateway.
+/// Connects to the gateway. Messages are limited as on every OpenShell
+/// client and server (`openshell_wire::limits::MAX_MESSAGE_BYTES`), so a
+/// page of large sandboxes is not refused by a default 4 MiB limit.
 pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliError> {
     let unreachable = |reason: String| CliError::Unreachable {
         address: address.to_string(),
@@ -88,7 +90,9 @@ pub async fn connect(address: &Address) -> Result<GatewayClient<Channel>, CliErr
             .await
             .map_err(|e| unreachable(openshell_wire::uds::root_cause(&e)))?,
     };
-    Ok(GatewayClient::new(channel))
+    Ok(GatewayClient::new(channel)
+        .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES))
 }
 
 /// What to tell a person whose gateway socket cannot be inspected.

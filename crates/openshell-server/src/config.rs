@@ -94,6 +94,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub driver_connect_timeout: Option<f64>,
 
+    /// Most WatchSandboxes streams open at once; one more is refused with
+    /// RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watches: Option<u32>,
+
     /// Resolve and print the configuration, then exit without starting
     /// anything.
     #[arg(long)]
@@ -162,6 +167,7 @@ pub struct GatewayTable {
     pub driver_connect_timeout: Option<Duration>,
     pub reconcile_interval: Option<Duration>,
     pub orphan_grace: Option<Duration>,
+    pub max_watches: Option<u32>,
 }
 
 /// A parsed `gateway.toml`.
@@ -215,6 +221,7 @@ mod raw {
         pub driver_connect_timeout_secs: Option<Seconds>,
         pub reconcile_interval_secs: Option<Seconds>,
         pub orphan_grace_secs: Option<Seconds>,
+        pub max_watches: Option<Count>,
     }
 
     /// `[openshell.drivers.NAME]`: the keys the gateway reads, and the rest
@@ -295,6 +302,12 @@ mod raw {
             other => return Err(format!("must be a number of seconds, not {}", kind(other))),
         };
         super::positive_seconds(secs)
+    });
+
+    leaf!(Count, u32, |value| match value.as_integer() {
+        Some(n) if (1..=1_000_000).contains(&n) => u32::try_from(n).map_err(|e| e.to_string()),
+        Some(n) => Err(format!("must be between 1 and 1000000, not {n}")),
+        None => Err(format!("must be a whole number, not {}", kind(value))),
     });
 
     leaf!(Format, LogFormat, |value| {
@@ -501,6 +514,7 @@ impl FileConfig {
                 driver_connect_timeout: gw.driver_connect_timeout_secs.map(|v| v.0),
                 reconcile_interval: gw.reconcile_interval_secs.map(|v| v.0),
                 orphan_grace: gw.orphan_grace_secs.map(|v| v.0),
+                max_watches: gw.max_watches.map(|v| v.0),
             };
         }
         config.drivers = driver_tables(openshell.drivers.unwrap_or_default(), path)?;

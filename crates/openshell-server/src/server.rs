@@ -232,12 +232,15 @@ pub async fn run(settings: Settings) -> Result<()> {
             return Ok(());
         }
     };
-    let gateway = Arc::new(Gateway::new(
-        store,
-        Registry::new(runtimes.clone()),
-        settings.timeouts,
-        address.clone(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            store,
+            Registry::new(runtimes.clone()),
+            settings.timeouts,
+            address.clone(),
+        )
+        .with_max_watches(settings.max_watches),
+    );
     let mut watchers = Watchers::default();
     let started = tokio::select! {
         result = recover_and_watch(&gateway, &runtimes, &mut watchers) => result.map(|()| true),
@@ -342,7 +345,7 @@ async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = GatewayServer::new(GatewayService::new(Arc::clone(gateway)));
+    let service = GatewayService::server(Arc::clone(gateway));
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(service);

@@ -110,6 +110,8 @@ pub struct Gateway {
     /// Cancelled when the gateway starts shutting down: long-lived streams
     /// end and new mutations are refused.
     pub shutdown: CancellationToken,
+    /// Open public watches and their limit.
+    pub watches: watch::WatchLimits,
 }
 
 impl Gateway {
@@ -123,6 +125,7 @@ impl Gateway {
             timeouts,
             listen,
             shutdown: CancellationToken::new(),
+            watches: watch::WatchLimits::default(),
         }
     }
 
@@ -143,6 +146,12 @@ impl Gateway {
     }
 
     pub(crate) fn publish(&self, event: BusEvent) {
+        // Row changes reach public watches through the store's feed, in
+        // commit order; keeping them here too would only hold a copy of
+        // every recent row in the bus.
+        if matches!(event, BusEvent::Changed(_) | BusEvent::Deleted { .. }) {
+            return;
+        }
         // No subscribers is fine.
         let _ = self.bus.send(event);
     }

@@ -118,7 +118,9 @@ impl TlsFiles {
     }
 }
 
-/// Connects to the gateway.
+/// Connects to the gateway. Messages are limited as on every OpenShell
+/// client and server (`openshell_wire::limits::MAX_MESSAGE_BYTES`), so a
+/// page of large sandboxes is not refused by a default 4 MiB limit.
 pub async fn connect(
     address: &Address,
     tls: &TlsFiles,
@@ -162,7 +164,9 @@ pub async fn connect(
             .await
             .map_err(|e| unreachable(openshell_wire::uds::root_cause(&e)))?,
     };
-    Ok(GatewayClient::new(channel))
+    Ok(GatewayClient::new(channel)
+        .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES))
 }
 
 /// What to tell a person whose gateway socket cannot be inspected.

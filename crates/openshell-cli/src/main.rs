@@ -308,9 +308,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn print_json(value: &serde_json::Value) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from)?;
     writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -402,6 +403,7 @@ async fn sandbox(
                     &name,
                     Goal::Gone,
                     Duration::from_secs(wait.timeout),
+                    None,
                     &mut progress,
                 )
                 .await?;
@@ -433,8 +435,10 @@ async fn sandbox(
             if !wait.no_wait {
                 let mut progress = Progress::new(&name, format == Format::Table);
                 let timeout = Duration::from_secs(wait.timeout);
+                let known = Some(sandbox.clone());
                 if let Some(ready) =
-                    wait::wait_for(client, &name, Goal::Ready, timeout, &mut progress).await?
+                    wait::wait_for(client, &name, Goal::Ready, timeout, known, &mut progress)
+                        .await?
                 {
                     sandbox = ready;
                 }
@@ -493,8 +497,16 @@ async fn create(
     if !args.wait.no_wait {
         progress.sandbox(&sandbox);
         let timeout = Duration::from_secs(args.wait.timeout);
-        if let Some(ready) =
-            wait::wait_for(client, &args.name, Goal::Ready, timeout, &mut progress).await?
+        let known = Some(sandbox.clone());
+        if let Some(ready) = wait::wait_for(
+            client,
+            &args.name,
+            Goal::Ready,
+            timeout,
+            known,
+            &mut progress,
+        )
+        .await?
         {
             sandbox = ready;
         }
@@ -518,6 +530,9 @@ async fn list(
         page_size: 500,
         page_token: String::new(),
     };
+    if format == Format::Json {
+        return list_json(client, request, limit).await;
+    }
     let mut sandboxes = Vec::new();
     loop {
         let page = client.list_sandboxes(request.clone()).await?.into_inner();
@@ -528,15 +543,10 @@ async fn list(
         request.page_token = page.next_page_token;
     }
     sandboxes.truncate(limit);
-    match format {
-        Format::Json => print_json(&json!(
-            sandboxes
-                .iter()
-                .map(render::sandbox_json)
-                .collect::<Vec<_>>()
-        )),
-        Format::Table if sandboxes.is_empty() => print_text("no sandboxes\n"),
-        Format::Table => print_text(&render::sandbox_rows(&sandboxes, render::now_ms())),
+    if sandboxes.is_empty() {
+        print_text("no sandboxes\n")
+    } else {
+        print_text(&render::sandbox_rows(&sandboxes, render::now_ms()))
     }
 }
 
@@ -582,6 +592,45 @@ async fn list_orphans(
             print_text(&text)
         }
     }
+}
+
+/// `list -o json`: one JSON array, written page by page as the pages come,
+/// so the whole list is never held at once.
+async fn list_json(
+    client: &mut GatewayClient<Channel>,
+    mut request: ListSandboxesRequest,
+    limit: usize,
+) -> Result<(), CliError> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    out.write_all(b"[")?;
+    let mut count = 0usize;
+    'pages: loop {
+        let page = client.list_sandboxes(request.clone()).await?.into_inner();
+        for sandbox in &page.sandboxes {
+            if count == limit {
+                break 'pages;
+            }
+            let element = serde_json::to_string_pretty(&render::sandbox_json(sandbox))
+                .map_err(std::io::Error::from)?;
+            if count > 0 {
+                out.write_all(b",")?;
+            }
+            // As an element of a pretty-printed array: indented once more.
+            out.write_all(b"\n  ")?;
+            out.write_all(element.replace('\n', "\n  ").as_bytes())?;
+            count += 1;
+        }
+        if page.next_page_token.is_empty() || count >= limit {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    if count > 0 {
+        out.write_all(b"\n")?;
+    }
+    out.write_all(b"]\n")?;
+    out.flush()?;
+    Ok(())
 }
 
 async fn watch(

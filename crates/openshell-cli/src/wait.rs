@@ -110,16 +110,25 @@ impl Progress {
 }
 
 /// Follows the sandbox through the gateway's watch stream until `goal` is
-/// reached, it fails, or `timeout` passes. Returns the last state seen
-/// (`None` when the goal is deletion).
+/// reached, it fails, or `timeout` passes. `known` is the sandbox as the
+/// request that started the wait returned it, if it did: it counts as seen
+/// (a wait that times out at once reports its phase). Returns the last
+/// state seen (`None` when the goal is deletion).
 pub async fn wait_for(
     client: &mut GatewayClient<Channel>,
     name: &str,
     goal: Goal,
     timeout: Duration,
+    known: Option<Sandbox>,
     progress: &mut Progress,
 ) -> Result<Option<Sandbox>, CliError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    if let Some(sandbox) = &known
+        && let Some(done) = check(goal, sandbox)
+    {
+        progress.finish();
+        return done.map(|()| known);
+    }
     let mut stream = client
         .watch_sandboxes(WatchSandboxesRequest {
             driver: String::new(),
@@ -127,10 +136,16 @@ pub async fn wait_for(
         })
         .await?
         .into_inner();
-    let mut last: Option<Sandbox> = None;
+    let mut last: Option<Sandbox> = known;
+    // The initial listing has been read (`synced`): only then does "not in
+    // the listing" mean "not there".
+    let mut synced = false;
+    let mut listed = false;
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     let result = loop {
         let event = tokio::select! {
+            // What already arrived counts, even once the time is up.
+            biased;
             event = stream.message() => event,
             _ = ticker.tick() => { progress.tick(); continue; }
             () = tokio::time::sleep_until(deadline) => {
@@ -150,6 +165,7 @@ pub async fn wait_for(
         };
         match event.payload {
             Some(Payload::Sandbox(sandbox)) if sandbox.name == name => {
+                listed |= !synced;
                 progress.sandbox(&sandbox);
                 if let Some(done) = check(goal, &sandbox) {
                     break done.map(|()| Some(sandbox));
@@ -167,14 +183,17 @@ pub async fn wait_for(
                     reason: "it was deleted while waiting for it".to_owned(),
                 });
             }
-            Some(Payload::Synced(_)) if last.is_none() => {
-                break match goal {
-                    Goal::Gone => Ok(None),
-                    Goal::Ready => Err(CliError::Request {
-                        code: tonic::Code::NotFound,
-                        message: format!("sandbox '{name}' not found"),
-                    }),
-                };
+            Some(Payload::Synced(_)) if !synced => {
+                synced = true;
+                if !listed {
+                    break match goal {
+                        Goal::Gone => Ok(None),
+                        Goal::Ready => Err(CliError::Request {
+                            code: tonic::Code::NotFound,
+                            message: format!("sandbox '{name}' not found"),
+                        }),
+                    };
+                }
             }
             _ => {}
         }

@@ -366,3 +366,71 @@ fn completions_are_generated() {
         );
     }
 }
+
+/// A wait that times out at once still reports the phase the create
+/// returned, not "unknown".
+#[test]
+fn a_zero_timeout_reports_the_phase_the_create_returned() {
+    let env = TestEnv::new();
+    let gw = gateway_with(&env, 60_000);
+    let out = gw
+        .cli(&["sandbox", "create", "slow", "--timeout", "0", "--", "true"])
+        .fails_with(5);
+    assert!(
+        out.stderr
+            .contains("timed out after 0 s waiting for sandbox 'slow'")
+            && out.stderr.contains("last phase: Provisioning"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Watching a driver that does not exist is NOT_FOUND, as listing it is.
+#[test]
+fn watching_an_unknown_driver_is_not_found() {
+    let env = TestEnv::new();
+    let gw = gateway(&env);
+    // `timeout`: a watch that is wrongly accepted would run forever.
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(bin::cli())
+        .args([
+            "--gateway",
+            &gw.address(),
+            "sandbox",
+            "watch",
+            "--driver",
+            "nope",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("driver 'nope' is not configured") && stderr.contains("NOT_FOUND"),
+        "{stderr}"
+    );
+    let out = gw
+        .cli(&["sandbox", "list", "--driver", "nope"])
+        .fails_with(1);
+    assert!(out.stderr.contains("NOT_FOUND"), "{}", out.stderr);
+}
+
+/// An oversized name is refused with a short message that quotes only the
+/// start of it (an error quoting it whole would not fit in a header).
+#[test]
+fn an_oversized_name_is_refused_briefly() {
+    let env = TestEnv::new();
+    let gw = gateway(&env);
+    let name = "a".repeat(100_000);
+    let out = gw
+        .cli(&["sandbox", "create", &name, "--no-wait", "--", "true"])
+        .fails_with(1);
+    assert!(
+        out.stderr.contains("the limit is 63") && out.stderr.contains("INVALID_ARGUMENT"),
+        "{}",
+        &out.stderr[..out.stderr.len().min(2000)]
+    );
+    assert!(out.stderr.len() < 1000, "{} bytes", out.stderr.len());
+}

@@ -68,9 +68,19 @@ pub async fn run(cli: &Cli, cancel: CancellationToken) -> Result<ServeExit> {
     let engine = engine::Engine::connect(&settings, &options.socket).await?;
     let served = async {
         let driver = PodmanDriver::open(settings, &engine, cancel.clone()).await?;
+        // Requests up to MAX_MESSAGE_BYTES; replies too, except
+        // ListSandboxes, which carries the whole inventory.
         let router = tonic::transport::Server::builder()
-            .add_service(ComputeDriverServer::new(driver.clone()))
-            .add_service(SandboxLogsServer::new(driver));
+            .add_service(
+                ComputeDriverServer::new(driver.clone())
+                    .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(openshell_wire::limits::MAX_DRIVER_LIST_BYTES),
+            )
+            .add_service(
+                SandboxLogsServer::new(driver)
+                    .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES),
+            );
         Ok::<_, Error>(driver_lifecycle::serve_uds(options, router, cancel.clone()).await?)
     }
     .await;

@@ -229,9 +229,19 @@ fn serve_driver(serve: &ServeArgs, args: &ConfigArgs) -> anyhow::Result<ExitCode
         tracing::info!(state_dir = %driver.config().state_dir.display(), relaunched, "driver state loaded");
         let cancel = CancellationToken::new();
         let service = Service::new(driver.clone(), cancel.clone());
+        // Requests up to MAX_MESSAGE_BYTES; replies too, except
+        // ListSandboxes, which carries the whole inventory.
         let router = tonic::transport::Server::builder()
-            .add_service(ComputeDriverServer::new(service.clone()))
-            .add_service(SandboxLogsServer::new(service));
+            .add_service(
+                ComputeDriverServer::new(service.clone())
+                    .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(openshell_wire::limits::MAX_DRIVER_LIST_BYTES),
+            )
+            .add_service(
+                SandboxLogsServer::new(service)
+                    .max_decoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(openshell_wire::limits::MAX_MESSAGE_BYTES),
+            );
         let served = driver_lifecycle::serve_uds(options, router, cancel).await;
         driver.shutdown().await;
         served?;

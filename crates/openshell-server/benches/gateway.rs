@@ -145,7 +145,12 @@ async fn run() {
         .prefix("gwbench")
         .tempdir_in("/tmp")
         .expect("temp dir");
-    let driver_socket: PathBuf = dir.path().join("driver.sock");
+    // Drivers keep sockets only in a private (0700) directory.
+    let sockets = dir.path().join("driver");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&sockets)
+        .expect("socket dir");
+    let driver_socket: PathBuf = sockets.join("driver.sock");
     let gateway_socket = dir.path().join("run").join("gateway.sock");
     let _driver = Killed(
         Command::new(openshell_test_driver::binary_path())

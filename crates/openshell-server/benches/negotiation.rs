@@ -104,8 +104,13 @@ async fn run() {
         .prefix("negbench")
         .tempdir_in("/tmp")
         .expect("temp dir");
-    let new_socket: PathBuf = dir.path().join("new.sock");
-    let old_socket: PathBuf = dir.path().join("old.sock");
+    // Drivers keep sockets only in a private (0700) directory.
+    let sockets = dir.path().join("drivers");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&sockets)
+        .expect("socket dir");
+    let new_socket: PathBuf = sockets.join("new.sock");
+    let old_socket: PathBuf = sockets.join("old.sock");
     let _new = driver(&new_socket, &[]);
     let _old = driver(&old_socket, &["--legacy-contract"]);
     let mut direct = ComputeDriverClient::new(channel(&new_socket).await);

@@ -146,6 +146,10 @@ pub struct Cli {
     /// and dialled in the background while the others serve.
     #[arg(long = "require-driver", value_name = "NAME")]
     pub require_driver: Vec<String>,
+    /// Most WatchSandboxes streams open at once; one more is refused with
+    /// RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watches: Option<u32>,
 
     /// Resolve and print the configuration, then exit without starting
     /// anything.
@@ -226,6 +230,7 @@ pub struct GatewayTable {
     pub orphan_grace: Option<Duration>,
     pub driver_probe_interval: Option<Duration>,
     pub driver_probe_timeout: Option<Duration>,
+    pub max_watches: Option<u32>,
 }
 
 /// A parsed `gateway.toml`.
@@ -292,6 +297,7 @@ mod raw {
         pub orphan_grace_secs: Option<Seconds>,
         pub driver_probe_interval_secs: Option<Seconds>,
         pub driver_probe_timeout_secs: Option<Seconds>,
+        pub max_watches: Option<Count>,
     }
 
     /// `[openshell.drivers.NAME]`: the keys the gateway reads, and the rest
@@ -377,6 +383,12 @@ mod raw {
             other => return Err(format!("must be a number of seconds, not {}", kind(other))),
         };
         super::positive_seconds(secs)
+    });
+
+    leaf!(Count, u32, |value| match value.as_integer() {
+        Some(n) if (1..=1_000_000).contains(&n) => u32::try_from(n).map_err(|e| e.to_string()),
+        Some(n) => Err(format!("must be between 1 and 1000000, not {n}")),
+        None => Err(format!("must be a whole number, not {}", kind(value))),
     });
 
     leaf!(Format, LogFormat, |value| {
@@ -594,6 +606,7 @@ impl FileConfig {
                 orphan_grace: gw.orphan_grace_secs.map(|v| v.0),
                 driver_probe_interval: gw.driver_probe_interval_secs.map(|v| v.0),
                 driver_probe_timeout: gw.driver_probe_timeout_secs.map(|v| v.0),
+                max_watches: gw.max_watches.map(|v| v.0),
             };
         }
         let tables = openshell.drivers.unwrap_or_default();

@@ -445,12 +445,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         .enumerate()
         .filter_map(|(index, s)| s.is_err().then_some(index))
         .collect();
-    let gateway = Arc::new(Gateway::new(
-        store,
-        Registry::with_pending(started),
-        settings.timeouts,
-        address.clone(),
-    ));
+    let gateway = Arc::new(
+        Gateway::new(
+            store,
+            Registry::with_pending(started),
+            settings.timeouts,
+            address.clone(),
+        )
+        .with_max_watches(settings.max_watches),
+    );
     let mut watchers = Watchers::default();
     let started = tokio::select! {
         result = recover_and_watch(&gateway, &runtimes, &mut watchers) => result.map(|()| true),
@@ -573,7 +576,7 @@ async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = GatewayServer::new(GatewayService::new(Arc::clone(gateway)));
+    let service = GatewayService::server(Arc::clone(gateway));
     let mut builder = tonic::transport::Server::builder();
     if let Listener::Tcp(_, Some(tls)) = &listener {
         builder = match builder.tls_config(tls.clone()) {

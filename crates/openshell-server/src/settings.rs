@@ -32,6 +32,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: Option<String>,
     pub timeouts: Timeouts,
+    /// Most public watches open at once.
+    pub max_watches: usize,
     pub config_file: Option<PathBuf>,
     /// Drivers that must be reachable for the gateway to start
     /// (`--require-driver`, `required = true`); the others may be down.
@@ -258,6 +260,11 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             })
             .or_else(|| gw.log_level.clone()),
         timeouts,
+        max_watches: cli
+            .max_watches
+            .or(gw.max_watches)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(crate::gateway::watch::DEFAULT_MAX_WATCHES),
         config_file: (!file.path.as_os_str().is_empty()).then(|| file.path.clone()),
         required_drivers,
     })
@@ -375,6 +382,7 @@ impl Settings {
             "driver call timeout: {:?}; attach timeout: {:?}",
             self.timeouts.driver_call, self.timeouts.driver_connect
         );
+        let _ = writeln!(out, "max watches: {}", self.max_watches);
         for (i, plan) in self.drivers.iter().enumerate() {
             let default = if i == 0 { " (default)" } else { "" };
             let _ = writeln!(out, "driver {}{default}: {}", plan.name, plan.describe());

@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-pub use service::{Behaviour, EXITING_IMAGE_PREFIX, MISSING_IMAGE_PREFIX, TestDriver};
+pub use service::{
+    Behaviour, EXITING_IMAGE_PREFIX, MISSING_IMAGE_PREFIX, PRELOADED_COMMAND, TestDriver,
+    preloaded_id, preloaded_name,
+};
 
 /// Path of a binary target of this workspace, built (once per test process)
 /// with the same profile and target directory as the running test.

@@ -11,6 +11,7 @@ use openshell_driver_kit::contract::AdmissionPolicy;
 use openshell_proto::compute::logs::v1::sandbox_logs_server::SandboxLogsServer;
 use openshell_proto::compute::v1::compute_driver_server::ComputeDriverServer;
 use openshell_test_driver::{Behaviour, TestDriver};
+use openshell_wire::limits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,6 +107,10 @@ struct BehaviourArgs {
     /// Misbehave: advertise this protocol major version in the 1.x metadata.
     #[arg(long, value_name = "N")]
     protocol_major: Option<u32>,
+    /// Start with N running sandboxes, `preload-000000` and on (ids
+    /// `00000000-0000-4000-8000-000000000000` and on), for scale tests.
+    #[arg(long, value_name = "N")]
+    preload: Option<usize>,
 
     /// Misbehave: write a few stderr lines and exit with this code before
     /// binding.
@@ -175,6 +180,7 @@ impl BehaviourArgs {
             legacy_contract: self.legacy_contract || file.legacy_contract,
             no_runtime_readiness: self.no_runtime_readiness || file.no_runtime_readiness,
             protocol_major: self.protocol_major.or(file.protocol_major),
+            preload: self.preload.or(file.preload),
             exit_early: self.exit_early.or(file.exit_early),
             never_ready: self.never_ready || file.never_ready,
             ignore_ready_fd: self.ignore_ready_fd || file.ignore_ready_fd,
@@ -335,16 +341,25 @@ async fn serve_driver(serve: &ServeArgs, args: BehaviourArgs) -> anyhow::Result<
         legacy_contract: args.legacy_contract,
         protocol_major: args.protocol_major,
         no_runtime_readiness: args.no_runtime_readiness,
+        preload: args.preload.unwrap_or(0),
         ..defaults
     });
 
+    // The message limits every driver sets: requests up to
+    // MAX_MESSAGE_BYTES; replies too, except ListSandboxes, which carries
+    // the whole inventory (MAX_DRIVER_LIST_BYTES).
+    let compute = ComputeDriverServer::new(driver.clone())
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::MAX_DRIVER_LIST_BYTES);
     let mut builder = tonic::transport::Server::builder();
     let router = if args.minimal {
-        builder.add_service(ComputeDriverServer::new(driver.clone()))
+        builder.add_service(compute)
     } else {
-        builder
-            .add_service(ComputeDriverServer::new(driver.clone()))
-            .add_service(SandboxLogsServer::new(driver))
+        builder.add_service(compute).add_service(
+            SandboxLogsServer::new(driver)
+                .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+        )
     };
     let cancel = CancellationToken::new();
     if let Some(ms) = args.exit_after_ready_ms {

@@ -66,6 +66,9 @@ pub struct Behaviour {
     /// `driver_reports_runtime_readiness = false`), as drivers that leave
     /// readiness to a supervisor session do.
     pub no_runtime_readiness: bool,
+    /// Start with this many running sandboxes (see [`preloaded_id`] and
+    /// [`preloaded_name`]), for scale tests.
+    pub preload: usize,
 }
 
 impl Default for Behaviour {
@@ -87,9 +90,24 @@ impl Default for Behaviour {
             legacy_contract: false,
             protocol_major: None,
             no_runtime_readiness: false,
+            preload: 0,
         }
     }
 }
+
+/// The id of the `index`th preloaded sandbox (`--preload`): UUID-shaped,
+/// like the ids a gateway gives, so a test can store rows for them.
+pub fn preloaded_id(index: usize) -> String {
+    format!("00000000-0000-4000-8000-{index:012}")
+}
+
+/// The name of the `index`th preloaded sandbox (`--preload`).
+pub fn preloaded_name(index: usize) -> String {
+    format!("preload-{index:06}")
+}
+
+/// The command of every preloaded sandbox.
+pub const PRELOADED_COMMAND: [&str; 2] = ["sleep", "infinity"];
 
 /// The implementation name this driver reports in its 1.x metadata.
 pub const IMPLEMENTATION_NAME: &str = "openshell-compute-plane/test-driver";
@@ -122,6 +140,8 @@ enum Phase {
 /// lives in the feed).
 #[derive(Debug)]
 struct Entry {
+    /// The sandbox's name (names are unique, like ids).
+    name: String,
     phase: Phase,
     /// Bumped on every transition so a delayed "now ready" only applies to
     /// the transition that scheduled it.
@@ -315,7 +335,50 @@ impl TestDriver {
             }),
         };
         driver.load();
+        driver.preload();
         driver
+    }
+
+    /// Adds the `--preload` sandboxes, running, that are not there yet.
+    fn preload(&self) {
+        let count = self.inner.behaviour.preload;
+        if count == 0 {
+            return;
+        }
+        let mut state = self.state();
+        for index in 0..count {
+            let id = preloaded_id(index);
+            if state.contains_key(&id) {
+                continue;
+            }
+            let name = preloaded_name(index);
+            let sandbox = DriverSandbox {
+                id: id.clone(),
+                name: name.clone(),
+                spec: Some(openshell_proto::compute::v1::DriverSandboxSpec {
+                    template: Some(openshell_proto::compute::v1::DriverSandboxTemplate {
+                        image: self.inner.behaviour.default_image.clone(),
+                        ..Default::default()
+                    }),
+                    command: PRELOADED_COMMAND.map(str::to_owned).to_vec(),
+                    ..Default::default()
+                }),
+                status: Some(status_for(&name, Phase::Running, false)),
+                workspace: "default".to_owned(),
+                ..Default::default()
+            };
+            state.insert(
+                id,
+                Entry {
+                    name,
+                    phase: Phase::Running,
+                    generation: 0,
+                    logs: VecDeque::new(),
+                },
+            );
+            self.inner.feed.upsert(sandbox);
+        }
+        self.persist(&state);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -384,6 +447,7 @@ impl TestDriver {
             state.insert(
                 sandbox.id.clone(),
                 Entry {
+                    name: sandbox.name.clone(),
                     phase,
                     generation: 0,
                     logs: VecDeque::new(),
@@ -757,13 +821,7 @@ impl ComputeDriver for TestDriver {
                 sandbox.id
             )));
         }
-        if self
-            .inner
-            .feed
-            .list()
-            .iter()
-            .any(|s| s.name == sandbox.name)
-        {
+        if state.values().any(|entry| entry.name == sandbox.name) {
             return Err(Status::already_exists(format!(
                 "a sandbox named {} already exists",
                 sandbox.name
@@ -777,6 +835,7 @@ impl ComputeDriver for TestDriver {
         state.insert(
             id.clone(),
             Entry {
+                name: sandbox.name.clone(),
                 phase: Phase::Provisioning,
                 generation: 0,
                 logs: VecDeque::new(),

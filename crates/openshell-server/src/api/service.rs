@@ -1,14 +1,23 @@
 //! The public gRPC service, `openshell.gateway.v1.Gateway`: a thin layer
 //! over [`Gateway`]; errors become statuses through `From<Error>`.
+//!
+//! Requests are checked for size before anything else (see
+//! [`validate`]), messages are limited to
+//! [`MAX_MESSAGE_BYTES`] both ways, and every error message is cut to
+//! [`MAX_ERROR_MESSAGE_BYTES`]: it travels in an HTTP/2 header, and a
+//! client refuses a header much larger than that.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use openshell_driver_kit::contract::truncate;
 use openshell_proto::gateway::v1::{self as gw, gateway_server};
-use tokio_stream::wrappers::ReceiverStream;
+use openshell_wire::limits::{MAX_ERROR_MESSAGE_BYTES, MAX_MESSAGE_BYTES};
 use tonic::{Request, Response, Status};
 
+use crate::api::validate;
+use crate::error::Error;
 use crate::gateway::Gateway;
 
 /// The tonic service.
@@ -21,6 +30,14 @@ impl GatewayService {
     pub fn new(gateway: Arc<Gateway>) -> Self {
         Self { gateway }
     }
+
+    /// The service as a server, with the message limits every OpenShell
+    /// server sets.
+    pub fn server(gateway: Arc<Gateway>) -> gateway_server::GatewayServer<Self> {
+        gateway_server::GatewayServer::new(Self::new(gateway))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -29,6 +46,31 @@ fn sandbox(sandbox: gw::Sandbox) -> Response<gw::SandboxResponse> {
     Response::new(gw::SandboxResponse {
         sandbox: Some(sandbox),
     })
+}
+
+/// A status whose message fits in a header.
+fn bounded(status: Status) -> Status {
+    if status.message().len() <= MAX_ERROR_MESSAGE_BYTES {
+        return status;
+    }
+    Status::new(
+        status.code(),
+        truncate(status.message(), MAX_ERROR_MESSAGE_BYTES),
+    )
+}
+
+/// A gateway result as the client gets it.
+fn answer<T>(result: crate::error::Result<T>) -> Result<T, Status> {
+    result.map_err(|e| bounded(Status::from(e)))
+}
+
+/// The size checks of a sandbox reference (the name is checked where it is
+/// resolved).
+fn checked_ref(reference: Option<&gw::SandboxRef>) -> Result<(), Status> {
+    match reference {
+        Some(r) => answer(validate::sandbox_id(&r.id).map_err(Error::InvalidArgument)),
+        None => Ok(()),
+    }
 }
 
 #[tonic::async_trait]
@@ -63,32 +105,36 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         request: Request<gw::CreateSandboxRequest>,
     ) -> Result<Response<gw::SandboxResponse>, Status> {
-        Ok(sandbox(self.gateway.create(request.into_inner()).await?))
+        let request = request.into_inner();
+        answer(validate::create_request(&request).map_err(Error::InvalidArgument))?;
+        Ok(sandbox(answer(self.gateway.create(request).await)?))
     }
 
     async fn get_sandbox(
         &self,
         request: Request<gw::GetSandboxRequest>,
     ) -> Result<Response<gw::SandboxResponse>, Status> {
-        Ok(sandbox(
-            self.gateway.get(request.into_inner().sandbox).await?,
-        ))
+        let request = request.into_inner();
+        checked_ref(request.sandbox.as_ref())?;
+        Ok(sandbox(answer(self.gateway.get(request.sandbox).await)?))
     }
 
     async fn list_sandboxes(
         &self,
         request: Request<gw::ListSandboxesRequest>,
     ) -> Result<Response<gw::ListSandboxesResponse>, Status> {
-        Ok(Response::new(
-            self.gateway.list(request.into_inner()).await?,
-        ))
+        Ok(Response::new(answer(
+            self.gateway.list(request.into_inner()).await,
+        )?))
     }
 
     async fn delete_sandbox(
         &self,
         request: Request<gw::DeleteSandboxRequest>,
     ) -> Result<Response<gw::DeleteSandboxResponse>, Status> {
-        let deleted = self.gateway.delete(request.into_inner().sandbox).await?;
+        let request = request.into_inner();
+        checked_ref(request.sandbox.as_ref())?;
+        let deleted = answer(self.gateway.delete(request.sandbox).await)?;
         Ok(Response::new(gw::DeleteSandboxResponse { deleted }))
     }
 
@@ -96,18 +142,18 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         request: Request<gw::StopSandboxRequest>,
     ) -> Result<Response<gw::SandboxResponse>, Status> {
-        Ok(sandbox(
-            self.gateway.stop(request.into_inner().sandbox).await?,
-        ))
+        let request = request.into_inner();
+        checked_ref(request.sandbox.as_ref())?;
+        Ok(sandbox(answer(self.gateway.stop(request.sandbox).await)?))
     }
 
     async fn start_sandbox(
         &self,
         request: Request<gw::StartSandboxRequest>,
     ) -> Result<Response<gw::SandboxResponse>, Status> {
-        Ok(sandbox(
-            self.gateway.start(request.into_inner().sandbox).await?,
-        ))
+        let request = request.into_inner();
+        checked_ref(request.sandbox.as_ref())?;
+        Ok(sandbox(answer(self.gateway.start(request.sandbox).await)?))
     }
 
     type WatchSandboxesStream = BoxStream<gw::WatchSandboxesEvent>;
@@ -116,8 +162,15 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         request: Request<gw::WatchSandboxesRequest>,
     ) -> Result<Response<Self::WatchSandboxesStream>, Status> {
-        let events = self.gateway.watch(request.into_inner())?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        let events = self
+            .gateway
+            .watch(request.into_inner())
+            .await
+            .map_err(bounded)?;
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            events,
+            |event| event.map_err(bounded),
+        ))))
     }
 
     type SandboxLogsStream = BoxStream<gw::LogChunk>;
@@ -126,8 +179,13 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         request: Request<gw::SandboxLogsRequest>,
     ) -> Result<Response<Self::SandboxLogsStream>, Status> {
-        let chunks = self.gateway.logs(request.into_inner()).await?;
-        Ok(Response::new(Box::pin(chunks)))
+        let request = request.into_inner();
+        checked_ref(request.sandbox.as_ref())?;
+        let chunks = answer(self.gateway.logs(request).await)?;
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            chunks,
+            |chunk| chunk.map_err(bounded),
+        ))))
     }
 
     async fn get_gateway_info(
@@ -135,5 +193,20 @@ impl gateway_server::Gateway for GatewayService {
         _request: Request<gw::GetGatewayInfoRequest>,
     ) -> Result<Response<gw::GatewayInfo>, Status> {
         Ok(Response::new(self.gateway.info()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_to_fit_a_header() {
+        let long = Status::invalid_argument("x".repeat(100_000));
+        let cut = bounded(long);
+        assert_eq!(cut.code(), tonic::Code::InvalidArgument);
+        assert!(cut.message().len() <= MAX_ERROR_MESSAGE_BYTES + '…'.len_utf8());
+        let short = bounded(Status::not_found("sandbox 'a' not found"));
+        assert_eq!(short.message(), "sandbox 'a' not found");
     }
 }

@@ -8,6 +8,10 @@ use openshell_proto::gateway::v1 as gw;
 
 use crate::state::store::SandboxRow;
 
+/// The longest condition message the public API shows: a driver's (or an
+/// error's) text can quote a request back at length.
+pub const MAX_CONDITION_MESSAGE: usize = 2048;
+
 /// The workspace every sandbox of this gateway belongs to. The public API
 /// has no workspaces; drivers that scope resources by workspace see this one.
 pub const WORKSPACE: &str = "default";
@@ -60,7 +64,7 @@ fn condition(c: &openshell_proto::compute::v1::DriverCondition) -> gw::Condition
         r#type: c.r#type.clone(),
         status: c.status.clone(),
         reason: c.reason.clone(),
-        message: c.message.clone(),
+        message: openshell_driver_kit::contract::truncate(&c.message, MAX_CONDITION_MESSAGE),
         last_transition_time: transition_time(&c.last_transition_time),
     }
 }
@@ -86,6 +90,7 @@ pub fn public_sandbox(row: &SandboxRow, extra: Option<gw::Condition>) -> gw::San
     if let Some(own) = &row.gateway_condition {
         let own = gw::Condition {
             last_transition_time: transition_time(&own.last_transition_time),
+            message: openshell_driver_kit::contract::truncate(&own.message, MAX_CONDITION_MESSAGE),
             ..own.clone()
         };
         match conditions.iter_mut().find(|c| c.r#type == own.r#type) {

@@ -1,16 +1,44 @@
 //! Checks on public requests, each failing with a message that says what
-//! was wrong and what is allowed.
+//! was wrong and what is allowed. Input quoted back in a message is cut to
+//! [`ECHO_BYTES`], so an oversized request cannot make an oversized error.
+//!
+//! Size limits of one sandbox's request (`openshell_wire::limits`):
+//!
+//! | what | limit |
+//! |---|---|
+//! | name | 63 characters |
+//! | `spec.command` | 4096 arguments, 256 KiB (each argument + 1) |
+//! | `spec.env` | 4096 variables, 256 KiB (each `NAME=value` + 1) |
+//! | labels | 64; keys and values 253 bytes each |
+//! | `spec.image` | 1024 bytes |
+//! | `spec.resources` | 64 bytes per quantity |
+//! | the whole request (spec and labels, encoded) | 512 KiB |
 
 use std::collections::HashMap;
 
+use openshell_driver_kit::contract::truncate;
 use openshell_proto::gateway::v1 as gw;
+use openshell_wire::limits::{
+    ECHO_BYTES, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_LABELS,
+    MAX_SANDBOX_REQUEST_BYTES,
+};
+use prost::Message as _;
 
 /// Longest sandbox name (a DNS label).
 pub const MAX_NAME_LEN: usize = 63;
-const MAX_ARGV_BYTES: usize = 256 * 1024;
+/// Longest driver name.
+pub const MAX_DRIVER_LEN: usize = 63;
+/// Longest sandbox id a request may carry (the gateway's are UUIDs).
+pub const MAX_ID_LEN: usize = 128;
 const MAX_LABEL_KEY: usize = 253;
 const MAX_LABEL_VALUE: usize = 253;
 const MAX_IMAGE_LEN: usize = 1024;
+
+/// `text` as a message quotes it: cut to [`ECHO_BYTES`], in quotes, with
+/// control characters escaped.
+pub fn quote(text: &str) -> String {
+    format!("{:?}", truncate(text, ECHO_BYTES))
+}
 
 /// A sandbox name: 1-63 characters of `[a-z0-9-]`, starting with a letter,
 /// not ending with `-`.
@@ -18,9 +46,10 @@ pub fn sandbox_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("sandbox name is required".to_owned());
     }
+    let quoted = quote(name);
     if name.len() > MAX_NAME_LEN {
         return Err(format!(
-            "sandbox name {name:?} is {} characters; the limit is {MAX_NAME_LEN}",
+            "sandbox name {quoted} is {} characters; the limit is {MAX_NAME_LEN}",
             name.len()
         ));
     }
@@ -34,25 +63,68 @@ pub fn sandbox_name(name: &str) -> Result<(), String> {
             String::new()
         };
         return Err(format!(
-            "sandbox name {name:?} contains {bad:?}; use lowercase letters, digits and '-'{hint}"
+            "sandbox name {quoted} contains {bad:?}; use lowercase letters, digits and '-'{hint}"
         ));
     }
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(format!("sandbox name {name:?} must start with a letter"));
+        return Err(format!("sandbox name {quoted} must start with a letter"));
     }
     if name.ends_with('-') {
-        return Err(format!("sandbox name {name:?} must not end with '-'"));
+        return Err(format!("sandbox name {quoted} must not end with '-'"));
+    }
+    Ok(())
+}
+
+/// A driver name in a request: at most 63 characters, no control
+/// characters. (Whether it is configured is decided later.)
+pub fn driver_name(driver: &str) -> Result<(), String> {
+    if driver.len() > MAX_DRIVER_LEN {
+        return Err(format!(
+            "driver name {} is {} characters; the limit is {MAX_DRIVER_LEN}",
+            quote(driver),
+            driver.len()
+        ));
+    }
+    if driver.chars().any(char::is_control) {
+        return Err(format!(
+            "driver name {} contains control characters",
+            quote(driver)
+        ));
+    }
+    Ok(())
+}
+
+/// A sandbox reference's id: at most 128 characters, no control characters.
+pub fn sandbox_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "sandbox id {} is {} characters; the limit is {MAX_ID_LEN}",
+            quote(id),
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(format!(
+            "sandbox id {} contains control characters",
+            quote(id)
+        ));
     }
     Ok(())
 }
 
 /// The main-process argv: passed to `execve` as is, so no NUL bytes, a
-/// non-empty program, and a sane total size.
+/// non-empty program, and a bounded size.
 pub fn command(argv: &[String]) -> Result<(), String> {
     if let Some(first) = argv.first()
         && first.is_empty()
     {
         return Err("spec.command[0] is empty; the first element is the program to run".to_owned());
+    }
+    if argv.len() > MAX_COMMAND_ARGS {
+        return Err(format!(
+            "spec.command has {} arguments; the limit is {MAX_COMMAND_ARGS}",
+            argv.len()
+        ));
     }
     if let Some(index) = argv.iter().position(|a| a.contains('\0')) {
         return Err(format!(
@@ -60,16 +132,30 @@ pub fn command(argv: &[String]) -> Result<(), String> {
         ));
     }
     let total: usize = argv.iter().map(|a| a.len() + 1).sum();
-    if total > MAX_ARGV_BYTES {
+    if total > MAX_COMMAND_BYTES {
         return Err(format!(
-            "spec.command is {total} bytes; the limit is {MAX_ARGV_BYTES}"
+            "spec.command is {total} bytes (each argument counts its length + 1); the limit is \
+             {MAX_COMMAND_BYTES}"
         ));
     }
     Ok(())
 }
 
-/// Environment variable names and values.
+/// Environment variable names and values, and their total size.
 pub fn env(env: &HashMap<String, String>) -> Result<(), String> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(format!(
+            "spec.env has {} variables; the limit is {MAX_ENV_VARS}",
+            env.len()
+        ));
+    }
+    let total: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if total > MAX_ENV_BYTES {
+        return Err(format!(
+            "spec.env is {total} bytes (each variable counts NAME=value + 1); the limit is \
+             {MAX_ENV_BYTES}"
+        ));
+    }
     let mut keys: Vec<&String> = env.keys().collect();
     keys.sort();
     for key in keys {
@@ -78,11 +164,15 @@ pub fn env(env: &HashMap<String, String>) -> Result<(), String> {
         }
         if key.contains('=') || key.contains('\0') {
             return Err(format!(
-                "spec.env name {key:?} contains '=' or a NUL byte, which a variable name cannot hold"
+                "spec.env name {} contains '=' or a NUL byte, which a variable name cannot hold",
+                quote(key)
             ));
         }
         if env[key].contains('\0') {
-            return Err(format!("spec.env value of {key:?} contains a NUL byte"));
+            return Err(format!(
+                "spec.env value of {} contains a NUL byte",
+                quote(key)
+            ));
         }
     }
     Ok(())
@@ -92,9 +182,10 @@ fn label_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("label keys must not be empty".to_owned());
     }
+    let quoted = quote(key);
     if key.len() > MAX_LABEL_KEY {
         return Err(format!(
-            "label key {key:?} is {} characters; the limit is {MAX_LABEL_KEY}",
+            "label key {quoted} is {} characters; the limit is {MAX_LABEL_KEY}",
             key.len()
         ));
     }
@@ -103,14 +194,14 @@ fn label_key(key: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')))
     {
         return Err(format!(
-            "label key {key:?} contains {bad:?}; use letters, digits, '.', '_', '-' and '/'"
+            "label key {quoted} contains {bad:?}; use letters, digits, '.', '_', '-' and '/'"
         ));
     }
     if !key.starts_with(|c: char| c.is_ascii_alphanumeric())
         || !key.ends_with(|c: char| c.is_ascii_alphanumeric())
     {
         return Err(format!(
-            "label key {key:?} must start and end with a letter or digit"
+            "label key {quoted} must start and end with a letter or digit"
         ));
     }
     Ok(())
@@ -118,6 +209,17 @@ fn label_key(key: &str) -> Result<(), String> {
 
 /// Label keys (Kubernetes-like) and values (printable, bounded).
 pub fn labels(labels: &HashMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!(
+            "there are {} labels; the limit is {MAX_LABELS}",
+            labels.len()
+        ));
+    }
+    label_filter(labels)
+}
+
+/// Label keys and values, without a limit on their number (a list filter).
+pub fn label_filter(labels: &HashMap<String, String>) -> Result<(), String> {
     let mut keys: Vec<&String> = labels.keys().collect();
     keys.sort();
     for key in keys {
@@ -125,15 +227,55 @@ pub fn labels(labels: &HashMap<String, String>) -> Result<(), String> {
         let value = &labels[key];
         if value.len() > MAX_LABEL_VALUE {
             return Err(format!(
-                "label {key:?} has a value of {} characters; the limit is {MAX_LABEL_VALUE}",
+                "label {} has a value of {} characters; the limit is {MAX_LABEL_VALUE}",
+                quote(key),
                 value.len()
             ));
         }
         if value.chars().any(char::is_control) {
-            return Err(format!("label {key:?} has a value with control characters"));
+            return Err(format!(
+                "label {} has a value with control characters",
+                quote(key)
+            ));
         }
     }
     Ok(())
+}
+
+/// The whole request: spec and labels, as encoded, within
+/// [`MAX_SANDBOX_REQUEST_BYTES`].
+pub fn request_size(
+    spec: Option<&gw::SandboxSpec>,
+    labels: &HashMap<String, String>,
+) -> Result<(), String> {
+    let spec_bytes = spec.map_or(0, prost::Message::encoded_len);
+    let label_bytes = gw::CreateSandboxRequest {
+        labels: labels.clone(),
+        ..Default::default()
+    }
+    .encoded_len();
+    let total = spec_bytes + label_bytes;
+    if total > MAX_SANDBOX_REQUEST_BYTES {
+        return Err(format!(
+            "the sandbox's spec and labels take {total} bytes; the limit is \
+             {MAX_SANDBOX_REQUEST_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+/// Every check of a create request that needs no driver.
+pub fn create_request(request: &gw::CreateSandboxRequest) -> Result<(), String> {
+    sandbox_name(&request.name)?;
+    driver_name(&request.driver)?;
+    if let Some(spec) = &request.spec {
+        command(&spec.command)?;
+        env(&spec.env)?;
+        image(&spec.image)?;
+        resources(spec.resources.as_ref())?;
+    }
+    labels(&request.labels)?;
+    request_size(request.spec.as_ref(), &request.labels)
 }
 
 /// Image references: no whitespace or control characters, bounded length.
@@ -146,7 +288,8 @@ pub fn image(image: &str) -> Result<(), String> {
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
-            "spec.image {image:?} contains whitespace or control characters"
+            "spec.image {} contains whitespace or control characters",
+            quote(image)
         ));
     }
     Ok(())
@@ -166,7 +309,8 @@ pub fn resources(resources: Option<&gw::Resources>) -> Result<(), String> {
     ] {
         if value.len() > 64 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!(
-                "spec.resources.{field} {value:?} is not a quantity such as \"500m\", \"2\" or \"4Gi\""
+                "spec.resources.{field} {} is not a quantity such as \"500m\", \"2\" or \"4Gi\"",
+                quote(value)
             ));
         }
     }

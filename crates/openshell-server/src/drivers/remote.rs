@@ -1,6 +1,11 @@
 //! `RemoteComputeDriver`: the one client the gateway uses for every driver,
 //! managed or attached. Each unary call carries a deadline; errors come back
 //! as [`Error`]s that name the driver and the call.
+//!
+//! Message limits: every call sends and accepts up to
+//! [`MAX_MESSAGE_BYTES`], except `ListSandboxes`, whose reply is the
+//! driver's whole inventory in one message and is accepted up to
+//! [`MAX_DRIVER_LIST_BYTES`] (see `openshell_wire::limits`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,6 +25,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use openshell_driver_kit::contract::{self, Generation, Negotiated};
 use openshell_proto::extension::v1::PeerMetadata;
+use openshell_wire::limits::{MAX_DRIVER_LIST_BYTES, MAX_MESSAGE_BYTES};
 
 use crate::error::{Error, Result};
 
@@ -112,6 +118,8 @@ impl Capabilities {
 pub struct RemoteComputeDriver {
     name: String,
     client: ComputeDriverClient<Channel>,
+    /// For `ListSandboxes` only: accepts a whole inventory.
+    inventory: ComputeDriverClient<Channel>,
     logs: SandboxLogsClient<Channel>,
     call_timeout: Duration,
 }
@@ -120,8 +128,15 @@ impl RemoteComputeDriver {
     pub fn new(name: impl Into<String>, channel: Channel, call_timeout: Duration) -> Self {
         Self {
             name: name.into(),
-            client: ComputeDriverClient::new(channel.clone()),
-            logs: SandboxLogsClient::new(channel),
+            client: ComputeDriverClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            inventory: ComputeDriverClient::new(channel.clone())
+                .max_decoding_message_size(MAX_DRIVER_LIST_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            logs: SandboxLogsClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             call_timeout,
         }
     }
@@ -173,7 +188,12 @@ impl RemoteComputeDriver {
             rpc,
             timeout: self.call_timeout,
         };
-        match tokio::time::timeout(self.call_timeout, call(self.client.clone())).await {
+        let client = if rpc == "ListSandboxes" {
+            self.inventory.clone()
+        } else {
+            self.client.clone()
+        };
+        match tokio::time::timeout(self.call_timeout, call(client)).await {
             Err(_) => Err((timeout(), None)),
             Ok(Ok(response)) => Ok(response.into_inner()),
             // A tonic server enforces the grpc-timeout we send and answers

@@ -145,6 +145,8 @@ pub struct Gateway {
     /// Per driver, the sandboxes its last reconcile listed that have no
     /// row (see [`orphans`]).
     orphans: std::sync::Mutex<std::collections::HashMap<String, Vec<DriverSandbox>>>,
+    /// Open public watches and their limit.
+    pub watches: watch::WatchLimits,
 }
 
 impl Gateway {
@@ -159,6 +161,7 @@ impl Gateway {
             listen,
             shutdown: CancellationToken::new(),
             orphans: std::sync::Mutex::default(),
+            watches: watch::WatchLimits::default(),
         }
     }
 
@@ -179,6 +182,12 @@ impl Gateway {
     }
 
     pub(crate) fn publish(&self, event: BusEvent) {
+        // Row changes reach public watches through the store's feed, in
+        // commit order; keeping them here too would only hold a copy of
+        // every recent row in the bus.
+        if matches!(event, BusEvent::Changed(_) | BusEvent::Deleted { .. }) {
+            return;
+        }
         // No subscribers is fine.
         let _ = self.bus.send(event);
     }

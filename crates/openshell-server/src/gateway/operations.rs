@@ -335,10 +335,16 @@ impl Gateway {
         Ok(self.view(&row))
     }
 
+    /// One page of stored sandboxes: at most `page_size` (0: 100, at most
+    /// 1000) and at most [`LIST_PAGE_BYTES`] of them encoded (a page holds
+    /// at least one sandbox), ordered by name.
     pub async fn list(
         &self,
         request: gw::ListSandboxesRequest,
     ) -> Result<gw::ListSandboxesResponse> {
+        use openshell_wire::limits::LIST_PAGE_BYTES;
+        use prost::Message as _;
+
         let limit = match usize::try_from(request.page_size).unwrap_or(MAX_PAGE_SIZE) {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -349,12 +355,14 @@ impl Gateway {
                 Error::InvalidArgument(format!("phase {value} is not a SandboxPhase"))
             })?),
         };
+        validate::driver_name(&request.driver).map_err(Error::InvalidArgument)?;
+        validate::label_filter(&request.labels).map_err(Error::InvalidArgument)?;
         let driver = (!request.driver.is_empty()).then(|| request.driver.to_ascii_lowercase());
         if let Some(name) = &driver
-            && self.registry.get(name).is_none()
+            && !self.registry.is_configured(name)
         {
-            let counts = self.db(|s| s.driver_counts()).await?;
-            if !counts.iter().any(|(d, _)| d == name) {
+            let probe = name.clone();
+            if !self.db(move |s| s.has_driver(&probe)).await? {
                 return Err(Error::NotFound(format!(
                     "driver '{name}' is not configured and has no sandboxes; configured drivers: {}",
                     self.registry.names()
@@ -364,7 +372,19 @@ impl Gateway {
         let after_name = if request.page_token.is_empty() {
             None
         } else {
-            Some(parse_page_token(&request.page_token)?)
+            // A token names the last sandbox of a page; one naming none
+            // (`v1.`) was not issued by a gateway.
+            let name = parse_page_token(&request.page_token)
+                .ok()
+                .filter(|name| !name.is_empty())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "page_token {} is not one this gateway issued; pass next_page_token \
+                         from a previous ListSandboxes response",
+                        validate::quote(&request.page_token)
+                    ))
+                })?;
+            Some(name)
         };
         let mut labels: Vec<(String, String)> = request.labels.into_iter().collect();
         labels.sort();
@@ -374,14 +394,30 @@ impl Gateway {
             labels,
             after_name,
             limit,
+            max_bytes: LIST_PAGE_BYTES,
+            ..ListQuery::default()
         };
-        let (rows, more) = self.db(move |s| s.list(&query)).await?;
-        let next_page_token = match rows.last() {
+        let (rows, mut more) = self.db(move |s| s.list(&query)).await?;
+        // The store bounds the page by stored size; the page's bound is on
+        // what is sent.
+        let mut sandboxes = Vec::with_capacity(rows.len());
+        let mut bytes = 0usize;
+        for row in &rows {
+            let sandbox = self.view(row);
+            let size = sandbox.encoded_len() + 8;
+            if !sandboxes.is_empty() && bytes + size > LIST_PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += size;
+            sandboxes.push(sandbox);
+        }
+        let next_page_token = match sandboxes.last() {
             Some(last) if more => page_token(&last.name),
             _ => String::new(),
         };
         Ok(gw::ListSandboxesResponse {
-            sandboxes: rows.iter().map(|r| self.view(r)).collect(),
+            sandboxes,
             next_page_token,
         })
     }

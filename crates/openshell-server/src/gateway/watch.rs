@@ -1,231 +1,504 @@
 //! The public WatchSandboxes stream: the matching rows, `synced`, then
-//! changes, with a resync when the watcher lags or a driver's
-//! availability changes.
+//! changes.
+//!
+//! A watch is pulled, not pushed: it does work only when its client's
+//! stream has room for more (the HTTP/2 window), so a client that stops
+//! reading costs one page of buffered events at most, however much
+//! changes. It reads changes from the store's [`Feed`](crate::state::store::Feed)
+//! (every committed change, in commit order, shared by every watch) at its
+//! own position; a watch that fell behind the feed catches up from the
+//! database: the current rows changed, and the tombstones of rows deleted,
+//! since the last change it sent. Nothing is buffered per watch beyond one
+//! page, and database reads for watches use connections of their own,
+//! [`WATCH_READERS`] at a time, so watches never hold up requests.
+//!
+//! Changes reach a watch in the order they were committed, so a stale
+//! version of a sandbox is never sent after a newer one. When a driver's
+//! availability changes, its sandboxes are sent again with their new
+//! condition. Platform events are forwarded to watches that keep up; one
+//! that falls behind the gateway's event bus misses them.
+//!
+//! At most `max_watches` watches are open at once; one more is refused
+//! with `RESOURCE_EXHAUSTED`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 
-use openshell_proto::gateway::v1::{self as gw};
-use tokio::sync::{broadcast, mpsc};
+use futures::{Stream, StreamExt as _};
+use openshell_driver_kit::contract::truncate;
+use openshell_proto::gateway::v1::{self as gw, watch_sandboxes_event::Payload};
+use openshell_wire::limits::ECHO_BYTES;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tonic::Status;
 
-use super::{BusEvent, Gateway, MAX_PAGE_SIZE};
-use crate::api::validate;
+use super::{BusEvent, Gateway};
+use crate::api::{translate, validate};
 use crate::error::{Error, Result};
-use crate::state::store::{ListQuery, SandboxRow};
+use crate::state::store::{Change, FeedEntry, ListQuery, SandboxRow, Since, Store, WATCH_READERS};
 
-impl Gateway {
-    /// Every row matching a watch's filters, in pages.
-    async fn matching_rows(
-        &self,
-        driver: Option<String>,
-        name: Option<String>,
-    ) -> Result<Vec<SandboxRow>> {
-        if let Some(name) = name {
-            let row = self.db(move |s| s.get_by_name(&name)).await?;
-            return Ok(row
-                .into_iter()
-                .filter(|r| driver.as_ref().is_none_or(|d| *d == r.driver))
-                .collect());
-        }
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let query = ListQuery {
-                driver: driver.clone(),
-                after_name: after.take(),
-                limit: MAX_PAGE_SIZE,
-                ..ListQuery::default()
-            };
-            let (rows, more) = self.db(move |s| s.list(&query)).await?;
-            after = rows.last().map(|r| r.name.clone());
-            all.extend(rows);
-            if !more {
-                return Ok(all);
-            }
+/// Watches open at once unless configured otherwise (`--max-watches`,
+/// `max_watches`).
+pub const DEFAULT_MAX_WATCHES: usize = 1024;
+
+/// Rows per database read of a watch...
+const PAGE_ROWS: usize = 16;
+/// ...and about how many bytes of them: what a watch buffers at most
+/// (besides one sandbox larger than that).
+const PAGE_BYTES: usize = 16 * 1024;
+/// Bus events a watch takes in one go.
+const BUS_BATCH: usize = 256;
+
+/// The stream a public watch returns.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<gw::WatchSandboxesEvent, Status>> + Send>>;
+
+/// How many watches may be open, and how many database reads they may
+/// make at once.
+#[derive(Debug)]
+pub struct WatchLimits {
+    max: usize,
+    slots: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
+}
+
+impl WatchLimits {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            reads: Arc::new(Semaphore::new(WATCH_READERS)),
         }
     }
 
+    /// Watches open now.
+    pub fn open(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+impl Default for WatchLimits {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_WATCHES)
+    }
+}
+
+impl Gateway {
+    /// This gateway with at most `max` watches open at once.
+    #[must_use]
+    pub fn with_max_watches(mut self, max: usize) -> Self {
+        self.watches = WatchLimits::new(max);
+        self
+    }
+
     /// Starts a public watch: the matching sandboxes, `synced`, then changes.
-    pub fn watch(
+    pub async fn watch(
         self: &Arc<Self>,
         request: gw::WatchSandboxesRequest,
-    ) -> Result<mpsc::Receiver<std::result::Result<gw::WatchSandboxesEvent, Status>>> {
+    ) -> std::result::Result<WatchStream, Status> {
         self.ensure_running()?;
         if !request.name.is_empty() {
             validate::sandbox_name(&request.name).map_err(Error::InvalidArgument)?;
         }
-        let driver = (!request.driver.is_empty()).then(|| request.driver.to_ascii_lowercase());
+        let driver = if request.driver.is_empty() {
+            None
+        } else {
+            validate::driver_name(&request.driver).map_err(Error::InvalidArgument)?;
+            let driver = request.driver.to_ascii_lowercase();
+            if !self.registry.is_configured(&driver) {
+                let probe = driver.clone();
+                if !self.db(move |s| s.has_driver(&probe)).await? {
+                    return Err(Error::NotFound(format!(
+                        "driver '{}' is not configured and has no sandboxes; configured drivers: {}",
+                        truncate(&driver, ECHO_BYTES),
+                        self.registry.names()
+                    ))
+                    .into());
+                }
+            }
+            Some(driver)
+        };
+        let slot = Arc::clone(&self.watches.slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "the gateway already serves {} watches, its limit (--max-watches, or \
+                     max_watches in [openshell.gateway]); close a watch or raise the limit",
+                    self.watches.max
+                ))
+            })?;
         let name = (!request.name.is_empty()).then_some(request.name);
-        let (tx, rx) = mpsc::channel(256);
-        // Subscribe before reading the initial rows so nothing falls between.
-        let bus = self.subscribe();
-        let gateway = Arc::clone(self);
-        tokio::spawn(async move {
-            let watch = PublicWatch {
-                gateway: &gateway,
-                tx,
-                driver,
-                name,
-                sent: HashMap::new(),
-            };
-            watch.run(bus).await;
+        let watch = PublicWatch::new(Arc::clone(self), driver, name, slot);
+        let events = futures::stream::unfold(watch, |mut watch| async move {
+            watch.next().await.map(|event| (event, watch))
         });
-        Ok(rx)
+        Ok(Box::pin(
+            events.take_until(self.shutdown.clone().cancelled_owned()),
+        ))
     }
 }
 
-/// One public WatchSandboxes stream.
-struct PublicWatch<'a> {
-    gateway: &'a Arc<Gateway>,
-    tx: mpsc::Sender<std::result::Result<gw::WatchSandboxesEvent, Status>>,
+/// A name-ordered listing still to send: the initial one, or a driver's
+/// sandboxes after its availability changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listing {
     driver: Option<String>,
-    name: Option<String>,
-    /// Resource version and name last sent, per sandbox id.
-    sent: HashMap<String, (u64, String)>,
+    after: Option<String>,
 }
 
-fn event(payload: gw::watch_sandboxes_event::Payload) -> gw::WatchSandboxesEvent {
+/// One public WatchSandboxes stream.
+struct PublicWatch {
+    gateway: Arc<Gateway>,
+    driver: Option<String>,
+    name: Option<String>,
+    /// Every wanted change numbered up to here has been sent.
+    cursor: u64,
+    /// Rows a listing sent that were numbered past the cursor: their
+    /// changes up to that number are not news. Only filled while a listing
+    /// runs ahead of the feed; emptied once the cursor passes them.
+    ahead: HashMap<String, u64>,
+    ahead_max: u64,
+    /// Events ready to go: at most about one page.
+    pending: VecDeque<gw::WatchSandboxesEvent>,
+    listings: VecDeque<Listing>,
+    synced: bool,
+    /// Behind the feed: catch up from the database.
+    lagged: bool,
+    /// The driver availability condition each driver's sandboxes were last
+    /// sent with.
+    conditions: HashMap<String, Option<gw::Condition>>,
+    feed: watch::Receiver<u64>,
+    bus: broadcast::Receiver<BusEvent>,
+    done: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+fn event(payload: Payload) -> gw::WatchSandboxesEvent {
     gw::WatchSandboxesEvent {
         payload: Some(payload),
     }
 }
 
-impl PublicWatch<'_> {
+impl PublicWatch {
+    fn new(
+        gateway: Arc<Gateway>,
+        driver: Option<String>,
+        name: Option<String>,
+        slot: OwnedSemaphorePermit,
+    ) -> Self {
+        // Subscribe before reading anything, so nothing falls between.
+        let bus = gateway.subscribe();
+        let feed = gateway.store.feed().subscribe();
+        let cursor = gateway.store.feed().head();
+        Self {
+            driver,
+            name,
+            cursor,
+            ahead: HashMap::new(),
+            ahead_max: 0,
+            pending: VecDeque::new(),
+            listings: VecDeque::from([Listing {
+                driver: None,
+                after: None,
+            }]),
+            synced: false,
+            lagged: false,
+            conditions: HashMap::new(),
+            feed,
+            bus,
+            done: false,
+            _slot: slot,
+            gateway,
+        }
+    }
+
     fn wants(&self, driver: &str, name: &str) -> bool {
         self.driver.as_deref().is_none_or(|d| d == driver)
             && self.name.as_deref().is_none_or(|n| n == name)
     }
 
-    async fn send(&self, payload: gw::watch_sandboxes_event::Payload) -> bool {
-        self.tx.send(Ok(event(payload))).await.is_ok()
-    }
-
-    async fn send_row(&mut self, row: &SandboxRow) -> bool {
-        if self
-            .sent
-            .get(&row.id)
-            .is_some_and(|(version, _)| *version > row.resource_version)
-        {
-            return true;
-        }
-        self.sent
-            .insert(row.id.clone(), (row.resource_version, row.name.clone()));
-        let sandbox = self.gateway.view(row);
-        self.send(gw::watch_sandboxes_event::Payload::Sandbox(sandbox))
-            .await
-    }
-
-    /// Sends the current matching rows, and `deleted` for rows sent before
-    /// that are gone. Returns false when the client left.
-    async fn resync(&mut self, driver: Option<String>) -> bool {
-        let filter = driver.or_else(|| self.driver.clone());
-        let rows = match self
-            .gateway
-            .matching_rows(filter.clone(), self.name.clone())
-            .await
-        {
-            Ok(rows) => rows,
-            Err(error) => {
-                let _ = self.tx.send(Err(Status::from(error))).await;
-                return false;
-            }
-        };
-        let present: HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
-        for row in &rows {
-            // A resync re-sends even unchanged rows (their conditions may
-            // have changed with their driver's availability).
-            self.sent.remove(&row.id);
-            if !self.send_row(row).await {
-                return false;
-            }
-        }
-        if filter == self.driver {
-            let gone: Vec<(String, String)> = self
-                .sent
-                .iter()
-                .filter(|(id, _)| !present.contains(*id))
-                .map(|(id, (_, name))| (id.clone(), name.clone()))
-                .collect();
-            for (id, name) in gone {
-                self.sent.remove(&id);
-                let deleted = gw::SandboxDeleted { id, name };
-                if !self
-                    .send(gw::watch_sandboxes_event::Payload::Deleted(deleted))
-                    .await
-                {
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    async fn run(mut self, mut bus: broadcast::Receiver<BusEvent>) {
-        if !self.resync(None).await {
-            return;
-        }
-        if !self
-            .send(gw::watch_sandboxes_event::Payload::Synced(
-                gw::WatchSynced {},
-            ))
-            .await
-        {
-            return;
-        }
-        let stop = self.gateway.shutdown.clone();
+    /// The next event; `None` ends the stream.
+    async fn next(&mut self) -> Option<std::result::Result<gw::WatchSandboxesEvent, Status>> {
         loop {
-            let received = tokio::select! {
-                () = stop.cancelled() => return,
-                () = self.tx.closed() => return,
-                received = bus.recv() => received,
-            };
-            let alive = match received {
-                Ok(BusEvent::Changed(row)) => {
-                    if self.wants(&row.driver, &row.name) {
-                        self.send_row(&row).await
-                    } else {
-                        true
-                    }
+            if let Some(event) = self.pending.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.done {
+                return None;
+            }
+            match self.step().await {
+                Ok(true) => {}
+                Ok(false) => self.wait().await,
+                Err(status) => {
+                    self.done = true;
+                    return Some(Err(status));
                 }
-                Ok(BusEvent::Deleted { id, name, driver }) => {
-                    if self.wants(&driver, &name) {
-                        self.sent.remove(&id);
-                        self.send(gw::watch_sandboxes_event::Payload::Deleted(
-                            gw::SandboxDeleted { id, name },
-                        ))
-                        .await
-                    } else {
-                        true
-                    }
-                }
-                Ok(BusEvent::Platform { driver, event }) => {
-                    if self.wants(&driver, &event.sandbox_name) {
-                        self.send(gw::watch_sandboxes_event::Payload::PlatformEvent(event))
-                            .await
-                    } else {
-                        true
-                    }
-                }
-                Ok(BusEvent::DriverState { driver }) => {
-                    if self.driver.as_deref().is_none_or(|d| d == driver) {
-                        self.resync(Some(driver)).await
-                    } else {
-                        true
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(
-                        missed,
-                        "a watcher fell behind; sending the current state again"
-                    );
-                    self.resync(None).await
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if !alive {
-                return;
             }
         }
+    }
+
+    /// Does one piece of work; false when there is none until something
+    /// changes.
+    async fn step(&mut self) -> std::result::Result<bool, Status> {
+        if !self.listings.is_empty() {
+            self.list_page().await?;
+            return Ok(true);
+        }
+        if !self.synced {
+            self.synced = true;
+            self.pending
+                .push_back(event(Payload::Synced(gw::WatchSynced {})));
+            return Ok(true);
+        }
+        self.take_bus_events();
+        if !self.pending.is_empty() || !self.listings.is_empty() {
+            return Ok(true);
+        }
+        if self.lagged {
+            self.catch_up_page().await?;
+            return Ok(true);
+        }
+        // Mark the feed seen before reading it, so a change pushed after
+        // this read wakes the wait.
+        self.feed.borrow_and_update();
+        match self
+            .gateway
+            .store
+            .feed()
+            .since(self.cursor, PAGE_ROWS, PAGE_BYTES)
+        {
+            Since::Lagged => {
+                tracing::debug!(
+                    cursor = self.cursor,
+                    "a watcher fell behind the change feed; catching up from the database"
+                );
+                self.lagged = true;
+                Ok(true)
+            }
+            Since::Entries(entries) if entries.is_empty() => Ok(false),
+            Since::Entries(entries) => {
+                for FeedEntry { seq, change } in entries {
+                    self.emit(seq, &change);
+                    self.advance(seq);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Waits for a change, a bus event, or the end.
+    async fn wait(&mut self) {
+        let stop = self.gateway.shutdown.clone();
+        tokio::select! {
+            () = stop.cancelled() => self.done = true,
+            changed = self.feed.changed() => {
+                if changed.is_err() {
+                    self.done = true;
+                }
+            }
+            received = self.bus.recv() => self.bus_event(received),
+        }
+    }
+
+    fn take_bus_events(&mut self) {
+        for _ in 0..BUS_BATCH {
+            match self.bus.try_recv() {
+                Ok(event) => self.bus_event(Ok(event)),
+                Err(broadcast::error::TryRecvError::Empty) => return,
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    self.bus_event(Err(broadcast::error::RecvError::Lagged(missed)));
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    self.bus_event(Err(broadcast::error::RecvError::Closed));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn bus_event(&mut self, received: std::result::Result<BusEvent, broadcast::error::RecvError>) {
+        match received {
+            // Row changes come from the store's feed, in commit order.
+            Ok(BusEvent::Changed(_) | BusEvent::Deleted { .. }) => {}
+            Ok(BusEvent::Platform {
+                driver,
+                event: platform,
+            }) => {
+                if self.wants(&driver, &platform.sandbox_name) {
+                    self.pending
+                        .push_back(event(Payload::PlatformEvent(platform)));
+                }
+            }
+            Ok(BusEvent::DriverState { driver }) => self.relist(driver),
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Availability changes may be among what was missed: send
+                // again the sandboxes of every driver whose condition is
+                // not the one they were last sent with.
+                let stale: Vec<String> = self
+                    .conditions
+                    .iter()
+                    .filter(|(driver, sent)| self.gateway.registry.condition_for(driver) != **sent)
+                    .map(|(driver, _)| driver.clone())
+                    .collect();
+                for driver in stale {
+                    self.relist(driver);
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => self.done = true,
+        }
+    }
+
+    /// Queues a listing of `driver`'s sandboxes, once.
+    fn relist(&mut self, driver: String) {
+        if self.driver.as_deref().is_some_and(|d| d != driver) {
+            return;
+        }
+        // A listing of these sandboxes that has not sent anything yet will
+        // send them as they are now anyway.
+        let queued = self
+            .listings
+            .iter()
+            .any(|l| l.after.is_none() && l.driver.as_ref().is_none_or(|d| *d == driver));
+        if !queued {
+            self.listings.push_back(Listing {
+                driver: Some(driver),
+                after: None,
+            });
+        }
+    }
+
+    /// The public view of a row, noting the availability condition sent.
+    fn view(&mut self, row: &SandboxRow) -> gw::Sandbox {
+        let condition = self.gateway.registry.condition_for(&row.driver);
+        if self.conditions.get(&row.driver) != Some(&condition) {
+            self.conditions
+                .insert(row.driver.clone(), condition.clone());
+        }
+        translate::public_sandbox(row, condition)
+    }
+
+    /// Queues what a change means to this watch's client.
+    fn emit(&mut self, seq: u64, change: &Change) {
+        if !self.wants(change.driver(), change.name()) {
+            return;
+        }
+        match change {
+            Change::Upsert(row) => {
+                if self.ahead.get(&row.id).is_some_and(|sent| *sent >= seq) {
+                    return;
+                }
+                let sandbox = self.view(row);
+                self.pending.push_back(event(Payload::Sandbox(sandbox)));
+            }
+            Change::Deleted { id, name, .. } => {
+                self.ahead.remove(id);
+                self.pending
+                    .push_back(event(Payload::Deleted(gw::SandboxDeleted {
+                        id: id.clone(),
+                        name: name.clone(),
+                    })));
+            }
+        }
+    }
+
+    fn advance(&mut self, seq: u64) {
+        self.cursor = self.cursor.max(seq);
+        if !self.ahead.is_empty() && self.cursor >= self.ahead_max {
+            self.ahead = HashMap::new();
+        }
+    }
+
+    /// Runs a database read for this watch, at most [`WATCH_READERS`]
+    /// watches at a time. The read runs in a task of its own: a stream
+    /// that its client stops polling must not keep a reader's turn.
+    async fn read<T, F>(&self, op: F) -> std::result::Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+    {
+        let reads = Arc::clone(&self.gateway.watches.reads);
+        let gateway = Arc::clone(&self.gateway);
+        let read = tokio::spawn(async move {
+            let _turn = reads
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            gateway.db(op).await
+        });
+        match read.await {
+            Ok(result) => Ok(result?),
+            Err(error) => Err(Status::from(Error::Internal(format!(
+                "a watch's read failed: {error}"
+            )))),
+        }
+    }
+
+    /// Sends the next page of the first queued listing.
+    async fn list_page(&mut self) -> std::result::Result<(), Status> {
+        let Some(listing) = self.listings.front().cloned() else {
+            return Ok(());
+        };
+        let query = ListQuery {
+            driver: listing.driver.or_else(|| self.driver.clone()),
+            name: self.name.clone(),
+            after_name: listing.after,
+            limit: PAGE_ROWS,
+            max_bytes: PAGE_BYTES,
+            ..ListQuery::default()
+        };
+        let (rows, more) = self.read(move |s| s.list_for_watch(&query)).await?;
+        let last = rows.last().map(|(_, row)| row.name.clone());
+        for (seq, row) in rows {
+            if seq > self.cursor {
+                self.ahead_max = self.ahead_max.max(seq);
+                self.ahead.insert(row.id.clone(), seq);
+            }
+            let sandbox = self.view(&row);
+            self.pending.push_back(event(Payload::Sandbox(sandbox)));
+        }
+        match (more, last) {
+            (true, Some(last)) => {
+                if let Some(front) = self.listings.front_mut() {
+                    front.after = Some(last);
+                }
+            }
+            _ => {
+                self.listings.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the next page of what changed since the cursor, from the
+    /// database.
+    async fn catch_up_page(&mut self) -> std::result::Result<(), Status> {
+        let cursor = self.cursor;
+        let driver = self.driver.clone();
+        let name = self.name.clone();
+        let caught = self
+            .read(move |s| {
+                s.changes_since(
+                    cursor,
+                    driver.as_deref(),
+                    name.as_deref(),
+                    PAGE_ROWS,
+                    PAGE_BYTES,
+                )
+            })
+            .await?;
+        let Some(caught) = caught else {
+            return Err(Status::aborted(
+                "this watch fell too far behind: more sandboxes were deleted since it last \
+                 read than the gateway remembers; watch again",
+            ));
+        };
+        for (seq, change) in &caught.changes {
+            self.emit(*seq, change);
+        }
+        self.advance(caught.cursor);
+        if caught.complete {
+            self.lagged = false;
+        }
+        Ok(())
     }
 }

@@ -11,10 +11,25 @@
 //! All methods block; async callers run them on the blocking pool. Writes
 //! go through one connection (so read-modify-write in [`Store::update`] is a
 //! single serialised transaction); reads use a second one and never wait
-//! for a writer (WAL).
+//! for a writer (WAL); public watches read through connections of their
+//! own ([`WATCH_READERS`]), so they never queue in front of requests.
+//!
+//! Every committed change gets the next number of one sequence (`seq`):
+//! a row carries the number of its last change, a deleted row leaves a
+//! tombstone with the number of its deletion, and the [`Feed`] hands the
+//! changes to public watches in commit order. A watch that fell behind the
+//! feed catches up from the rows and tombstones numbered after the last
+//! change it sent ([`Store::changes_since`]).
+//!
+//! Rows that cannot be read (an undecodable spec or status, labels that are
+//! not JSON, an unknown phase) are moved to `quarantined_sandboxes` when
+//! the database is opened, and logged, so one bad row cannot stop the
+//! gateway from starting.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openshell_proto::compute::v1::DriverSandboxStatus;
@@ -55,7 +70,43 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX sandbox_labels_by_pair ON sandbox_labels (key, value);
     ",
+    // 2: change numbers, tombstones of deleted rows, quarantined rows.
+    r"
+    ALTER TABLE sandboxes ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE sandboxes SET seq = rowid;
+    CREATE INDEX sandboxes_by_seq ON sandboxes (seq);
+    CREATE INDEX sandboxes_by_driver_seq ON sandboxes (driver, seq);
+    CREATE TABLE tombstones (
+        seq           INTEGER PRIMARY KEY NOT NULL,
+        id            TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        driver        TEXT NOT NULL,
+        deleted_at_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE quarantined_sandboxes (
+        id, name, driver, spec, labels, phase, observed, gateway_condition,
+        instance_id, resource_version, created_at_ms, updated_at_ms, seq,
+        reason            TEXT NOT NULL,
+        quarantined_at_ms INTEGER NOT NULL
+    );
+    ",
 ];
+
+/// Read connections reserved for public watches.
+pub const WATCH_READERS: usize = 2;
+
+/// The feed keeps at most this many changes...
+const FEED_ENTRIES: usize = 8192;
+/// ...and about this many bytes of them; a watch further behind catches
+/// up from the database.
+const FEED_BYTES: usize = 8 * 1024 * 1024;
+
+/// Tombstones kept for watches catching up; a watch behind by more
+/// deletions than this cannot catch up and is ended.
+const TOMBSTONES_KEPT: u64 = 10_000;
+/// Tombstones beyond [`TOMBSTONES_KEPT`] are pruned every this many
+/// deletions.
+const TOMBSTONE_PRUNE_EVERY: u64 = 1024;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -86,9 +137,210 @@ pub struct ListQuery {
     pub driver: Option<String>,
     pub phase: Option<SandboxPhase>,
     pub labels: Vec<(String, String)>,
+    /// Only this name.
+    pub name: Option<String>,
     /// Only names after this one (exclusive), for paging.
     pub after_name: Option<String>,
     pub limit: usize,
+    /// The page also ends before the row that would take the stored size of
+    /// its rows past this many bytes (0: no such bound). A page holds at
+    /// least one row.
+    pub max_bytes: usize,
+}
+
+/// A committed change, as the [`Feed`] carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// The row as the change left it (inserted or updated).
+    Upsert(Box<SandboxRow>),
+    Deleted {
+        id: String,
+        name: String,
+        driver: String,
+    },
+}
+
+impl Change {
+    pub fn driver(&self) -> &str {
+        match self {
+            Self::Upsert(row) => &row.driver,
+            Self::Deleted { driver, .. } => driver,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Upsert(row) => &row.name,
+            Self::Deleted { name, .. } => name,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Upsert(row) => &row.id,
+            Self::Deleted { id, .. } => id,
+        }
+    }
+
+    /// About what the change costs to keep.
+    fn weight(&self) -> usize {
+        match self {
+            Self::Upsert(row) => row_weight(row),
+            Self::Deleted { id, name, driver } => 64 + id.len() + name.len() + driver.len(),
+        }
+    }
+}
+
+/// About how many bytes a row takes, stored or sent.
+pub fn row_weight(row: &SandboxRow) -> usize {
+    use prost::Message as _;
+    256 + row.id.len()
+        + row.name.len()
+        + row.driver.len()
+        + row.instance_id.len()
+        + row.spec.encoded_len()
+        + row
+            .labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>()
+        + row.observed.as_ref().map_or(0, prost::Message::encoded_len)
+        + row
+            .gateway_condition
+            .as_ref()
+            .map_or(0, prost::Message::encoded_len)
+}
+
+/// One numbered change.
+#[derive(Debug, Clone)]
+pub struct FeedEntry {
+    pub seq: u64,
+    pub change: Arc<Change>,
+}
+
+/// What [`Feed::since`] found.
+#[derive(Debug)]
+pub enum Since {
+    /// The changes after the cursor, oldest first (empty: none yet).
+    Entries(Vec<FeedEntry>),
+    /// Changes after the cursor were dropped from the feed already: catch
+    /// up from the database.
+    Lagged,
+}
+
+#[derive(Debug)]
+struct Ring {
+    entries: VecDeque<(FeedEntry, usize)>,
+    bytes: usize,
+    /// Every change numbered up to here has left the ring (or predates it).
+    floor: u64,
+}
+
+/// The committed changes, in commit order, for public watches: a bounded
+/// ring (by count and bytes) that every watch reads at its own pace. A
+/// watch holds only its position; one that falls behind the ring catches
+/// up from the database.
+#[derive(Debug)]
+pub struct Feed {
+    ring: Mutex<Ring>,
+    head: tokio::sync::watch::Sender<u64>,
+}
+
+impl Feed {
+    fn new(head: u64) -> Self {
+        Self {
+            ring: Mutex::new(Ring {
+                entries: VecDeque::new(),
+                bytes: 0,
+                floor: head,
+            }),
+            head: tokio::sync::watch::Sender::new(head),
+        }
+    }
+
+    fn ring(&self) -> MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends committed changes (called in commit order).
+    fn push(&self, changes: Vec<(u64, Change)>) {
+        let Some(last) = changes.last().map(|(seq, _)| *seq) else {
+            return;
+        };
+        {
+            let mut ring = self.ring();
+            for (seq, change) in changes {
+                let weight = change.weight();
+                ring.bytes += weight;
+                ring.entries.push_back((
+                    FeedEntry {
+                        seq,
+                        change: Arc::new(change),
+                    },
+                    weight,
+                ));
+            }
+            while ring.entries.len() > 1
+                && (ring.entries.len() > FEED_ENTRIES || ring.bytes > FEED_BYTES)
+            {
+                if let Some((entry, weight)) = ring.entries.pop_front() {
+                    ring.bytes -= weight;
+                    ring.floor = entry.seq;
+                }
+            }
+        }
+        self.head.send_replace(last);
+    }
+
+    /// The number of the last change pushed.
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Wakes whenever changes are pushed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// Up to `max` changes numbered after `cursor`, oldest first, ending
+    /// early past about `max_bytes` (at least one).
+    pub fn since(&self, cursor: u64, max: usize, max_bytes: usize) -> Since {
+        let ring = self.ring();
+        if cursor < ring.floor {
+            return Since::Lagged;
+        }
+        let start = ring.entries.partition_point(|(e, _)| e.seq <= cursor);
+        let mut bytes = 0usize;
+        let mut taken = Vec::new();
+        for (entry, weight) in ring.entries.iter().skip(start).take(max) {
+            if !taken.is_empty() && bytes + weight > max_bytes {
+                break;
+            }
+            bytes += weight;
+            taken.push(entry.clone());
+        }
+        Since::Entries(taken)
+    }
+}
+
+/// What [`Store::changes_since`] found.
+#[derive(Debug)]
+pub struct CatchUp {
+    /// Current rows and deletions numbered after the cursor, oldest first.
+    pub changes: Vec<(u64, Change)>,
+    /// The cursor after these changes.
+    pub cursor: u64,
+    /// Nothing numbered after `cursor` was left when this was read.
+    pub complete: bool,
+}
+
+/// A row that could not be read and was set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub reason: String,
 }
 
 /// What [`Store::insert`] did.
@@ -109,10 +361,22 @@ pub enum Updated {
     Missing,
 }
 
+struct Writer {
+    conn: Connection,
+    /// The number of the last committed change.
+    seq: u64,
+}
+
 struct Inner {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
     reader: Mutex<Connection>,
+    watch_readers: Vec<Mutex<Connection>>,
+    feed: Feed,
+    /// Tombstones numbered up to here are gone.
+    tombstone_floor: AtomicU64,
+    removals: AtomicU64,
+    quarantined: Vec<Quarantined>,
 }
 
 /// The sandbox store. Cheap to clone.
@@ -129,12 +393,29 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+fn lock<T>(conn: &Mutex<T>) -> MutexGuard<'_, T> {
     conn.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 const COLUMNS: &str = "id, name, driver, spec, labels, phase, observed, gateway_condition, \
                        instance_id, resource_version, created_at_ms, updated_at_ms";
+
+/// [`COLUMNS`], then `seq` (index 12), then the stored size (index 13).
+const READ_COLUMNS: &str = "id, name, driver, spec, labels, phase, observed, gateway_condition, \
+                            instance_id, resource_version, created_at_ms, updated_at_ms, seq, \
+                            length(spec) + length(labels) + ifnull(length(observed), 0) \
+                            + ifnull(length(gateway_condition), 0) + length(id) + length(name) \
+                            + length(driver) + length(instance_id) + 256";
+
+fn seq_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<u64> {
+    let seq: i64 = row.get(12)?;
+    u64::try_from(seq).map_err(|e| conversion(12, Type::Integer, e))
+}
+
+fn size_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<usize> {
+    let size: i64 = row.get(13)?;
+    Ok(usize::try_from(size).unwrap_or(usize::MAX))
+}
 
 fn conversion(
     index: usize,
@@ -202,7 +483,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating with mode 0600 if needed) and migrates the database.
+    /// Opens (creating with mode 0600 if needed) and migrates the database,
+    /// then sets aside rows that cannot be read.
     pub fn open(path: &Path) -> Result<Self> {
         // Never through a symlink, only a regular file of ours, 0600.
         drop(super::open_private_file(path, "database")?);
@@ -214,12 +496,34 @@ impl Store {
         };
         let mut writer = open()?;
         migrate(&mut writer, path)?;
+        let quarantined = quarantine(&mut writer)?;
+        let seq: i64 = writer
+            .query_row(
+                "SELECT max(ifnull((SELECT max(seq) FROM sandboxes), 0), \
+                            ifnull((SELECT max(seq) FROM tombstones), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| Error::store("read the last change number", e))?;
+        // No watch outlives the process, so no tombstone is needed any more.
+        writer
+            .execute("DELETE FROM tombstones", [])
+            .map_err(|e| Error::store("clear old tombstones", e))?;
+        let seq = u64::try_from(seq).unwrap_or(0);
         let reader = open()?;
+        let watch_readers = (0..WATCH_READERS)
+            .map(|_| open().map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                writer: Mutex::new(writer),
+                writer: Mutex::new(Writer { conn: writer, seq }),
                 reader: Mutex::new(reader),
+                watch_readers,
+                feed: Feed::new(seq),
+                tombstone_floor: AtomicU64::new(seq),
+                removals: AtomicU64::new(0),
+                quarantined,
             }),
         })
     }
@@ -228,56 +532,19 @@ impl Store {
         &self.inner.path
     }
 
+    /// The rows set aside when the database was opened.
+    pub fn quarantined(&self) -> &[Quarantined] {
+        &self.inner.quarantined
+    }
+
+    /// Committed changes, in commit order.
+    pub fn feed(&self) -> &Feed {
+        &self.inner.feed
+    }
+
     /// Stores a new row; a taken name is reported, not an error.
     pub fn insert(&self, row: &SandboxRow) -> Result<Inserted> {
-        let mut conn = lock(&self.inner.writer);
-        let tx = conn
-            .transaction()
-            .map_err(|e| Error::store("begin a transaction", e))?;
-        let taken: Option<String> = tx
-            .query_row(
-                "SELECT id FROM sandboxes WHERE name = ?1",
-                [&row.name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| Error::store("look up a sandbox name", e))?;
-        if let Some(id) = taken {
-            return Ok(Inserted::NameTaken(id));
-        }
-        tx.execute(
-            &format!("INSERT INTO sandboxes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-            params![
-                row.id,
-                row.name,
-                row.driver,
-                row.spec.encode_to_vec(),
-                labels_json(&row.labels),
-                phase_name(row.phase),
-                row.observed.as_ref().map(prost::Message::encode_to_vec),
-                row.gateway_condition.as_ref().map(prost::Message::encode_to_vec),
-                row.instance_id,
-                to_i64(row.resource_version),
-                row.created_at_ms,
-                row.updated_at_ms,
-            ],
-        )
-        .map_err(|e| Error::store(format!("insert sandbox {}", row.name), e))?;
-        {
-            let mut label = tx
-                .prepare_cached(
-                    "INSERT INTO sandbox_labels (sandbox_id, key, value) VALUES (?1, ?2, ?3)",
-                )
-                .map_err(|e| Error::store("prepare a label insert", e))?;
-            for (key, value) in &row.labels {
-                label
-                    .execute(params![row.id, key, value])
-                    .map_err(|e| Error::store(format!("insert a label of {}", row.name), e))?;
-            }
-        }
-        tx.commit()
-            .map_err(|e| Error::store(format!("commit sandbox {}", row.name), e))?;
-        Ok(Inserted::Ok)
+        self.write(|tx| tx.insert(row))
     }
 
     fn get_where(&self, column: &str, value: &str) -> Result<Option<SandboxRow>> {
@@ -302,19 +569,71 @@ impl Store {
     }
 
     /// Runs `work` in one write transaction: committed if it returns `Ok`,
-    /// rolled back otherwise.
+    /// rolled back otherwise. What it changed reaches the feed after the
+    /// commit, in commit order.
     pub fn write<T>(&self, work: impl FnOnce(&StoreTx<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = lock(&self.inner.writer);
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::store("begin a transaction", e))?;
-        let store_tx = StoreTx { tx };
-        let value = work(&store_tx)?;
-        store_tx
-            .tx
-            .commit()
-            .map_err(|e| Error::store("commit a transaction", e))?;
+        let mut guard = lock(&self.inner.writer);
+        let writer = &mut *guard;
+        let first = writer.seq;
+        let (value, seq, changes, removed) = {
+            let tx = writer
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| Error::store("begin a transaction", e))?;
+            let store_tx = StoreTx {
+                tx,
+                seq: Cell::new(first),
+                changes: RefCell::new(Vec::new()),
+                removed: Cell::new(0),
+            };
+            let value = work(&store_tx)?;
+            let StoreTx {
+                tx,
+                seq,
+                changes,
+                removed,
+            } = store_tx;
+            tx.commit()
+                .map_err(|e| Error::store("commit a transaction", e))?;
+            (value, seq, changes, removed)
+        };
+        writer.seq = seq.get();
+        self.inner.feed.push(changes.into_inner());
+        let removed = removed.get();
+        if removed > 0 {
+            let before = self.inner.removals.fetch_add(removed, Ordering::Relaxed);
+            if (before + removed) / TOMBSTONE_PRUNE_EVERY != before / TOMBSTONE_PRUNE_EVERY {
+                self.prune_tombstones(&writer.conn, TOMBSTONES_KEPT);
+            }
+        }
         Ok(value)
+    }
+
+    /// Drops all but the newest `keep` tombstones.
+    fn prune_tombstones(&self, conn: &Connection, keep: u64) {
+        let pruned = (|| -> rusqlite::Result<Option<i64>> {
+            let Some(upto) = conn
+                .query_row(
+                    "SELECT seq FROM tombstones ORDER BY seq DESC LIMIT 1 OFFSET ?1",
+                    [i64::try_from(keep).unwrap_or(i64::MAX)],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            conn.execute("DELETE FROM tombstones WHERE seq <= ?1", [upto])?;
+            Ok(Some(upto))
+        })();
+        match pruned {
+            Ok(Some(upto)) => {
+                self.inner
+                    .tombstone_floor
+                    .fetch_max(u64::try_from(upto).unwrap_or(0), Ordering::SeqCst);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "could not prune tombstones"),
+        }
     }
 
     /// Read-modify-write of one row in one transaction (see
@@ -335,47 +654,52 @@ impl Store {
     /// One page of rows matching `query`, ordered by name, and whether more
     /// follow.
     pub fn list(&self, query: &ListQuery) -> Result<(Vec<SandboxRow>, bool)> {
-        let mut sql = format!("SELECT {COLUMNS} FROM sandboxes s WHERE 1 = 1");
-        let mut values: Vec<Value> = Vec::new();
-        if let Some(driver) = &query.driver {
-            values.push(Value::Text(driver.clone()));
-            sql.push_str(&format!(" AND s.driver = ?{}", values.len()));
-        }
-        if let Some(phase) = query.phase {
-            values.push(Value::Text(phase_name(phase).to_owned()));
-            sql.push_str(&format!(" AND s.phase = ?{}", values.len()));
-        }
-        for (key, value) in &query.labels {
-            values.push(Value::Text(key.clone()));
-            values.push(Value::Text(value.clone()));
-            // Driven from the (key, value) index, so a selective label
-            // does not scan every row.
-            sql.push_str(&format!(
-                " AND s.id IN (SELECT l.sandbox_id FROM sandbox_labels l \
-                 WHERE l.key = ?{} AND l.value = ?{})",
-                values.len() - 1,
-                values.len()
-            ));
-        }
-        if let Some(after) = &query.after_name {
-            values.push(Value::Text(after.clone()));
-            sql.push_str(&format!(" AND s.name > ?{}", values.len()));
-        }
-        let limit = query.limit.max(1);
-        values.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
-        sql.push_str(&format!(" ORDER BY s.name LIMIT ?{}", values.len()));
-
         let conn = lock(&self.inner.reader);
-        let mut statement = conn
-            .prepare_cached(&sql)
-            .map_err(|e| Error::store("prepare a list query", e))?;
-        let mut rows: Vec<SandboxRow> = statement
-            .query_map(rusqlite::params_from_iter(values), decode_row)
-            .and_then(Iterator::collect)
-            .map_err(|e| Error::store("list sandboxes", e))?;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
-        Ok((rows, more))
+        let (rows, more) = list_on(&conn, query)?;
+        Ok((rows.into_iter().map(|(_, row)| row).collect(), more))
+    }
+
+    /// Runs `read` on a connection reserved for public watches. At most
+    /// [`WATCH_READERS`] callers at a time find one free at once; more wait.
+    fn watch_read<T>(&self, read: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let readers = &self.inner.watch_readers;
+        for reader in readers {
+            if let Ok(conn) = reader.try_lock() {
+                return read(&conn);
+            }
+        }
+        read(&lock(&readers[0]))
+    }
+
+    /// [`Self::list`] for a public watch: with each row's change number.
+    pub fn list_for_watch(&self, query: &ListQuery) -> Result<(Vec<(u64, SandboxRow)>, bool)> {
+        self.watch_read(|conn| list_on(conn, query))
+    }
+
+    /// The current rows, and tombstones, numbered after `cursor` (and
+    /// matching the filters), oldest first: what a watch that sent every
+    /// change up to `cursor` still has to send. At most `limit` rows and
+    /// about `max_bytes` of them per call. `None` when tombstones the watch
+    /// would need were pruned already.
+    pub fn changes_since(
+        &self,
+        cursor: u64,
+        driver: Option<&str>,
+        name: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Option<CatchUp>> {
+        let floor = &self.inner.tombstone_floor;
+        if floor.load(Ordering::SeqCst) > cursor {
+            return Ok(None);
+        }
+        let caught = self
+            .watch_read(|conn| changes_on(conn, cursor, driver, name, limit.max(1), max_bytes))?;
+        // Pruned while this read: the read may lack deletions.
+        if floor.load(Ordering::SeqCst) > cursor {
+            return Ok(None);
+        }
+        Ok(Some(caught))
     }
 
     /// Every row of one driver, ordered by name.
@@ -408,14 +732,283 @@ impl Store {
             .and_then(Iterator::collect)
             .map_err(|e| Error::store("count sandboxes", e))
     }
+
+    /// Whether any row belongs to `driver`.
+    pub fn has_driver(&self, driver: &str) -> Result<bool> {
+        let conn = lock(&self.inner.reader);
+        conn.prepare_cached("SELECT 1 FROM sandboxes WHERE driver = ?1 LIMIT 1")
+            .and_then(|mut s| s.exists([driver]))
+            .map_err(|e| Error::store(format!("look for sandboxes of driver {driver}"), e))
+    }
+}
+
+/// One page of [`Store::list`] on `conn`, with change numbers.
+fn list_on(conn: &Connection, query: &ListQuery) -> Result<(Vec<(u64, SandboxRow)>, bool)> {
+    let mut sql = format!("SELECT {READ_COLUMNS} FROM sandboxes s WHERE 1 = 1");
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(driver) = &query.driver {
+        values.push(Value::Text(driver.clone()));
+        sql.push_str(&format!(" AND s.driver = ?{}", values.len()));
+    }
+    if let Some(name) = &query.name {
+        values.push(Value::Text(name.clone()));
+        sql.push_str(&format!(" AND s.name = ?{}", values.len()));
+    }
+    if let Some(phase) = query.phase {
+        values.push(Value::Text(phase_name(phase).to_owned()));
+        sql.push_str(&format!(" AND s.phase = ?{}", values.len()));
+    }
+    for (key, value) in &query.labels {
+        values.push(Value::Text(key.clone()));
+        values.push(Value::Text(value.clone()));
+        // Driven from the (key, value) index, so a selective label
+        // does not scan every row.
+        sql.push_str(&format!(
+            " AND s.id IN (SELECT l.sandbox_id FROM sandbox_labels l \
+             WHERE l.key = ?{} AND l.value = ?{})",
+            values.len() - 1,
+            values.len()
+        ));
+    }
+    if let Some(after) = &query.after_name {
+        values.push(Value::Text(after.clone()));
+        sql.push_str(&format!(" AND s.name > ?{}", values.len()));
+    }
+    let limit = query.limit.max(1);
+    values.push(Value::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)));
+    sql.push_str(&format!(" ORDER BY s.name LIMIT ?{}", values.len()));
+
+    let mut statement = conn
+        .prepare_cached(&sql)
+        .map_err(|e| Error::store("prepare a list query", e))?;
+    let mut cursor = statement
+        .query(rusqlite::params_from_iter(values))
+        .map_err(|e| Error::store("list sandboxes", e))?;
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    let mut more = false;
+    while let Some(row) = cursor
+        .next()
+        .map_err(|e| Error::store("list sandboxes", e))?
+    {
+        let size = size_of(row).map_err(|e| Error::store("list sandboxes", e))?;
+        let full = rows.len() == limit
+            || (query.max_bytes > 0 && !rows.is_empty() && bytes + size > query.max_bytes);
+        if full {
+            more = true;
+            break;
+        }
+        bytes += size;
+        let decoded = decode_row(row)
+            .and_then(|r| Ok((seq_of(row)?, r)))
+            .map_err(|e| Error::store("list sandboxes", e))?;
+        rows.push(decoded);
+    }
+    Ok((rows, more))
+}
+
+/// [`Store::changes_since`] on `conn`, in one read transaction so rows and
+/// tombstones are one snapshot.
+fn changes_on(
+    conn: &Connection,
+    cursor: u64,
+    driver: Option<&str>,
+    name: Option<&str>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<CatchUp> {
+    let read = || -> rusqlite::Result<CatchUp> {
+        let after = i64::try_from(cursor).unwrap_or(i64::MAX);
+        let take = i64::try_from(limit).unwrap_or(i64::MAX);
+        let filters = "(?2 IS NULL OR driver = ?2) AND (?3 IS NULL OR name = ?3)";
+        let mut rows_full = false;
+        let mut rows: Vec<(u64, Change)> = Vec::new();
+        {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {READ_COLUMNS} FROM sandboxes WHERE seq > ?1 AND {filters} \
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let mut found = statement.query(params![after, driver, name, take])?;
+            let mut bytes = 0usize;
+            while let Some(row) = found.next()? {
+                let size = size_of(row)?;
+                if max_bytes > 0 && !rows.is_empty() && bytes + size > max_bytes {
+                    rows_full = true;
+                    break;
+                }
+                bytes += size;
+                rows.push((seq_of(row)?, Change::Upsert(Box::new(decode_row(row)?))));
+            }
+            rows_full |= rows.len() == limit;
+        }
+        let mut tombs: Vec<(u64, Change)> = {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT seq, id, name, driver FROM tombstones WHERE seq > ?1 AND {filters} \
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            statement
+                .query_map(params![after, driver, name, take], |r| {
+                    let seq: i64 = r.get(0)?;
+                    Ok((
+                        u64::try_from(seq).unwrap_or(0),
+                        Change::Deleted {
+                            id: r.get(1)?,
+                            name: r.get(2)?,
+                            driver: r.get(3)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let tombs_full = tombs.len() == limit;
+        // Past the last number of a page that was cut, the other page may
+        // miss changes: stop there.
+        let bound = [
+            rows_full.then(|| rows.last().map(|(s, _)| *s)).flatten(),
+            tombs_full.then(|| tombs.last().map(|(s, _)| *s)).flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let mut changes = rows;
+        changes.append(&mut tombs);
+        changes.sort_by_key(|(seq, _)| *seq);
+        if let Some(bound) = bound {
+            changes.retain(|(seq, _)| *seq <= bound);
+        }
+        // Complete: every change up to the last one committed (whichever
+        // rows it touched) is accounted for.
+        let last: i64 = conn.query_row(
+            "SELECT max(ifnull((SELECT max(seq) FROM sandboxes), 0), \
+                        ifnull((SELECT max(seq) FROM tombstones), 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        let last = changes
+            .last()
+            .map_or(cursor, |(seq, _)| *seq)
+            .max(cursor)
+            .max(u64::try_from(last).unwrap_or(0));
+        Ok(CatchUp {
+            changes,
+            cursor: bound.unwrap_or(last),
+            complete: bound.is_none(),
+        })
+    };
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| Error::store("begin a read", e))?;
+    let result = read();
+    let _ = conn.execute_batch("COMMIT");
+    result.map_err(|e| Error::store("read changes for a watch", e))
+}
+
+/// Moves every row that cannot be read to `quarantined_sandboxes` (with
+/// the reason), logging each loudly.
+fn quarantine(conn: &mut Connection) -> Result<Vec<Quarantined>> {
+    let mut bad = Vec::new();
+    {
+        let mut statement = conn
+            .prepare(&format!("SELECT {READ_COLUMNS}, rowid FROM sandboxes"))
+            .map_err(|e| Error::store("prepare the row check", e))?;
+        let mut rows = statement
+            .query([])
+            .map_err(|e| Error::store("check the stored rows", e))?;
+        while let Some(row) = rows
+            .next()
+            .map_err(|e| Error::store("check the stored rows", e))?
+        {
+            if let Err(error) = decode_row(row).and_then(|_| seq_of(row)) {
+                let rowid: i64 = row.get(14).unwrap_or(-1);
+                let text = |i: usize| -> String {
+                    row.get::<_, String>(i)
+                        .unwrap_or_else(|_| "(unreadable)".to_owned())
+                };
+                bad.push((
+                    rowid,
+                    Quarantined {
+                        id: text(0),
+                        name: text(1),
+                        driver: text(2),
+                        reason: quarantine_reason(&error),
+                    },
+                ));
+            }
+        }
+    }
+    if bad.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| Error::store("begin the quarantine", e))?;
+    for (rowid, row) in &bad {
+        tx.execute(
+            &format!(
+                "INSERT INTO quarantined_sandboxes ({COLUMNS}, seq, reason, quarantined_at_ms) \
+                 SELECT {COLUMNS}, seq, ?2, ?3 FROM sandboxes WHERE rowid = ?1"
+            ),
+            params![rowid, row.reason, now_ms()],
+        )
+        .and_then(|_| tx.execute("DELETE FROM sandboxes WHERE rowid = ?1", [rowid]))
+        .map_err(|e| Error::store(format!("quarantine sandbox {}", row.id), e))?;
+    }
+    tx.commit()
+        .map_err(|e| Error::store("commit the quarantine", e))?;
+    for (_, row) in &bad {
+        tracing::error!(
+            sandbox = %row.name,
+            id = %row.id,
+            driver = %row.driver,
+            reason = %row.reason,
+            "a stored sandbox cannot be read; moved it to the quarantined_sandboxes table of the \
+             state database and left it out (its driver may still run it)"
+        );
+    }
+    Ok(bad.into_iter().map(|(_, row)| row).collect())
+}
+
+/// What was wrong with a row, in words.
+fn quarantine_reason(error: &rusqlite::Error) -> String {
+    const FIELDS: [&str; 13] = [
+        "id",
+        "name",
+        "driver",
+        "spec",
+        "labels",
+        "phase",
+        "observed",
+        "gateway_condition",
+        "instance_id",
+        "resource_version",
+        "created_at_ms",
+        "updated_at_ms",
+        "seq",
+    ];
+    match error {
+        rusqlite::Error::FromSqlConversionFailure(index, _, cause) => {
+            let field = FIELDS.get(*index).copied().unwrap_or("a column");
+            format!("{field} cannot be read: {cause}")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// An open write transaction (see [`Store::write`]).
 pub struct StoreTx<'c> {
     tx: rusqlite::Transaction<'c>,
+    /// The number of the last change made in this transaction.
+    seq: Cell<u64>,
+    changes: RefCell<Vec<(u64, Change)>>,
+    removed: Cell<u64>,
 }
 
 impl StoreTx<'_> {
+    fn next_seq(&self) -> u64 {
+        let seq = self.seq.get() + 1;
+        self.seq.set(seq);
+        seq
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<SandboxRow>> {
         let mut statement = self
             .tx
@@ -425,6 +1018,61 @@ impl StoreTx<'_> {
             .query_row([id], decode_row)
             .optional()
             .map_err(|e| Error::store(format!("read sandbox {id}"), e))
+    }
+
+    /// Stores a new row; a taken name is reported, not an error.
+    pub fn insert(&self, row: &SandboxRow) -> Result<Inserted> {
+        let taken: Option<String> = self
+            .tx
+            .prepare_cached("SELECT id FROM sandboxes WHERE name = ?1")
+            .and_then(|mut s| s.query_row([&row.name], |r| r.get(0)).optional())
+            .map_err(|e| Error::store("look up a sandbox name", e))?;
+        if let Some(id) = taken {
+            return Ok(Inserted::NameTaken(id));
+        }
+        let seq = self.next_seq();
+        self.tx
+            .prepare_cached(&format!(
+                "INSERT INTO sandboxes ({COLUMNS}, seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ))
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    row.id,
+                    row.name,
+                    row.driver,
+                    row.spec.encode_to_vec(),
+                    labels_json(&row.labels),
+                    phase_name(row.phase),
+                    row.observed.as_ref().map(prost::Message::encode_to_vec),
+                    row.gateway_condition
+                        .as_ref()
+                        .map(prost::Message::encode_to_vec),
+                    row.instance_id,
+                    to_i64(row.resource_version),
+                    row.created_at_ms,
+                    row.updated_at_ms,
+                    to_i64(seq),
+                ])
+            })
+            .map_err(|e| Error::store(format!("insert sandbox {}", row.name), e))?;
+        {
+            let mut label = self
+                .tx
+                .prepare_cached(
+                    "INSERT INTO sandbox_labels (sandbox_id, key, value) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| Error::store("prepare a label insert", e))?;
+            for (key, value) in &row.labels {
+                label
+                    .execute(params![row.id, key, value])
+                    .map_err(|e| Error::store(format!("insert a label of {}", row.name), e))?;
+            }
+        }
+        self.changes
+            .borrow_mut()
+            .push((seq, Change::Upsert(Box::new(row.clone()))));
+        Ok(Inserted::Ok)
     }
 
     /// Read-modify-write of one row. `change` returns whether it changed
@@ -449,11 +1097,12 @@ impl StoreTx<'_> {
         row.created_at_ms = before.created_at_ms;
         row.resource_version = before.resource_version + 1;
         row.updated_at_ms = now_ms().max(before.updated_at_ms);
+        let seq = self.next_seq();
         let mut statement = self
             .tx
             .prepare_cached(
                 "UPDATE sandboxes SET spec = ?2, phase = ?3, observed = ?4, gateway_condition = ?5, \
-                 instance_id = ?6, resource_version = ?7, updated_at_ms = ?8 WHERE id = ?1",
+                 instance_id = ?6, resource_version = ?7, updated_at_ms = ?8, seq = ?9 WHERE id = ?1",
             )
             .map_err(|e| Error::store("prepare an update", e))?;
         statement
@@ -468,19 +1117,42 @@ impl StoreTx<'_> {
                 row.instance_id,
                 to_i64(row.resource_version),
                 row.updated_at_ms,
+                to_i64(seq),
             ])
             .map_err(|e| Error::store(format!("update sandbox {}", row.name), e))?;
+        self.changes
+            .borrow_mut()
+            .push((seq, Change::Upsert(Box::new(row.clone()))));
         Ok(Updated::Changed(row))
     }
 
-    /// Deletes a row (and its labels); returns what it was.
+    /// Deletes a row (and its labels), leaving a tombstone; returns what it
+    /// was.
     pub fn remove(&self, id: &str) -> Result<Option<SandboxRow>> {
         let row = self.get(id)?;
-        if row.is_some() {
+        if let Some(row) = &row {
+            let seq = self.next_seq();
             self.tx
                 .prepare_cached("DELETE FROM sandboxes WHERE id = ?1")
                 .and_then(|mut statement| statement.execute([id]))
+                .and_then(|_| {
+                    self.tx
+                        .prepare_cached(
+                            "INSERT INTO tombstones (seq, id, name, driver, deleted_at_ms) \
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?
+                        .execute(params![to_i64(seq), row.id, row.name, row.driver, now_ms()])
+                })
                 .map_err(|e| Error::store(format!("delete sandbox {id}"), e))?;
+            self.changes.borrow_mut().push((
+                seq,
+                Change::Deleted {
+                    id: row.id.clone(),
+                    name: row.name.clone(),
+                    driver: row.driver.clone(),
+                },
+            ));
+            self.removed.set(self.removed.get() + 1);
         }
         Ok(row)
     }
@@ -695,6 +1367,274 @@ mod tests {
             store.driver_counts().unwrap(),
             [("podman".to_owned(), 12), ("vm".to_owned(), 13)]
         );
+    }
+
+    fn kinds(changes: &[(u64, Change)]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|(_, c)| match c {
+                Change::Upsert(row) => format!("{}@{}", row.name, row.resource_version),
+                Change::Deleted { name, .. } => format!("-{name}"),
+            })
+            .collect()
+    }
+
+    fn fed(store: &Store, cursor: u64) -> Vec<(u64, Change)> {
+        match store.feed().since(cursor, usize::MAX, usize::MAX) {
+            Since::Entries(entries) => entries
+                .into_iter()
+                .map(|e| (e.seq, (*e.change).clone()))
+                .collect(),
+            Since::Lagged => panic!("lagged"),
+        }
+    }
+
+    #[test]
+    fn changes_are_numbered_and_fed_in_commit_order() {
+        let (_dir, store) = store();
+        let start = store.feed().head();
+        store.insert(&row("a", "vm")).unwrap();
+        store.insert(&row("b", "vm")).unwrap();
+        store
+            .update("id-a", |r| {
+                r.phase = SandboxPhase::Ready;
+                true
+            })
+            .unwrap();
+        store.update("id-a", |_| false).unwrap();
+        store.remove("id-b").unwrap();
+        let changes = fed(&store, start);
+        assert_eq!(kinds(&changes), ["a@1", "b@1", "a@2", "-b"]);
+        let seqs: Vec<u64> = changes.iter().map(|(s, _)| *s).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        assert_eq!(store.feed().head(), *seqs.last().unwrap());
+        // A failed batch feeds nothing.
+        let failed: Result<()> = store.write(|tx| {
+            tx.update("id-a", |r| {
+                r.phase = SandboxPhase::Error;
+                true
+            })?;
+            Err(Error::Internal("no".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fed(&store, store.feed().head()).len(), 0);
+        // Numbers survive a reopen.
+        let path = store.path().to_owned();
+        let head = store.feed().head();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        store.insert(&row("c", "vm")).unwrap();
+        assert!(store.feed().head() > head);
+    }
+
+    #[test]
+    fn catching_up_gives_current_rows_and_deletions_in_order() {
+        let (_dir, store) = store();
+        let cursor = store.feed().head();
+        for name in ["a", "b", "c"] {
+            store.insert(&row(name, "vm")).unwrap();
+        }
+        store.insert(&row("p", "podman")).unwrap();
+        store
+            .update("id-a", |r| {
+                r.phase = SandboxPhase::Ready;
+                true
+            })
+            .unwrap();
+        store.remove("id-b").unwrap();
+        let all = store
+            .changes_since(cursor, None, None, 100, 0)
+            .unwrap()
+            .unwrap();
+        assert!(all.complete);
+        // Each sandbox once, as it is now, ordered by its last change.
+        assert_eq!(kinds(&all.changes), ["c@1", "p@1", "a@2", "-b"]);
+        assert_eq!(all.cursor, store.feed().head());
+
+        let vm = store
+            .changes_since(cursor, Some("vm"), None, 100, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&vm.changes), ["c@1", "a@2", "-b"]);
+        assert_eq!(
+            vm.cursor,
+            store.feed().head(),
+            "complete: past other drivers' changes too"
+        );
+        let named = store
+            .changes_since(cursor, None, Some("b"), 100, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&named.changes), ["-b"]);
+
+        // Page by page, the same sequence.
+        let mut paged = Vec::new();
+        let mut at = cursor;
+        loop {
+            let page = store.changes_since(at, None, None, 1, 0).unwrap().unwrap();
+            assert!(page.changes.len() <= 2);
+            paged.extend(page.changes);
+            at = page.cursor;
+            if page.complete {
+                break;
+            }
+        }
+        assert_eq!(kinds(&paged), kinds(&all.changes));
+        // Nothing after the end.
+        let after = store.changes_since(at, None, None, 10, 0).unwrap().unwrap();
+        assert!(after.changes.is_empty() && after.complete);
+        assert_eq!(after.cursor, at);
+    }
+
+    #[test]
+    fn pruned_tombstones_end_a_catch_up_that_needs_them() {
+        let (_dir, store) = store();
+        let cursor = store.feed().head();
+        for i in 0..5 {
+            let name = format!("s{i}");
+            store.insert(&row(&name, "vm")).unwrap();
+            store.remove(&format!("id-{name}")).unwrap();
+        }
+        {
+            let writer = lock(&store.inner.writer);
+            store.prune_tombstones(&writer.conn, 2);
+        }
+        assert!(
+            store
+                .changes_since(cursor, None, None, 10, 0)
+                .unwrap()
+                .is_none()
+        );
+        let recent = store.inner.tombstone_floor.load(Ordering::SeqCst);
+        let left = store
+            .changes_since(recent, None, None, 10, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&left.changes), ["-s3", "-s4"]);
+    }
+
+    #[test]
+    fn the_feed_keeps_a_bounded_window() {
+        let (_dir, store) = store();
+        let start = store.feed().head();
+        for i in 0..3 {
+            store.insert(&row(&format!("s{i}"), "vm")).unwrap();
+        }
+        // Many changes: the oldest leave the ring.
+        let big = "x".repeat(64 * 1024);
+        for i in 0..300 {
+            store
+                .update("id-s0", |r| {
+                    r.spec.command = vec![big.clone(), i.to_string()];
+                    true
+                })
+                .unwrap();
+        }
+        assert!(matches!(
+            store.feed().since(start, 10, usize::MAX),
+            Since::Lagged
+        ));
+        let head = store.feed().head();
+        assert!(matches!(
+            store.feed().since(head, 10, usize::MAX),
+            Since::Entries(e) if e.is_empty()
+        ));
+        // One page is bounded by bytes, with at least one change.
+        let Since::Entries(page) = store.feed().since(head - 5, 10, 1000) else {
+            panic!("lagged");
+        };
+        assert_eq!(page.len(), 1);
+    }
+
+    #[test]
+    fn list_pages_are_bounded_by_bytes() {
+        let (_dir, store) = store();
+        for i in 0..10 {
+            let mut r = row(&format!("s{i}"), "vm");
+            r.spec.command = vec!["x".repeat(10_000)];
+            store.insert(&r).unwrap();
+        }
+        let (rows, more) = store
+            .list(&ListQuery {
+                limit: 100,
+                max_bytes: 35_000,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(more);
+        let (rows, more) = store
+            .list(&ListQuery {
+                limit: 100,
+                max_bytes: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1, "a page holds at least one row");
+        assert!(more);
+        let (rows, _) = store
+            .list(&ListQuery {
+                limit: 100,
+                name: Some("s7".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows[0].name, "s7");
+    }
+
+    #[test]
+    fn unreadable_rows_are_quarantined_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        {
+            let store = Store::open(&path).unwrap();
+            for name in ["good", "bad-spec", "bad-phase", "bad-labels"] {
+                store.insert(&row(name, "vm")).unwrap();
+            }
+        }
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "UPDATE sandboxes SET spec = X'FFFFFFFF' WHERE name = 'bad-spec';
+                 UPDATE sandboxes SET phase = 'Melted' WHERE name = 'bad-phase';
+                 UPDATE sandboxes SET labels = '{not json' WHERE name = 'bad-labels';",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let mut set_aside: Vec<(String, String)> = store
+            .quarantined()
+            .iter()
+            .map(|q| (q.name.clone(), q.reason.clone()))
+            .collect();
+        set_aside.sort();
+        assert_eq!(set_aside.len(), 3, "{set_aside:?}");
+        assert!(
+            set_aside[0].0 == "bad-labels" && set_aside[0].1.starts_with("labels cannot be read")
+        );
+        assert!(
+            set_aside[1].0 == "bad-phase" && set_aside[1].1.contains("unknown phase \"Melted\"")
+        );
+        assert!(set_aside[2].0 == "bad-spec" && set_aside[2].1.starts_with("spec cannot be read"));
+        let (rows, _) = store
+            .list(&ListQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].name, "good");
+        assert_eq!(store.rows_of_driver("vm").unwrap().len(), 1);
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        let kept: i64 = conn
+            .query_row("SELECT count(*) FROM quarantined_sandboxes", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(kept, 3);
+        // Opening again finds nothing more to set aside.
+        assert!(Store::open(&path).unwrap().quarantined().is_empty());
     }
 
     #[test]

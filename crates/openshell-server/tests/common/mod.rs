@@ -469,3 +469,85 @@ pub fn assert_status(
         );
     }
 }
+
+// ---- scale helpers ---------------------------------------------------------
+
+/// The `openshell` CLI binary, built with this test's profile.
+pub fn cli_binary() -> PathBuf {
+    openshell_test_driver::workspace_binary("openshell-cli", "openshell")
+}
+
+/// Runs `openshell --gateway unix://SOCKET ARGS...`: exit status, stdout,
+/// stderr.
+pub fn run_cli(socket: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(cli_binary())
+        .arg("--gateway")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openshell");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A process's resident memory (KiB) and thread count, from /proc.
+pub fn rss_and_threads(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("Threads:"))
+}
+
+/// Stores rows for the test driver's `--preload` sandboxes `0..count` in a
+/// gateway state directory, before the gateway starts, as if the gateway
+/// had created them on driver `driver`.
+pub fn preload_rows(state_dir: &Path, driver: &str, count: usize) {
+    use openshell_server::state::store::{SandboxRow, Store};
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .expect("create the state directory");
+    let store = Store::open(&state_dir.join("gateway.db")).expect("open the store");
+    let now = openshell_wire::time::now_millis();
+    for chunk in (0..count).collect::<Vec<_>>().chunks(5000) {
+        store
+            .write(|tx| {
+                for index in chunk {
+                    tx.insert(&SandboxRow {
+                        id: openshell_test_driver::preloaded_id(*index),
+                        name: openshell_test_driver::preloaded_name(*index),
+                        driver: driver.to_owned(),
+                        spec: gw::SandboxSpec {
+                            image: "test/busybox:latest".to_owned(),
+                            command: openshell_test_driver::PRELOADED_COMMAND
+                                .map(str::to_owned)
+                                .to_vec(),
+                            ..Default::default()
+                        },
+                        labels: std::collections::BTreeMap::new(),
+                        phase: SandboxPhase::Provisioning,
+                        observed: None,
+                        gateway_condition: None,
+                        instance_id: String::new(),
+                        resource_version: 1,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                    })?;
+                }
+                Ok(())
+            })
+            .expect("store the preloaded rows");
+    }
+}

@@ -41,6 +41,23 @@ impl KeyLocks {
         }
     }
 
+    /// [`KeyLocks::lock`] for blocking code (a `spawn_blocking` task or a
+    /// plain thread; never on an async runtime thread, where it panics).
+    pub fn lock_blocking(self: &Arc<Self>, key: &str) -> KeyGuard {
+        let lock = Arc::clone(
+            self.locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key.to_owned())
+                .or_default(),
+        );
+        KeyGuard {
+            owner: Arc::clone(self),
+            key: key.to_owned(),
+            guard: Some(lock.blocking_lock_owned()),
+        }
+    }
+
     /// How many keys currently have a lock entry (held or awaited).
     pub fn len(&self) -> usize {
         self.locks
@@ -100,6 +117,29 @@ mod tests {
         assert_eq!(waiting.await.expect("join"), "a");
         drop(other_key);
         assert!(locks.is_empty(), "unused entries are removed");
+    }
+
+    #[test]
+    fn blocking_lockers_exclude_each_other_and_clean_up() {
+        let locks = KeyLocks::new();
+        let inside = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let locks = Arc::clone(&locks);
+                let inside = Arc::clone(&inside);
+                std::thread::spawn(move || {
+                    let _g = locks.lock_blocking("image");
+                    let now = inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    assert_eq!(now, 0, "two holders of one key at once");
+                    std::thread::sleep(Duration::from_millis(5));
+                    inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        assert!(locks.is_empty());
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -501,7 +501,7 @@ pub struct ImageCache {
     dir: PathBuf,
     /// One lock per cache key so an image is unpacked once even when
     /// several sandboxes of it are created at the same time.
-    unpacking: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+    unpacking: Arc<openshell_driver_kit::KeyLocks>,
 }
 
 /// A held lock on the cache: shared for users, exclusive for prune.
@@ -513,7 +513,7 @@ impl ImageCache {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            unpacking: Arc::default(),
+            unpacking: openshell_driver_kit::KeyLocks::new(),
         }
     }
 
@@ -585,14 +585,7 @@ impl ImageCache {
         let entry = self.entry_dir(&key);
         let rootfs = entry.join("rootfs");
         let _shared = self.lock_shared()?;
-        let per_key = {
-            let mut map = self
-                .unpacking
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            map.entry(key.clone()).or_default().clone()
-        };
-        let _one_at_a_time = per_key.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one_at_a_time = self.unpacking.lock_blocking(&key);
         if entry.join("entry.json").is_file() && rootfs.is_dir() {
             return Ok(rootfs);
         }

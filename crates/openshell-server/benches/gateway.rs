@@ -11,13 +11,15 @@
 //! Run: `cargo bench -p openshell-server --bench gateway`. Prints medians;
 //! asserts nothing.
 
+mod support;
+use support::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driver_lifecycle::DriverEndpoint;
 use futures::StreamExt as _;
 use openshell_proto::compute::v1::GetSandboxRequest;
 use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
@@ -32,51 +34,10 @@ const THROUGHPUT_SANDBOXES: usize = 1000;
 const CONCURRENCY: usize = 16;
 const STORED: usize = 10_000;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    percentile(samples, 50)
-}
-
-fn percentile(samples: &mut [Duration], p: usize) -> Duration {
-    samples.sort_unstable();
-    let index = (samples.len().saturating_sub(1) * p) / 100;
-    samples[index]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-async fn wait_for_socket(socket: &Path) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let endpoint = DriverEndpoint::new("bench", socket);
-        if let Ok(channel) =
-            driver_lifecycle::connect_with(&endpoint, driver_lifecycle::DialPolicy::ONCE).await
-        {
-            return channel;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut client = GatewayClient::new(wait_for_socket(socket).await);
+        let mut client = GatewayClient::new(channel(socket).await);
         if client
             .get_gateway_info(gw::GetGatewayInfoRequest {})
             .await
@@ -161,7 +122,7 @@ async fn run() {
             .spawn()
             .expect("start the test driver"),
     );
-    let mut driver = ComputeDriverClient::new(wait_for_socket(&driver_socket).await);
+    let mut driver = ComputeDriverClient::new(channel(&driver_socket).await);
     let _gateway = Killed(
         Command::new(env!("CARGO_BIN_EXE_openshell-gateway"))
             .arg("--drivers")

@@ -8,6 +8,9 @@
 //! Run: `cargo bench -p openshell-server --bench list_scale -- [N]`
 //! (default 50000). Prints; asserts nothing.
 
+mod support;
+use support::*;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,15 +19,6 @@ use driver_lifecycle::DriverEndpoint;
 use openshell_proto::gateway::v1::gateway_client::GatewayClient;
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
 use openshell_server::state::store::{SandboxRow, Store};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn status_field(pid: u32, name: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

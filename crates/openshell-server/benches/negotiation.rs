@@ -10,8 +10,11 @@
 //! Run: `cargo bench -p openshell-server --bench negotiation`. Prints
 //! medians; asserts nothing.
 
+mod support;
+use support::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use openshell_proto::compute::v1::GetCapabilitiesRequest;
@@ -24,41 +27,6 @@ use tonic::transport::Channel;
 const WARMUP: usize = 100;
 const CREATES: usize = 1000;
 const CAPABILITY_CALLS: usize = 2000;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort_unstable();
-    samples[samples.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-async fn channel(socket: &Path) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(channel) =
-            openshell_wire::uds::connect(socket, openshell_wire::DialPolicy::ONCE).await
-        {
-            return channel;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn driver(socket: &Path, extra: &[&str]) -> Killed {
     Killed(

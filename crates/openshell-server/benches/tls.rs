@@ -12,9 +12,12 @@
 //! Run: `cargo bench -p openshell-server --bench tls`. Prints medians,
 //! differences and ratios; asserts nothing.
 
+mod support;
+use support::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use driver_lifecycle::DriverEndpoint;
@@ -29,24 +32,6 @@ const WARMUP: usize = 300;
 const CALLS: usize = 3000;
 const CREATES: usize = 400;
 const RECONNECTS: usize = 300;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort_unstable();
-    samples[samples.len().saturating_sub(1) / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn report(what: &str, uds: &mut [Duration], tls: &mut [Duration]) {
     let (u, t) = (median(uds), median(tls));

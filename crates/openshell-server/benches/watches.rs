@@ -17,13 +17,15 @@
 //! [CONNECTIONS]` (default 1000 watches, each on its own connection, as
 //! 1000 `openshell sandbox watch` would be). Prints; asserts nothing.
 
+mod support;
+use support::*;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driver_lifecycle::DriverEndpoint;
 use futures::StreamExt as _;
 use openshell_proto::gateway::v1::gateway_client::GatewayClient;
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
@@ -33,25 +35,6 @@ use tonic::transport::Channel;
 const SANDBOXES: usize = 2000;
 const CONCURRENCY: usize = 32;
 const LATENCY_CREATES: usize = 200;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(samples: &mut [Duration], p: usize) -> Duration {
-    samples.sort_unstable();
-    let index = (samples.len().saturating_sub(1) * p) / 100;
-    samples[index]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// RSS (KiB) and threads of `pid`.
 fn rss_and_threads(pid: u32) -> (u64, u64) {
@@ -89,24 +72,6 @@ fn cpu_time(pid: u32) -> Duration {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-async fn channel(socket: &Path) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let endpoint = DriverEndpoint::new("bench", socket);
-        if let Ok(channel) =
-            driver_lifecycle::connect_with(&endpoint, driver_lifecycle::DialPolicy::ONCE).await
-        {
-            return channel;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never answered",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {

@@ -1,0 +1,53 @@
+//! What every gateway bench binary needs: a child process killed on drop,
+//! percentiles, and a channel to a socket that is about to be served.
+
+#![allow(dead_code, reason = "each bench binary uses a different part")]
+
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+/// A child process, killed and reaped when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `p`th percentile (0–100) of `samples`, which it sorts.
+pub fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort_unstable();
+    let index = (samples.len().saturating_sub(1) * p) / 100;
+    samples[index]
+}
+
+pub fn median(samples: &mut [Duration]) -> Duration {
+    percentile(samples, 50)
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A channel to `socket`, waiting up to 60 s for something to serve it.
+pub async fn channel(socket: &Path) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(channel) =
+            openshell_wire::uds::connect(socket, openshell_wire::DialPolicy::ONCE).await
+        {
+            return channel;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never answered",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

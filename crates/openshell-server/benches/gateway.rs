@@ -15,7 +15,7 @@ mod support;
 use support::*;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,22 +33,6 @@ const GET_CALLS: usize = 5000;
 const THROUGHPUT_SANDBOXES: usize = 1000;
 const CONCURRENCY: usize = 16;
 const STORED: usize = 10_000;
-
-async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut client = GatewayClient::new(channel(socket).await);
-        if client
-            .get_gateway_info(gw::GetGatewayInfoRequest {})
-            .await
-            .is_ok()
-        {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "the gateway never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn create_request(name: String) -> gw::CreateSandboxRequest {
     let mut labels = HashMap::new();

@@ -102,17 +102,7 @@ async fn run() {
             .spawn()
             .expect("start the gateway"),
     );
-    let mut client = loop {
-        let mut client = GatewayClient::new(channel(&gateway_socket).await);
-        if client
-            .get_gateway_info(gw::GetGatewayInfoRequest {})
-            .await
-            .is_ok()
-        {
-            break client;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut client = gateway_client(&gateway_socket).await;
     let info = client
         .get_gateway_info(gw::GetGatewayInfoRequest {})
         .await

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use driver_lifecycle::DriverEndpoint;
 use openshell_proto::compute::v1::GetSandboxRequest;
 use openshell_proto::compute::v1::compute_driver_client::ComputeDriverClient;
-use openshell_proto::gateway::v1::gateway_client::GatewayClient;
 use openshell_proto::gateway::v1::{self as gw};
 use openshell_wire::tls::{ClientTls, HttpsAddr, KeyPair};
 use tonic::transport::Channel;
@@ -71,22 +70,6 @@ async fn tls(addr: &HttpsAddr, files: &ClientTls) -> Channel {
     )
     .await
     .expect("mTLS connect")
-}
-
-async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut client = GatewayClient::new(uds(socket).await);
-        if client
-            .get_gateway_info(gw::GetGatewayInfoRequest {})
-            .await
-            .is_ok()
-        {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "the gateway never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn gateway(dir: &Path, name: &str, drivers: &str, extra: &[String]) -> Killed {

@@ -74,22 +74,6 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut client = GatewayClient::new(channel(socket).await);
-        if client
-            .get_gateway_info(gw::GetGatewayInfoRequest {})
-            .await
-            .is_ok()
-        {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "the gateway never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn create_request(name: String) -> gw::CreateSandboxRequest {
     gw::CreateSandboxRequest {
         name,

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use openshell_proto::gateway::v1::GetGatewayInfoRequest;
+use openshell_proto::gateway::v1::gateway_client::GatewayClient;
 use tonic::transport::Channel;
 
 /// A child process, killed and reaped when dropped.
@@ -48,6 +50,24 @@ pub async fn channel(socket: &Path) -> Channel {
             "{} never answered",
             socket.display()
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client of the gateway serving on `socket`, once it answers
+/// `GetGatewayInfo` (waiting up to 60 s).
+pub async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut client = GatewayClient::new(channel(socket).await);
+        if client
+            .get_gateway_info(GetGatewayInfoRequest {})
+            .await
+            .is_ok()
+        {
+            return client;
+        }
+        assert!(Instant::now() < deadline, "the gateway never served");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

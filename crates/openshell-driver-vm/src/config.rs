@@ -3,6 +3,7 @@
 //! writes for a managed driver). Flags win over the file; unknown keys in
 //! the file are an error naming the key, the file and the line.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -134,6 +135,13 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "PATH")]
     pub passt_binary: Option<PathBuf>,
 
+    /// Upstream resolver for guests with passt networking: passt forwards
+    /// the guests' DNS queries to it (port 53); repeat for more. An address
+    /// on the host's loopback works [default: the host's /etc/resolv.conf].
+    #[arg(long = "dns-server", value_name = "IP")]
+    #[serde(default)]
+    pub dns_servers: Vec<IpAddr>,
+
     /// A guest that has not reached its root filesystem after this many
     /// seconds is stopped and reported as BootFailed; 0 waits forever
     /// [default: 60].
@@ -183,6 +191,8 @@ pub struct Config {
     pub hypervisor: HypervisorChoice,
     pub qemu_binary: Option<PathBuf>,
     pub passt_binary: Option<PathBuf>,
+    /// Where passt forwards guest DNS queries; empty: the host's resolvers.
+    pub dns_servers: Vec<IpAddr>,
     pub boot_timeout: Option<Duration>,
     pub stop_timeout: Duration,
     pub console_log_max_bytes: u64,
@@ -238,6 +248,11 @@ impl ConfigArgs {
             hypervisor: self.hypervisor.or(file.hypervisor),
             qemu_binary: self.qemu_binary.or(file.qemu_binary),
             passt_binary: self.passt_binary.or(file.passt_binary),
+            dns_servers: if self.dns_servers.is_empty() {
+                file.dns_servers
+            } else {
+                self.dns_servers
+            },
             boot_timeout_secs: self.boot_timeout_secs.or(file.boot_timeout_secs),
             stop_timeout_secs: self.stop_timeout_secs.or(file.stop_timeout_secs),
             console_log_max_mib: self.console_log_max_mib.or(file.console_log_max_mib),
@@ -273,6 +288,7 @@ impl ConfigArgs {
             hypervisor: given.hypervisor.unwrap_or(HypervisorChoice::Auto),
             qemu_binary: given.qemu_binary,
             passt_binary: given.passt_binary,
+            dns_servers: given.dns_servers,
             boot_timeout: match given.boot_timeout_secs.unwrap_or(60) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
@@ -331,6 +347,16 @@ impl Config {
                     path.display()
                 ));
             }
+        }
+        if let Some(bad) = self
+            .dns_servers
+            .iter()
+            .find(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(format!(
+                "dns_servers entry {bad} is not a resolver's address; give the unicast address of \
+                 a DNS server (port 53), e.g. 127.0.0.1 for one on the host's loopback"
+            ));
         }
         if self.vcpus == 0 {
             return Err("vcpus must be at least 1".to_owned());
@@ -418,6 +444,7 @@ writable_layer = "copy"
 network = "none"
 hypervisor = "qemu"
 boot_timeout_secs = 0
+dns_servers = ["127.77.0.1", "::1"]
 "#,
         );
         let mut args = args_with_file(path);
@@ -431,6 +458,13 @@ boot_timeout_secs = 0
         assert_eq!(config.hypervisor, HypervisorChoice::Qemu);
         assert_eq!(config.boot_timeout, None);
         assert_eq!(
+            config.dns_servers,
+            [
+                "127.77.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
             config.default_image.as_deref(),
             Some("oci:/images/busybox:latest")
         );
@@ -438,7 +472,9 @@ boot_timeout_secs = 0
         args.vcpus = Some(1);
         args.state_dir = Some("/tmp/other".into());
         args.writable_layer = Some(LayerMode::Overlay);
+        args.dns_servers = vec!["10.1.2.3".parse().unwrap()];
         let config = args.resolve().unwrap();
+        assert_eq!(config.dns_servers, ["10.1.2.3".parse::<IpAddr>().unwrap()]);
         assert_eq!(config.vcpus, 1);
         assert_eq!(config.state_dir, PathBuf::from("/tmp/other"));
         assert_eq!(config.writable_layer, LayerMode::Overlay);
@@ -578,6 +614,8 @@ enable = false
             ("hypervisor = \"xen\"", "hypervisor"),
             ("qemu_binary = \"qemu\"", "qemu_binary qemu is relative"),
             ("kernel_args = \"init=\\\"x\\\"\"", "double quotes"),
+            ("dns_servers = [\"0.0.0.0\"]", "not a resolver's address"),
+            ("dns_servers = [\"resolver.lan\"]", "dns_servers"),
             ("this is not toml", "vm.toml"),
         ] {
             let path = write(dir.path(), text);

@@ -517,7 +517,14 @@ impl Driver {
         let (backend, _) = report.backend.map_err(Error::HostUnsupported)?;
         let network = report.network.map_err(Error::HostUnsupported)?;
         let network = match (network.mode, network.passt) {
-            (NetworkMode::Passt, Some(binary)) => GuestNetwork::Passt { binary },
+            (NetworkMode::Passt, Some(binary)) => {
+                let (dns, left_out) =
+                    crate::passt::resolvers_for_guest(&self.inner.config.dns_servers);
+                for why in left_out {
+                    tracing::warn!(sandbox_id = %dir.id, reason = %why, "a DNS resolver is out of the guest's reach");
+                }
+                GuestNetwork::Passt { binary, dns }
+            }
             (NetworkMode::Tsi, _) => GuestNetwork::Tsi,
             _ => GuestNetwork::None,
         };

@@ -56,9 +56,14 @@ pub enum GuestNetwork {
     None,
     /// libkrun's implicit vsock (TSI).
     Tsi,
-    /// A virtio-net NIC backed by a passt process; the guest kernel
-    /// configures it by DHCP.
-    Passt { binary: PathBuf },
+    /// A virtio-net NIC backed by a passt process; the guest configures it
+    /// by DHCP. `dns`: the guest's resolvers, as the guest reaches them
+    /// (see [`crate::passt`]).
+    Passt {
+        binary: PathBuf,
+        #[serde(default)]
+        dns: Vec<std::net::IpAddr>,
+    },
 }
 
 /// Everything the VMM child needs.
@@ -392,6 +397,7 @@ mod tests {
             },
             network: GuestNetwork::Passt {
                 binary: "/usr/bin/passt".into(),
+                dns: Vec::new(),
             },
             run_dir: "/s".into(),
             sandbox_token: Some("secret".into()),

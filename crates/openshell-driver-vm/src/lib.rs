@@ -1,5 +1,5 @@
 //! `openshell-driver-vm`: a compute driver that runs each sandbox in its
-//! own libkrun microVM.
+//! own microVM (libkrun, or QEMU `-M microvm`).
 //!
 //! The binary serves `openshell.compute.v1.ComputeDriver` (and the optional
 //! log service) on a Unix socket through `driver_lifecycle::serve_uds`.
@@ -17,6 +17,7 @@ pub mod launch;
 pub mod launcher;
 pub mod layer;
 pub(crate) mod libkrun;
+pub mod passt;
 pub mod preflight;
 pub mod qemu;
 pub mod service;

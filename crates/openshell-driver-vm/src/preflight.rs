@@ -203,16 +203,6 @@ fn select_network(
 ) -> Result<(NetworkMode, Option<PathBuf>, String), String> {
     let install = "install passt (Debian: apt-get install passt) or set passt_binary";
     match wanted {
-        Some(NetworkMode::Passt) if matches!(backend, Some(Backend::Libkrun)) => Err(
-            "network = passt is implemented for the qemu backend only (this build links libkrun \
-             without its net feature); use tsi or none with libkrun"
-                .to_owned(),
-        ),
-        None if matches!(backend, Some(Backend::Libkrun)) => Ok((
-            NetworkMode::Tsi,
-            None,
-            "network default for libkrun: tsi".to_owned(),
-        )),
         Some(NetworkMode::Passt) => {
             let binary = passt.map_err(|why| format!("network = passt but {why}; {install}"))?;
             Ok((
@@ -229,6 +219,17 @@ fn select_network(
             _ => Ok((NetworkMode::Tsi, None, "network = tsi".to_owned())),
         },
         Some(NetworkMode::None) => Ok((NetworkMode::None, None, "network = none".to_owned())),
+        // libkrun without passt still has its own transport (which needs a
+        // libkrunfw kernel).
+        None if matches!(backend, Some(Backend::Libkrun)) && passt.is_err() => Ok((
+            NetworkMode::Tsi,
+            None,
+            format!(
+                "network default for libkrun without passt: tsi, because {}; {install} for a \
+                 NIC",
+                passt.err().unwrap_or_default()
+            ),
+        )),
         None => match passt {
             Ok(binary) => Ok((
                 NetworkMode::Passt,
@@ -969,7 +970,12 @@ mod tests {
         let err = select_network(Some(NetworkMode::Tsi), Some(&qemu), passt()).unwrap_err();
         assert!(err.contains("tsi"), "{err}");
         let (mode, _, _) = select_network(None, Some(&Backend::Libkrun), passt()).unwrap();
-        assert_eq!(mode, NetworkMode::Tsi, "libkrun keeps its TSI default");
+        assert_eq!(mode, NetworkMode::Passt, "libkrun gets a passt NIC too");
+        let (mode, _, note) = select_network(None, Some(&Backend::Libkrun), missing()).unwrap();
+        assert_eq!(mode, NetworkMode::Tsi, "{note}");
+        let (mode, _, _) =
+            select_network(Some(NetworkMode::Passt), Some(&Backend::Libkrun), passt()).unwrap();
+        assert_eq!(mode, NetworkMode::Passt);
     }
 
     #[test]

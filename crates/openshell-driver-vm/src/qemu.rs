@@ -30,24 +30,22 @@
 
 use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::launch::{
     GUEST_DIR, GuestNetwork, KernelSpec, LaunchConfig, ROOT_TAG, SetupFailure, StatusLine,
     TOKEN_FILE, monotonic_us,
 };
+use crate::passt::{self, Passt};
 use crate::preflight::QemuAccel;
 
 /// What the guest kernel prints when PID 1 exits; the wait status follows
 /// in hex.
 pub const EXIT_MARKER: &str = "Attempted to kill init! exitcode=0x";
-
-/// How long passt gets to create its socket.
-const PASST_READY: Duration = Duration::from_secs(5);
 
 /// The guest kernel command line for the QEMU executor (before the guest
 /// command, which [`guest_cmdline`] appends). `dhcp`: configure the NIC
@@ -210,28 +208,6 @@ fn fail(error: &Error) -> u8 {
     failure.code()
 }
 
-/// A command that gets SIGKILL when this process dies: through `setpriv
-/// --pdeathsig KILL` where util-linux's setpriv is installed. With
-/// `run_as`, setpriv switches to that user first: a process that changes
-/// its own credentials loses its parent-death signal (passt drops to
-/// `nobody` when started as root), so the switch must happen before.
-fn tied_to_us(program: &Path, run_as: Option<&nix::unistd::User>) -> Command {
-    match crate::preflight::find_on_path("setpriv") {
-        Some(setpriv) => {
-            let mut command = Command::new(setpriv);
-            if let Some(user) = run_as {
-                command
-                    .arg(format!("--reuid={}", user.uid))
-                    .arg(format!("--regid={}", user.gid))
-                    .arg("--clear-groups");
-            }
-            command.args(["--pdeathsig", "KILL", "--"]).arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
-}
-
 /// Runs the VM with QEMU; returns this process's exit code.
 pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
     let KernelSpec::Elf {
@@ -247,10 +223,12 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
         return fail(&error);
     }
     let mut passt = match &config.network {
-        GuestNetwork::Passt { binary } => match start_passt(binary, &config.run_dir) {
-            Ok(passt) => Some(passt),
-            Err(error) => return fail(&error),
-        },
+        GuestNetwork::Passt { binary, dns } => {
+            match passt::start_on_socket(binary, &config.run_dir, dns) {
+                Ok(passt) => Some(passt),
+                Err(error) => return fail(&error),
+            }
+        }
         GuestNetwork::None | GuestNetwork::Tsi => None,
     };
     let cmdline = guest_cmdline(cmdline, config);
@@ -259,9 +237,9 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
         accel,
         kernel,
         &cmdline,
-        passt.as_ref().map(|p| p.socket.as_path()),
+        passt.as_ref().and_then(Passt::socket),
     );
-    let mut qemu = match tied_to_us(binary, None)
+    let mut qemu = match passt::tied_to_us(binary, None)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -319,14 +297,17 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
     }
 }
 
-/// libkrun's init at `/init.krun` and the token under [`GUEST_DIR`]: what
-/// libkrun provides as virtual files, written into the sandbox's own
-/// writable root.
+/// libkrun's init at `/init.krun` and the token under [`GUEST_DIR`] (what
+/// libkrun provides as virtual files) and, with passt, the guest's
+/// resolver file, written into the sandbox's own writable root.
 fn prepare_root(config: &LaunchConfig) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let init = crate::libkrun::default_init()?;
     let path = config.rootfs.join("init.krun");
     std::fs::write(&path, init).map_err(|e| Error::io("write the guest init", &path, e))?;
+    if let GuestNetwork::Passt { dns, .. } = &config.network {
+        passt::write_resolv_conf(&config.rootfs, dns)?;
+    }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| Error::io("make executable", &path, e))?;
     if let Some(token) = &config.sandbox_token {
@@ -344,92 +325,6 @@ fn prepare_root(config: &LaunchConfig) -> Result<()> {
 fn remove_token(config: &LaunchConfig) {
     if config.sandbox_token.is_some() {
         let _ = std::fs::remove_file(config.rootfs.join(GUEST_DIR).join(TOKEN_FILE));
-    }
-}
-
-struct Passt {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Passt {
-    /// Stops passt and removes its directory.
-    fn stop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = self.child.wait();
-        if let Some(dir) = self.socket.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// Starts passt on a socket in a private directory of its own and waits
-/// for the socket. The directory is not below the state directory: that
-/// may be closed to passt's unprivileged user, and a unix socket path must
-/// stay short.
-fn start_passt(binary: &Path, run_dir: &Path) -> Result<Passt> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let name = run_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!("openshell-passt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).map_err(|e| Error::io("create", &dir, e))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))
-        .map_err(|e| Error::io("restrict", &dir, e))?;
-    // passt started as root switches to `nobody` before it binds its socket
-    // (older versions) or binds as root without CAP_DAC_OVERRIDE (newer
-    // ones): owner nobody, group root, mode 0770 lets both in and nobody
-    // else.
-    let nobody = if nix::unistd::geteuid().is_root() {
-        nix::unistd::User::from_name("nobody").ok().flatten()
-    } else {
-        None
-    };
-    if let Some(nobody) = &nobody {
-        let _ = nix::unistd::chown(&dir, Some(nobody.uid), Some(nix::unistd::Gid::from_raw(0)));
-    }
-    let socket = dir.join("passt.sock");
-    let mut child = tied_to_us(binary, nobody.as_ref())
-        .args(["--foreground", "--one-off", "--quiet", "--socket"])
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| Error::Spawn {
-            program: binary.to_owned(),
-            source: e,
-        })?;
-    let deadline = Instant::now() + PASST_READY;
-    loop {
-        if socket.exists() {
-            return Ok(Passt { child, socket });
-        }
-        if let Ok(Some(exit)) = child.try_wait() {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(Error::Setting(format!(
-                "passt ({}) exited ({exit}) before creating its socket {}; see vmm.log",
-                binary.display(),
-                socket.display()
-            )));
-        }
-        if Instant::now() > deadline {
-            let mut passt = Passt { child, socket };
-            passt.stop();
-            return Err(Error::Setting(format!(
-                "passt ({}) did not create its socket {} within {} s",
-                binary.display(),
-                passt.socket.display(),
-                PASST_READY.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -143,10 +143,15 @@ fn configure(config: &LaunchConfig) -> Result<Context> {
     match &config.network {
         crate::launch::GuestNetwork::Tsi => {}
         crate::launch::GuestNetwork::None => ctx.disable_vsock()?,
-        crate::launch::GuestNetwork::Passt { .. } => {
-            return Err(Error::Setting(
-                "network = passt is not available with libkrun in this build".to_owned(),
-            ));
+        crate::launch::GuestNetwork::Passt { binary, dns } => {
+            crate::passt::write_resolv_conf(&config.rootfs, dns)?;
+            let (passt, socket) = crate::passt::start_on_fd(binary, dns)?;
+            ctx.add_passt_nic(socket)?;
+            // The NIC replaces TSI.
+            ctx.disable_vsock()?;
+            // Not waited for: libkrun ends this process when the guest
+            // stops, and passt's parent-death signal then ends passt.
+            drop(passt);
         }
     }
     Ok(ctx)

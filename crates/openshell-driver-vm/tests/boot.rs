@@ -264,3 +264,155 @@ async fn env_workdir_and_the_host_loopback_through_passt() {
     assert!(request.starts_with("GET /probe "), "{request}");
     driver.shutdown().await;
 }
+
+/// A DNS server for one name on a UDP socket: A queries for `name` get
+/// `address`, other names NXDOMAIN, other types of `name` an empty answer.
+/// Every question's name is recorded.
+struct TinyResolver {
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TinyResolver {
+    fn start(socket: std::net::UdpSocket, name: &'static str, address: [u8; 4]) -> Self {
+        use std::sync::atomic::Ordering;
+        let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a read timeout");
+        let thread = {
+            let (asked, stop) = (std::sync::Arc::clone(&asked), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = [0_u8; 512];
+                while !stop.load(Ordering::Acquire) {
+                    let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if let Some((qname, reply)) = dns_reply(&buf[..n], name, address) {
+                        asked.lock().expect("names asked").push(qname);
+                        let _ = socket.send_to(&reply, peer);
+                    }
+                }
+            })
+        };
+        Self {
+            asked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("names asked").clone()
+    }
+}
+
+impl Drop for TinyResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The reply to one DNS query (RFC 1035 wire format), and the name asked.
+fn dns_reply(query: &[u8], name: &str, address: [u8; 4]) -> Option<(String, Vec<u8>)> {
+    if query.len() < 12 || query[2] & 0x80 != 0 || u16::from_be_bytes([query[4], query[5]]) != 1 {
+        return None;
+    }
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).into_owned());
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let question_end = at + 4;
+    let question = query.get(12..question_end)?;
+    let qname = labels.join(".");
+    let known = qname.eq_ignore_ascii_case(name);
+    let answer = known && qtype == 1;
+    let mut reply = Vec::with_capacity(question_end + 16);
+    reply.extend_from_slice(&query[..2]);
+    // QR, opcode 0, RD copied, RA; RCODE 3 (NXDOMAIN) for other names.
+    reply.push(0x80 | (query[2] & 0x01));
+    reply.push(if known { 0x80 } else { 0x83 });
+    reply.extend_from_slice(&[0, 1, 0, u8::from(answer), 0, 0, 0, 0]);
+    reply.extend_from_slice(question);
+    if answer {
+        // The name by pointer to the question, A, IN, TTL 60, 4 bytes.
+        reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        reply.extend_from_slice(&address);
+    }
+    Some((qname, reply))
+}
+
+/// The guest resolves a name through passt to the resolver configured
+/// with `--dns-server`, here one this test runs on the host's 127.0.0.1:
+/// the driver writes the guest's /etc/resolv.conf with the address the
+/// guest reaches it at (its gateway, which passt maps to the host's
+/// loopback), and the answer comes back. Needs port 53 (root); skips where
+/// the network is not passt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_resolves_names_through_passt_to_the_configured_resolver() {
+    require_boot!();
+    let report = HostReport::check(&HostPaths::system(), None);
+    if !report.platform_label().ends_with("network passt") {
+        eprintln!(
+            "skipped: the guest network here is not passt ({})",
+            report.platform_label()
+        );
+        return;
+    }
+    // Resolvers listen on port 53; passt maps the gateway to 127.0.0.1.
+    let socket = match std::net::UdpSocket::bind("127.0.0.1:53") {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!(
+                "skipped: cannot serve DNS on 127.0.0.1:53 ({e}); this test needs root and a free port 53"
+            );
+            return;
+        }
+    };
+    let Some(guest) = guest() else { return };
+    let resolver = TinyResolver::start(socket, "probe.openshell.test", [203, 0, 113, 7]);
+    let mut driver = Driver::start(
+        guest.tmp.path(),
+        &["--dns-server".to_owned(), "127.0.0.1".to_owned()],
+    )
+    .await;
+    let script = "cat /etc/resolv.conf; nslookup probe.openshell.test; echo lookup-exit=$?; \
+                  nslookup missing.openshell.test; echo missing-exit=$?";
+    driver
+        .create(sandbox("dns-1", &guest.image, &["/bin/sh", "-c", script]))
+        .await
+        .unwrap();
+    let exited = driver
+        .wait_for("dns-1", "Exited", |s| ready_reason(s) == "Exited")
+        .await;
+    let console = driver.console("dns-1", 0).await;
+    let message = condition(&exited, "Ready").unwrap().message;
+    assert!(message.contains("code 0"), "{message}\n{console}");
+
+    assert!(
+        console.contains("nameserver ") && !console.contains("nameserver 127."),
+        "the guest's resolver is reachable from the guest:\n{console}"
+    );
+    assert!(console.contains("203.0.113.7"), "{console}");
+    assert!(console.contains("lookup-exit=0"), "{console}");
+    assert!(!console.contains("missing-exit=0"), "{console}");
+    let asked = resolver.asked();
+    assert!(
+        asked.iter().any(|n| n == "probe.openshell.test"),
+        "the test's resolver was asked: {asked:?}"
+    );
+    driver.shutdown().await;
+}

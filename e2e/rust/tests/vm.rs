@@ -69,6 +69,29 @@ fn busybox_rootfs(env: &TestEnv) -> PathBuf {
     root
 }
 
+/// The VMM and QEMU processes started for this test's sandboxes.
+fn vm_processes(env: &TestEnv) -> Vec<u32> {
+    let mut pids = env.leftover_processes();
+    pids.retain(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("qemu-system") || cmd.contains(" vmm ") || cmd.contains("\0vmm\0")
+        })
+    });
+    pids
+}
+
+fn managed_vm_config(rootfs: &Path) -> GatewayConfig {
+    GatewayConfig {
+        drivers: Some("vm".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.vm]\ndefault_image = \"rootfs:{}\"\n",
+            rootfs.display()
+        )),
+        ..GatewayConfig::default()
+    }
+}
+
 fn lifecycle(gateway: &Gateway, env: &TestEnv, driver: &str) {
     let info = gateway.driver(driver);
     assert_eq!(info["state"], "Ready", "{info}");
@@ -127,14 +150,7 @@ fn managed_vm_lifecycle() {
     require_vm!();
     let env = TestEnv::new();
     let rootfs = busybox_rootfs(&env);
-    let config = GatewayConfig {
-        drivers: Some("vm".to_owned()),
-        toml: Some(format!(
-            "[openshell.drivers.vm]\ndefault_image = \"rootfs:{}\"\n",
-            rootfs.display()
-        )),
-        ..GatewayConfig::default()
-    };
+    let config = managed_vm_config(&rootfs);
     let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(gateway.driver("vm")["managed"], true);
     lifecycle(&gateway, &env, "vm");
@@ -184,14 +200,7 @@ fn exit_code_and_no_orphans_after_the_gateway_is_killed() {
     require_vm!();
     let env = TestEnv::new();
     let rootfs = busybox_rootfs(&env);
-    let config = GatewayConfig {
-        drivers: Some("vm".to_owned()),
-        toml: Some(format!(
-            "[openshell.drivers.vm]\ndefault_image = \"rootfs:{}\"\n",
-            rootfs.display()
-        )),
-        ..GatewayConfig::default()
-    };
+    let config = managed_vm_config(&rootfs);
     let mut gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
 
     let short = env.name("vm-exit");
@@ -243,16 +252,7 @@ fn exit_code_and_no_orphans_after_the_gateway_is_killed() {
             "3600",
         ])
         .ok();
-    let vm_processes = || -> Vec<u32> {
-        let mut pids = env.leftover_processes();
-        pids.retain(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-                let cmd = String::from_utf8_lossy(&cmd);
-                cmd.contains("qemu-system") || cmd.contains(" vmm ") || cmd.contains("\0vmm\0")
-            })
-        });
-        pids
-    };
+    let vm_processes = || vm_processes(&env);
     let passt_before = openshell_e2e::processes_mentioning("openshell-passt-");
     assert!(!vm_processes().is_empty(), "a VMM runs for {long}");
     gateway.kill();
@@ -261,6 +261,99 @@ fn exit_code_and_no_orphans_after_the_gateway_is_killed() {
     });
     wait_until("no passt left", Duration::from_secs(30), || {
         passt_before.iter().all(|pid| !openshell_e2e::alive(*pid))
+    });
+}
+
+/// A managed VM driver killed with SIGKILL takes its VMs with it: no VMM,
+/// QEMU or passt process is left. The gateway respawns it and the new
+/// driver restores the sandboxes from its state directory: the running one
+/// boots again from the same writable root, the stopped one stays stopped.
+#[test]
+fn a_killed_vm_driver_leaves_nothing_behind_and_its_successor_restores() {
+    require_vm!();
+    let env = TestEnv::new();
+    let rootfs = busybox_rootfs(&env);
+    let gateway =
+        Gateway::start(&env, &managed_vm_config(&rootfs)).unwrap_or_else(|e| panic!("{e}"));
+    let running = env.name("vm-kept");
+    gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &running,
+            "--timeout",
+            "180",
+            "--",
+            "sh",
+            "-c",
+            "echo boot >> /root/boots; echo boots=$(wc -l < /root/boots); exec sleep 3600",
+        ])
+        .ok();
+    let stopped = env.name("vm-stopped");
+    gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &stopped,
+            "--timeout",
+            "180",
+            "--",
+            "sleep",
+            "3600",
+        ])
+        .ok();
+    gateway.cli(&["sandbox", "stop", &stopped]).ok();
+    wait_until("the first boot's output", Duration::from_secs(60), || {
+        gateway
+            .cli(&["sandbox", "logs", &running])
+            .stdout
+            .contains("boots=1")
+    });
+
+    let vms = vm_processes(&env);
+    assert!(!vms.is_empty(), "a VMM runs for {running}");
+    let passt = openshell_e2e::processes_mentioning("openshell-passt-");
+    let driver = gateway.driver("vm")["pid"].as_u64().expect("driver pid");
+    let driver = u32::try_from(driver).expect("pid fits");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(driver).expect("pid fits")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_until(
+        "the killed driver's VMs gone",
+        Duration::from_secs(30),
+        || {
+            vms.iter()
+                .chain(&passt)
+                .all(|pid| !openshell_e2e::alive(*pid))
+        },
+    );
+
+    wait_until("the VM driver respawned", Duration::from_secs(60), || {
+        let info = gateway.driver("vm");
+        info["state"] == "Ready" && info["pid"].as_u64() != Some(u64::from(driver))
+    });
+    wait_until(
+        "the running sandbox booted again",
+        Duration::from_secs(180),
+        || {
+            gateway
+                .cli(&["sandbox", "logs", &running])
+                .stdout
+                .contains("boots=2")
+        },
+    );
+    gateway.wait_phase(&running, "Ready", Duration::from_secs(60));
+    assert_eq!(gateway.phase(&stopped).as_deref(), Some("Stopped"));
+    assert!(
+        !vm_processes(&env).is_empty(),
+        "the restored sandbox runs in a new VMM"
+    );
+    for name in [&running, &stopped] {
+        gateway.cli(&["sandbox", "delete", name]).ok();
+    }
+    wait_until("no VM process left", Duration::from_secs(30), || {
+        vm_processes(&env).is_empty()
     });
 }
 

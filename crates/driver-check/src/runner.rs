@@ -20,6 +20,7 @@ use openshell_proto::compute::v1::{
     watch_sandboxes_event,
 };
 use openshell_proto::extension::v1::ProtocolVersion;
+use openshell_wire::limits;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
@@ -277,8 +278,14 @@ impl Runner {
         let seed = now.as_nanos() ^ (u128::from(std::process::id()) << 32);
         let run_id = format!("{:08x}", seed & 0xffff_ffff);
         Self {
-            client: ComputeDriverClient::new(channel.clone()),
-            logs: SandboxLogsClient::new(channel),
+            // The gateway's limits: a driver's ListSandboxes reply may be
+            // as large as gRPC can frame, everything else 16 MiB.
+            client: ComputeDriverClient::new(channel.clone())
+                .max_decoding_message_size(limits::MAX_DRIVER_LIST_BYTES)
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+            logs: SandboxLogsClient::new(channel)
+                .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
             opts,
             run_id,
             serial: 0,

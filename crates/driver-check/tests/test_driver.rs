@@ -286,3 +286,18 @@ async fn refusals_prove_nothing_when_the_good_sandbox_is_refused_too() {
     assert_eq!(row(&rows, "validate-good")["outcome"], "PASS");
     assert_eq!(row(&rows, "reject-empty-name")["outcome"], "PASS");
 }
+
+/// A driver with more sandboxes than fit in gRPC's default 4 MiB: the
+/// checker reads its ListSandboxes reply with the gateway's limits, so the
+/// list checks judge the driver, not the checker's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_larger_than_four_mib_is_read_like_the_gateway_reads_it() {
+    let driver = test_driver(&["--preload", "20000"]);
+    let (code, rows, out) = check_json(
+        &driver.socket,
+        &["--only", "capabilities,create-ready,list-ready,delete"],
+    );
+    assert_eq!(code, 0, "{out:?}");
+    let list = row(&rows, "list-ready");
+    assert_eq!(list["outcome"], "PASS", "{list}");
+}

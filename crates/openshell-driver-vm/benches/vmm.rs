@@ -7,9 +7,13 @@
 //!   guest fails at its first instruction;
 //! - VMM child RSS without guest RAM, while its vCPU runs.
 //!
-//! Measured only where a guest can boot (hardware KVM and a kernel):
+//! Measured where a guest can boot, with the backend `hypervisor = auto`
+//! picks (libkrun on hardware KVM, else QEMU; TCG where KVM is not usable)
+//! and a guest kernel:
 //! - create → Running (the guest reached its root filesystem);
-//! - create → guest command exited.
+//! - create → guest command exited;
+//! - RSS of the processes a running sandbox adds, without guest RAM: the
+//!   VMM child and, under QEMU, QEMU and passt.
 //!
 //! Prints medians, p10/p90 and ratios; asserts nothing about time.
 
@@ -24,6 +28,9 @@ use openshell_proto::compute::v1::DeleteSandboxRequest;
 
 const ITERATIONS: usize = 20;
 const RSS_SAMPLES: usize = 8;
+/// Real boots timed (after one warm-up), and real boots sampled for RSS.
+const BOOTS: usize = 10;
+const RSS_BOOTS: usize = 4;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -89,29 +96,37 @@ async fn delete(driver: &mut Driver, id: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let report_host = HostReport::check(&HostPaths::system(), None);
-    if let Err(problem) = &report_host.kvm
-        && !matches!(problem, KvmProblem::Pvm { .. })
-    {
-        println!("skipped: libkrun cannot create a VM on this host: {problem}");
-        return;
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let Some(rootfs) = busybox_rootfs(&tmp.path().join("rootfs")) else {
         println!("skipped: no static busybox on this host (install busybox-static)");
         return;
     };
     let image = format!("rootfs:{}", rootfs.display());
-    let failing = tmp.path().join("vmlinux-fail");
-    let spinning = tmp.path().join("vmlinux-spin");
-    write_fake_kernel(&failing, FakeKernel::Fail);
-    write_fake_kernel(&spinning, FakeKernel::Spin);
-
     println!("| measurement | median | p10 | p90 | n |");
     println!("|---|---|---|---|---|");
+    let enter = match &report_host.kvm {
+        Err(problem) if !matches!(problem, KvmProblem::Pvm { .. }) => {
+            println!("skipped: libkrun cannot create a VM on this host: {problem}");
+            None
+        }
+        _ => Some(libkrun_host_side(tmp.path(), &image).await),
+    };
+    real_boots(&report_host, tmp.path(), &image, enter).await;
+}
+
+/// The libkrun host side with fake kernels; returns the median spawn →
+/// `krun_start_enter` in ms.
+async fn libkrun_host_side(tmp: &std::path::Path, image: &str) -> f64 {
+    let failing = tmp.join("vmlinux-fail");
+    let spinning = tmp.join("vmlinux-spin");
+    write_fake_kernel(&failing, FakeKernel::Fail);
+    write_fake_kernel(&spinning, FakeKernel::Spin);
 
     // Host-side path with a guest that fails at once.
     let args = |kernel: &std::path::Path| {
         vec![
+            // `auto` would pick QEMU on a PVM host.
+            "--hypervisor=libkrun".to_owned(),
             "--kernel".to_owned(),
             kernel.display().to_string(),
             "--allow-unsupported-host".to_owned(),
@@ -119,7 +134,7 @@ async fn main() {
             "256".to_owned(),
         ]
     };
-    let mut driver = Driver::start(&tmp.path().join("a"), &args(&failing)).await;
+    let mut driver = Driver::start(&tmp.join("a"), &args(&failing)).await;
     let mut spawn_to_enter = Vec::new();
     let mut round_trip = Vec::new();
     for i in 0..ITERATIONS + 2 {
@@ -127,7 +142,7 @@ async fn main() {
         let mut watch = Watch::open(&mut driver.client).await;
         let started = Instant::now();
         driver
-            .create(sandbox(&id, &image, &[]))
+            .create(sandbox(&id, image, &[]))
             .await
             .expect("create");
         let event = watch.platform(&id, "VmmStarted").await;
@@ -152,13 +167,13 @@ async fn main() {
     );
 
     // VMM overhead while the vCPU runs.
-    let mut driver = Driver::start(&tmp.path().join("b"), &args(&spinning)).await;
+    let mut driver = Driver::start(&tmp.join("b"), &args(&spinning)).await;
     let mut rss = Vec::new();
     for i in 0..RSS_SAMPLES {
         let id = format!("rss-{i}");
         let mut watch = Watch::open(&mut driver.client).await;
         driver
-            .create(sandbox(&id, &image, &[]))
+            .create(sandbox(&id, image, &[]))
             .await
             .expect("create");
         let pid = common::vmm_pid(&watch.platform(&id, "VmmStarted").await);
@@ -178,25 +193,62 @@ async fn main() {
     println!();
     println!("ratio create→BootFailed / spawn→enter: {:.1}", trip / enter);
     println!("VMM overhead {rss:.1} MiB against a 5–15 MiB budget per VMM child");
+    enter
+}
 
-    // Real boots, where possible.
-    let (Ok(_), Ok(kernel)) = (&report_host.kvm, &report_host.kernel) else {
+/// The pids of the live children of `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // The fields after the command name, which is in brackets.
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+fn command_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Boots real guests with the backend `hypervisor = auto` picks here.
+async fn real_boots(
+    report_host: &HostReport,
+    tmp: &std::path::Path,
+    image: &str,
+    enter: Option<f64>,
+) {
+    if let Some(problem) = report_host.blocker(false) {
         println!(
-            "skipped: create → Running and create → exited need a bootable guest; this host: {}",
-            report_host.lines().join("; ")
+            "skipped: create → Running and create → exited need a bootable guest; this host: \
+             {problem}"
         );
         return;
-    };
-    println!("booting {}", kernel.describe());
-    let mut driver = Driver::start(&tmp.path().join("c"), &[]).await;
+    }
+    println!();
+    println!("booting with {}", report_host.platform_label());
+    println!("| measurement | median | p10 | p90 | n |");
+    println!("|---|---|---|---|---|");
+    let mut driver =
+        Driver::start(&tmp.join("c"), &["--mem-mib".to_owned(), "256".to_owned()]).await;
     let mut to_running = Vec::new();
     let mut to_exit = Vec::new();
-    for i in 0..ITERATIONS / 2 + 1 {
+    for i in 0..BOOTS + 1 {
         let id = format!("boot-{i}");
         let mut watch = Watch::open(&mut driver.client).await;
         let started = Instant::now();
         driver
-            .create(sandbox(&id, &image, &["/bin/true"]))
+            .create(sandbox(&id, image, &["/bin/true"]))
             .await
             .expect("create");
         watch.platform(&id, "GuestBooted").await;
@@ -207,21 +259,69 @@ async fn main() {
         let exited = started.elapsed();
         delete(&mut driver, &id).await;
         if i == 0 {
-            continue;
+            continue; // warm-up
         }
         to_running.push(running.as_secs_f64() * 1000.0);
         to_exit.push(exited.as_secs_f64() * 1000.0);
     }
-    driver.shutdown().await;
     let running = report(
         "create → Running (guest reached its root)",
         "ms",
         to_running,
     );
     let exited = report("create → Exited (`/bin/true`)", "ms", to_exit);
-    println!("ratio create→Running / spawn→enter: {:.1}", running / enter);
+
+    // What a running sandbox costs the host besides guest RAM.
+    let mut vmm = Vec::new();
+    let mut helpers: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for i in 0..RSS_BOOTS {
+        let id = format!("rss-boot-{i}");
+        let mut watch = Watch::open(&mut driver.client).await;
+        driver
+            .create(sandbox(&id, image, &["sleep", "3600"]))
+            .await
+            .expect("create");
+        let pid = common::vmm_pid(&watch.platform(&id, "VmmStarted").await);
+        watch.platform(&id, "GuestBooted").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some(kib) = rss_without_guest_kib(pid) {
+            vmm.push(kib as f64 / 1024.0);
+        }
+        for child in children_of(pid) {
+            if let Some(kib) = rss_without_guest_kib(child) {
+                helpers
+                    .entry(command_name(child))
+                    .or_default()
+                    .push(kib as f64 / 1024.0);
+            }
+        }
+        delete(&mut driver, &id).await;
+    }
+    driver.shutdown().await;
+    let mut total = report(
+        "VMM child RSS without guest RAM (booted guest, 256 MiB)",
+        "MiB",
+        vmm,
+    );
+    for (name, values) in helpers {
+        total += report(
+            &format!("{name} RSS without guest RAM (booted guest, 256 MiB)"),
+            "MiB",
+            values,
+        );
+    }
+    println!();
+    if let Some(enter) = enter {
+        println!(
+            "ratio create→Running / libkrun spawn→enter: {:.1}",
+            running / enter
+        );
+    }
     println!(
         "ratio create→Exited / create→Running: {:.2}",
         exited / running
+    );
+    println!(
+        "host processes per running sandbox, without guest RAM: {total:.1} MiB (sum of medians)"
     );
 }

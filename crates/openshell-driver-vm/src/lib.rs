@@ -19,6 +19,7 @@ pub mod layer;
 pub(crate) mod libkrun;
 pub mod preflight;
 pub mod qemu;
+pub mod registry;
 pub mod service;
 pub mod spec;
 pub mod state;

@@ -355,15 +355,16 @@ impl Puller {
             .as_ref()
             .and_then(|f| f.lookup(reference.registry(), reference.repository()));
         let credentials = match (&file, found) {
-            (Some(file), Some((key, _))) => {
-                format!("auth file {} (entry {key:?})", file.path.display())
-            }
+            (Some(file), Some((key, _))) => format!(
+                "credentials from auth file {} (entry {key:?})",
+                file.path.display()
+            ),
             (Some(file), None) => format!(
-                "no credentials: auth file {} has no entry for {}",
+                "no credentials sent: auth file {} has no entry for {}",
                 file.path.display(),
                 reference.registry()
             ),
-            (None, _) => format!("no credentials: {}", self.auth.describe(None)),
+            (None, _) => format!("no credentials sent: {}", self.auth.describe(None)),
         };
         let auth = match found {
             Some((_, c)) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
@@ -729,7 +730,7 @@ fn pull_error(context: &PullContext<'_>, error: &OciDistributionError) -> Error 
         ),
         Failure::Credentials => format!(
             "image {source:?}: the registry {registry} refused access to {:?}: bad or missing \
-             credentials (used {}); log in (podman login / docker login), or point \
+             credentials ({}); log in (podman login / docker login), or point \
              registry_auth_file at an auth file with an entry for {registry} ({detail})",
             reference.repository(),
             context.credentials
@@ -948,7 +949,7 @@ mod tests {
             source: "127.0.0.1:5000/openshell/busybox:nope",
             reference,
             insecure,
-            credentials: "auth file /a.json (entry \"127.0.0.1:5000\")".to_owned(),
+            credentials: "credentials from auth file /a.json (entry \"127.0.0.1:5000\")".to_owned(),
         }
     }
 

@@ -189,7 +189,7 @@ fn auth_file(dir: &Path, host: &str, user_pass: &str) -> PathBuf {
 /// `insecure` as plain-HTTP registries and reading credentials from
 /// `auth` (an empty auth file where `None`, so the host's own files are
 /// never consulted).
-fn puller(state: &Path, insecure: &[&str], auth: Option<PathBuf>) -> Puller {
+fn new_puller(state: &Path, insecure: &[&str], auth: Option<PathBuf>) -> Puller {
     std::fs::create_dir_all(state).unwrap();
     let auth = auth.unwrap_or_else(|| {
         let path = state.join("no-auth.json");
@@ -254,7 +254,7 @@ async fn images_are_pulled_cached_and_failures_explained() {
 
     // Two creates of the same image at once share one cache safely.
     let state = tmp.path().join("state");
-    let puller = puller(&state, &[&host], None);
+    let puller = new_puller(&state, &[&host], None);
     let (a, b) = tokio::join!(
         image::resolve(&reference, &puller),
         image::resolve(&reference, &puller)
@@ -286,6 +286,7 @@ async fn images_are_pulled_cached_and_failures_explained() {
 
     // A tag that is not there.
     let missing = precondition(image::resolve(&registry.reference("nope"), &puller).await);
+    eprintln!("missing tag: {missing}");
     assert!(
         missing.contains("no such image or tag") && missing.contains("\"nope\""),
         "{missing}"
@@ -293,8 +294,9 @@ async fn images_are_pulled_cached_and_failures_explained() {
 
     // Plain HTTP registry not declared insecure: TLS fails, and the
     // message says what to configure.
-    let strict = puller(&tmp.path().join("strict"), &[], None);
+    let strict = new_puller(&tmp.path().join("strict"), &[], None);
     let tls = precondition(image::resolve(&reference, &strict).await);
+    eprintln!("not insecure: {tls}");
     assert!(
         tls.contains("insecure_registries") && tls.contains(&host),
         "{tls}"
@@ -308,15 +310,16 @@ async fn images_are_pulled_cached_and_failures_explained() {
     assert_eq!(offline.cache_key(), a.cache_key());
     assert_eq!(blob_files(&puller), blobs);
     let gone = precondition(image::resolve(&reference, &puller).await);
+    eprintln!("registry stopped: {gone}");
     assert!(gone.contains("cannot be reached"), "{gone}");
 
     // Nothing listening at all.
     let port = free_port();
     let nowhere = format!("127.0.0.1:{port}");
-    let unreachable_puller = puller(&tmp.path().join("nowhere"), &[&nowhere], None);
-    let refused = precondition(
-        image::resolve(&format!("{nowhere}/x/y:1"), &unreachable_puller).await,
-    );
+    let unreachable_puller = new_puller(&tmp.path().join("nowhere"), &[&nowhere], None);
+    let refused =
+        precondition(image::resolve(&format!("{nowhere}/x/y:1"), &unreachable_puller).await);
+    eprintln!("nothing listening: {refused}");
     assert!(
         refused.contains("cannot be reached") && refused.contains(&nowhere),
         "{refused}"
@@ -343,24 +346,30 @@ async fn registry_credentials_come_from_the_auth_file() {
     let denied = precondition(
         image::resolve(
             &reference,
-            &puller(&wrong_dir.join("state"), &[&host], Some(wrong.clone())),
+            &new_puller(&wrong_dir.join("state"), &[&host], Some(wrong.clone())),
         )
         .await,
     );
+    eprintln!("wrong credentials: {denied}");
     assert!(
         denied.contains("credentials") && denied.contains(&wrong.display().to_string()),
         "{denied}"
     );
 
     let anonymous = precondition(
-        image::resolve(&reference, &puller(&tmp.path().join("anon"), &[&host], None)).await,
+        image::resolve(
+            &reference,
+            &new_puller(&tmp.path().join("anon"), &[&host], None),
+        )
+        .await,
     );
+    eprintln!("anonymous: {anonymous}");
     assert!(anonymous.contains("credentials"), "{anonymous}");
 
     let right_dir = tmp.path().join("right");
     std::fs::create_dir_all(&right_dir).unwrap();
     let right = auth_file(&right_dir, &host, "tester:right-password");
-    let puller = puller(&right_dir.join("state"), &[&host], Some(right));
+    let puller = new_puller(&right_dir.join("state"), &[&host], Some(right));
     let image = image::resolve(&reference, &puller).await.unwrap();
     let rootfs = ensure(&puller, &image).await;
     assert!(rootfs.join("bin/busybox").is_file());

@@ -258,16 +258,15 @@ impl AuthSource {
         }
     }
 
-    /// For messages: which files were consulted.
-    fn describe(&self, file: Option<&AuthFile>) -> String {
-        match (file, self) {
-            (Some(file), _) => format!("auth file {}", file.path.display()),
-            (None, Self::Configured(path)) => format!("auth file {}", path.display()),
-            (None, Self::Standard(candidates)) if candidates.is_empty() => {
+    /// For messages when no auth file was found: where it was looked for.
+    fn describe_missing(&self) -> String {
+        match self {
+            Self::Configured(path) => format!("auth file {}", path.display()),
+            Self::Standard(candidates) if candidates.is_empty() => {
                 "no auth file (none of REGISTRY_AUTH_FILE, XDG_RUNTIME_DIR or HOME is set)"
                     .to_owned()
             }
-            (None, Self::Standard(candidates)) => format!(
+            Self::Standard(candidates) => format!(
                 "no auth file (looked for {})",
                 candidates
                     .iter()
@@ -364,7 +363,7 @@ impl Puller {
                 file.path.display(),
                 reference.registry()
             ),
-            (None, _) => format!("no credentials sent: {}", self.auth.describe(None)),
+            (None, _) => format!("no credentials sent: {}", self.auth.describe_missing()),
         };
         let auth = match found {
             Some((_, c)) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),

@@ -1,7 +1,6 @@
-//! Local images and the image cache.
+//! Image references and the image cache.
 //!
-//! The driver runs images that are already on the host; it never pulls
-//! from a registry. `template.image` may be:
+//! `template.image` may be:
 //!
 //! - `oci:PATH[:TAG]` or an absolute path to a directory with an
 //!   `oci-layout` file: an OCI image layout;
@@ -9,7 +8,14 @@
 //!   OCI image layout (`podman save --format oci-archive`, `skopeo copy
 //!   ... oci-archive:...`);
 //! - `rootfs:PATH` or an absolute path to any other directory: a root
-//!   filesystem used as it is (read-only, never copied into the cache).
+//!   filesystem used as it is (read-only, never copied into the cache);
+//! - anything else: an image in a registry, normalised as Docker does
+//!   (`busybox` → `docker.io/library/busybox:latest`). It is pulled by
+//!   [`crate::registry::Puller`] into the cache's own OCI layout
+//!   (`<state>/images/.registry`) and from then on treated like a local
+//!   layout. Plain HTTP only for `insecure_registries`; credentials from a
+//!   containers/docker auth file; see the registry module for what is
+//!   fetched again and what is not.
 //!
 //! OCI images are resolved to a manifest digest when a sandbox is created
 //! (so a moving tag never changes an existing sandbox), then unpacked once

@@ -330,7 +330,7 @@ impl Puller {
 
     fn is_insecure(&self, registry: &str) -> bool {
         let registry = registry.to_ascii_lowercase();
-        self.insecure.iter().any(|r| *r == registry)
+        self.insecure.contains(&registry)
     }
 
     fn client(&self) -> oci_client::Client {
@@ -379,8 +379,13 @@ impl Puller {
         let started = std::time::Instant::now();
         let pulled = tokio::time::timeout(self.timeout, self.fetch(&context, &auth)).await;
         match pulled {
-            Ok(Ok(digest)) => {
-                tracing::debug!(image = %source, %digest, elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
+            Ok(Ok((digest, 0))) => {
+                tracing::debug!(image = %source, %digest, "image up to date in the pulled layout");
+                Ok(digest)
+            }
+            Ok(Ok((digest, downloaded))) => {
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(image = %source, %digest, blobs = downloaded, elapsed_ms, "image pulled from the registry");
                 Ok(digest)
             }
             Ok(Err(e)) => Err(e),
@@ -408,7 +413,16 @@ impl Puller {
         image::blob_name(digest).map(|name| self.layout.join(name))
     }
 
-    async fn fetch(&self, context: &PullContext<'_>, auth: &RegistryAuth) -> Result<String> {
+    /// Where a fetched blob goes; only sha256 digests are fetched.
+    fn sha256_blob_path(&self, context: &PullContext<'_>, digest: &str) -> Result<PathBuf> {
+        self.blob_path(digest)
+            .filter(|_| digest.starts_with("sha256:"))
+            .ok_or_else(|| bad_digest(context, digest))
+    }
+
+    /// Returns the top-level digest and how many blobs were downloaded.
+    async fn fetch(&self, context: &PullContext<'_>, auth: &RegistryAuth) -> Result<(String, u64)> {
+        let mut downloaded = 0_u64;
         let client = self.client();
         let reference = context.reference;
         let map = |e: OciDistributionError| pull_error(context, &e);
@@ -439,7 +453,7 @@ impl Puller {
                         context.source
                     ))
                 })?;
-                self.fetch_blob(&client, context, &config.digest).await?;
+                downloaded += u64::from(self.fetch_blob(&client, context, &config.digest).await?);
                 // A manifest already unpacked needs none of its layers.
                 let unpacked = self
                     .cache
@@ -448,10 +462,11 @@ impl Puller {
                     .is_file();
                 if !unpacked {
                     for layer in &parsed.layers {
-                        self.fetch_blob(&client, context, &layer.digest).await?;
+                        downloaded +=
+                            u64::from(self.fetch_blob(&client, context, &layer.digest).await?);
                     }
                 }
-                return Ok(top);
+                return Ok((top, downloaded));
             }
             let platform = image::platform_manifest(context.source, &parsed.manifests)?;
             digest = platform.digest.clone();
@@ -477,9 +492,7 @@ impl Puller {
         auth: &RegistryAuth,
         digest: &str,
     ) -> Result<()> {
-        let path = self
-            .blob_path(digest)
-            .ok_or_else(|| bad_digest(context, digest))?;
+        let path = self.sha256_blob_path(context, digest)?;
         if path.is_file() {
             return Ok(());
         }
@@ -519,25 +532,21 @@ impl Puller {
     }
 
     /// Downloads one blob unless present; one download per digest at a
-    /// time, others wait and then find it present.
+    /// time, others wait and then find it present. Returns whether it was
+    /// downloaded.
     async fn fetch_blob(
         &self,
         client: &oci_client::Client,
         context: &PullContext<'_>,
         digest: &str,
-    ) -> Result<()> {
-        let path = self
-            .blob_path(digest)
-            .ok_or_else(|| bad_digest(context, digest))?;
-        if !digest.starts_with("sha256:") {
-            return Err(bad_digest(context, digest));
-        }
+    ) -> Result<bool> {
+        let path = self.sha256_blob_path(context, digest)?;
         if path.is_file() {
-            return Ok(());
+            return Ok(false);
         }
         let _one_at_a_time = self.cache.locks().lock(&format!("blob:{digest}")).await;
         if path.is_file() {
-            return Ok(());
+            return Ok(false);
         }
         let tmp = self.tmp_path(digest);
         let result = async {
@@ -565,7 +574,7 @@ impl Puller {
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        result
+        result.map(|()| true)
     }
 }
 

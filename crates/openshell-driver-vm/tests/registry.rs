@@ -75,16 +75,16 @@ impl TestRegistry {
                 path.display()
             ));
         }
-        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all(dir).expect("create the registry dir");
         let config_path = dir.join("registry.yml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, config).expect("write registry.yml");
         let log = dir.join("registry.log");
         let child = Command::new(REGISTRY)
             .arg("serve")
             .arg(&config_path)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.join("registry.err")).unwrap())
+            .stdout(std::fs::File::create(&log).expect("create registry.log"))
+            .stderr(std::fs::File::create(dir.join("registry.err")).expect("create registry.err"))
             .spawn()
             .expect("start docker-registry");
         let mut registry = Self { child, host, log };
@@ -154,14 +154,14 @@ fn busybox_layout(dir: &Path) -> PathBuf {
             .args(args)
             .stderr(Stdio::null())
             .status()
-            .unwrap();
+            .expect("run umoci");
         assert!(status.success(), "umoci {args:?}");
     };
     umoci(&["init", "--layout", &layout_s]);
     umoci(&["new", "--image", &format!("{layout_s}:v1")]);
     let bundle_s = bundle.display().to_string();
     umoci(&["unpack", "--image", &format!("{layout_s}:v1"), &bundle_s]);
-    busybox_rootfs(&bundle.join("rootfs")).unwrap();
+    busybox_rootfs(&bundle.join("rootfs")).expect("a busybox root filesystem");
     umoci(&["repack", "--image", &format!("{layout_s}:v1"), &bundle_s]);
     umoci(&[
         "config",
@@ -181,7 +181,7 @@ fn auth_file(dir: &Path, host: &str, user_pass: &str) -> PathBuf {
         &path,
         format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#),
     )
-    .unwrap();
+    .expect("write the auth file");
     path
 }
 
@@ -190,10 +190,10 @@ fn auth_file(dir: &Path, host: &str, user_pass: &str) -> PathBuf {
 /// `auth` (an empty auth file where `None`, so the host's own files are
 /// never consulted).
 fn new_puller(state: &Path, insecure: &[&str], auth: Option<PathBuf>) -> Puller {
-    std::fs::create_dir_all(state).unwrap();
+    std::fs::create_dir_all(state).expect("create the state dir");
     let auth = auth.unwrap_or_else(|| {
         let path = state.join("no-auth.json");
-        std::fs::write(&path, r#"{"auths": {}}"#).unwrap();
+        std::fs::write(&path, r#"{"auths": {}}"#).expect("write an empty auth file");
         path
     });
     let config = ConfigArgs {
@@ -204,8 +204,8 @@ fn new_puller(state: &Path, insecure: &[&str], auth: Option<PathBuf>) -> Puller 
         ..ConfigArgs::default()
     }
     .resolve()
-    .unwrap();
-    Puller::new(&config, &ImageCache::new(state.join("images"))).unwrap()
+    .expect("a valid config");
+    Puller::new(&config, &ImageCache::new(state.join("images"))).expect("a puller")
 }
 
 async fn ensure(puller: &Puller, image: &ResolvedImage) -> PathBuf {
@@ -213,8 +213,8 @@ async fn ensure(puller: &Puller, image: &ResolvedImage) -> PathBuf {
     let image = image.clone();
     tokio::task::spawn_blocking(move || cache.ensure(&image))
         .await
-        .unwrap()
-        .unwrap()
+        .expect("the unpack task")
+        .expect("the image unpacks")
 }
 
 /// Blob file names and inodes of the pulled layout (a re-download would
@@ -222,12 +222,12 @@ async fn ensure(puller: &Puller, image: &ResolvedImage) -> PathBuf {
 fn blob_files(puller: &Puller) -> Vec<(String, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let mut out: Vec<(String, u64)> = std::fs::read_dir(puller.layout().join("blobs/sha256"))
-        .unwrap()
+        .expect("list the pulled blobs")
         .map(|e| {
-            let e = e.unwrap();
+            let e = e.expect("a blob entry");
             (
                 e.file_name().to_string_lossy().into_owned(),
-                e.metadata().unwrap().ino(),
+                e.metadata().expect("blob metadata").ino(),
             )
         })
         .collect();

@@ -741,9 +741,9 @@ impl ImageCache {
                 .map_err(|e| Error::io("extract image archive", source, e))?;
         } else {
             std::fs::create_dir(&layout).map_err(|e| Error::io("create", &layout, e))?;
-            std::os::unix::fs::symlink(source.join("blobs"), layout.join("blobs"))
-                .map_err(|e| Error::io("link the blobs of", source, e))?;
+            link_manifest_blobs(source, &layout, digest)?;
         }
+        let (digest, size) = manifest_for_umoci(&layout, digest)?;
         // A layout of exactly one manifest under a fixed tag: umoci unpacks
         // the digest resolved at create time, whatever the tags say now.
         std::fs::write(
@@ -756,7 +756,7 @@ impl ImageCache {
             "manifests": [{
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": digest,
-                "size": manifest_size(&layout, digest)?,
+                "size": size,
                 "annotations": {"org.opencontainers.image.ref.name": UNPACK_TAG},
             }],
         });
@@ -872,13 +872,105 @@ impl ImageCache {
     }
 }
 
-fn manifest_size(layout: &Path, digest: &str) -> Result<u64> {
+/// Links the blobs of manifest `digest` (itself, its config, its layers)
+/// from the layout `source` into the temporary layout `layout`.
+fn link_manifest_blobs(source: &Path, layout: &Path, digest: &str) -> Result<()> {
+    let name = blob_name(digest)
+        .ok_or_else(|| Error::FailedPrecondition(format!("bad manifest digest {digest:?}")))?;
+    let manifest_path = source.join(&name);
+    let bytes = std::fs::read(&manifest_path).map_err(|e| Error::io("read", &manifest_path, e))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::FailedPrecondition(format!(
+            "manifest {} is not valid: {e}",
+            manifest_path.display()
+        ))
+    })?;
+    let digests = std::iter::once(digest).chain(
+        manifest
+            .config
+            .iter()
+            .chain(manifest.layers.iter())
+            .map(|d| d.digest.as_str()),
+    );
+    for blob in digests {
+        let name = blob_name(blob)
+            .ok_or_else(|| Error::FailedPrecondition(format!("bad blob digest {blob:?}")))?;
+        let link = layout.join(&name);
+        if link.symlink_metadata().is_ok() {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        }
+        std::os::unix::fs::symlink(source.join(&name), &link)
+            .map_err(|e| Error::io("link the blobs of", source, e))?;
+    }
+    Ok(())
+}
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The OCI media type umoci expects for a Docker schema 2 one.
+fn oci_media_type(docker: &str) -> Option<&'static str> {
+    Some(match docker {
+        DOCKER_MANIFEST => "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.container.image.v1+json" => {
+            "application/vnd.oci.image.config.v1+json"
+        }
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        }
+        _ => return None,
+    })
+}
+
+/// The digest and size of the manifest umoci is to unpack. umoci takes
+/// only OCI media types, so a Docker schema 2 manifest is handed over as
+/// the same manifest with OCI media types (same config and layer blobs),
+/// written into the temporary layout. The cache key stays the original
+/// digest.
+fn manifest_for_umoci(layout: &Path, digest: &str) -> Result<(String, u64)> {
     let name = blob_name(digest)
         .ok_or_else(|| Error::FailedPrecondition(format!("bad manifest digest {digest:?}")))?;
     let path = layout.join(name);
-    std::fs::metadata(&path)
-        .map(|m| m.len())
-        .map_err(|e| Error::io("inspect", path, e))
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok((digest.to_owned(), size(bytes.len())));
+    };
+    let mut changed = false;
+    let mut translate = |value: &mut serde_json::Value| {
+        if let Some(media_type) = value.get_mut("mediaType")
+            && let Some(oci) = media_type.as_str().and_then(oci_media_type)
+        {
+            *media_type = serde_json::Value::from(oci);
+            changed = true;
+        }
+    };
+    translate(&mut manifest);
+    if let Some(config) = manifest.get_mut("config") {
+        translate(config);
+    }
+    if let Some(layers) = manifest.get_mut("layers").and_then(|l| l.as_array_mut()) {
+        layers.iter_mut().for_each(&mut translate);
+    }
+    if !changed {
+        return Ok((digest.to_owned(), size(bytes.len())));
+    }
+    let converted = manifest.to_string().into_bytes();
+    let converted_digest = registry::sha256_digest(&converted);
+    let name = blob_name(&converted_digest).ok_or_else(|| {
+        Error::FailedPrecondition(format!("bad manifest digest {converted_digest:?}"))
+    })?;
+    let converted_path = layout.join(name);
+    if converted_path.symlink_metadata().is_err() {
+        std::fs::write(&converted_path, &converted)
+            .map_err(|e| Error::io("write", &converted_path, e))?;
+    }
+    Ok((converted_digest, size(converted.len())))
 }
 
 /// Bytes allocated on disk under `path` (hard links counted once, symlinks

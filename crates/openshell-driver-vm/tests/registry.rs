@@ -111,6 +111,12 @@ impl TestRegistry {
 
     /// Copies the OCI layout's `v1` image to `tag` here.
     fn push(&self, layout: &Path, tag: &str, creds: Option<&str>) {
+        self.push_as(layout, tag, creds, None);
+    }
+
+    /// [`Self::push`], converting to skopeo's manifest `format` (`v2s2`:
+    /// Docker schema 2 media types) where given.
+    fn push_as(&self, layout: &Path, tag: &str, creds: Option<&str>, format: Option<&str>) {
         let mut command = Command::new("skopeo");
         command
             .arg("copy")
@@ -118,6 +124,9 @@ impl TestRegistry {
             .arg("--dest-tls-verify=false");
         if let Some(creds) = creds {
             command.arg(format!("--dest-creds={creds}"));
+        }
+        if let Some(format) = format {
+            command.arg(format!("--format={format}"));
         }
         let out = command
             .arg(format!("oci:{}:v1", layout.display()))
@@ -291,6 +300,18 @@ async fn images_are_pulled_cached_and_failures_explained() {
         missing.contains("no such image or tag") && missing.contains("\"nope\""),
         "{missing}"
     );
+
+    // Docker schema 2 media types (what `docker push` writes): umoci
+    // takes only OCI ones, and gets the same image with those.
+    registry.push_as(&layout, "docker", None, Some("v2s2"));
+    let docker = image::resolve(&registry.reference("docker"), &puller)
+        .await
+        .unwrap();
+    assert_ne!(docker.cache_key(), a.cache_key(), "another manifest");
+    assert_eq!(docker.config().cmd, ["/bin/sh"]);
+    let docker_rootfs = ensure(&puller, &docker).await;
+    assert!(docker_rootfs.join("bin/busybox").is_file());
+    let blobs = blob_files(&puller);
 
     // Plain HTTP registry not declared insecure: TLS fails, and the
     // message says what to configure.

@@ -1204,6 +1204,54 @@ mod tests {
     }
 
     #[test]
+    fn images_for_another_architecture_are_refused() {
+        let other = if OCI_ARCH == "amd64" {
+            "arm64"
+        } else {
+            "amd64"
+        };
+        let index: Manifest = serde_json::from_str(&format!(
+            r#"{{"manifests":[{{"digest":"sha256:1","platform":{{"os":"linux","architecture":"{other}"}}}},
+                {{"digest":"sha256:2","platform":{{"os":"windows","architecture":"{OCI_ARCH}"}}}}]}}"#
+        ))
+        .unwrap();
+        assert!(index.is_index());
+        let err = platform_manifest("img", &index.manifests).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("no linux/{OCI_ARCH} manifest"))
+                && text.contains(&format!("linux/{other}"))
+                && text.contains(&format!("windows/{OCI_ARCH}")),
+            "{text}"
+        );
+
+        // A single manifest whose config names another architecture.
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = tmp.path().join("img");
+        fake_layout(&layout, false);
+        for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.starts_with(r#"{"config""#) {
+                let patched = text.replacen(
+                    '{',
+                    &format!(r#"{{"architecture":"{other}","os":"linux","#),
+                    1,
+                );
+                std::fs::write(&path, patched).unwrap();
+            }
+        }
+        let err = resolve_local(&format!("oci:{}:v1", layout.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("built for linux/{other}")) && err.contains("not for this host"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn archives_resolve_like_layouts() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = tmp.path().join("img");

@@ -413,3 +413,36 @@ fn a_malformed_auth_file_stops_the_driver_naming_the_file() {
         .to_string();
     assert!(err.contains(&bad.display().to_string()), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_given_up_on_in_time() {
+    // Connections are accepted by the kernel; nothing ever answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.json");
+    std::fs::write(&auth, r#"{"auths": {}}"#).unwrap();
+    let config = ConfigArgs {
+        state_dir: Some(tmp.path().join("state")),
+        insecure_registries: vec![host.clone()],
+        registry_auth_file: Some(auth),
+        pull_timeout_secs: Some(1),
+        ..ConfigArgs::default()
+    }
+    .resolve()
+    .unwrap();
+    let puller = Puller::new(&config, &ImageCache::new(tmp.path().join("images"))).unwrap();
+    let started = Instant::now();
+    let message = precondition(image::resolve(&format!("{host}/silent/image:1"), &puller).await);
+    eprintln!("silent registry: {message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        message.contains("pull_timeout_secs") || message.contains("cannot be reached"),
+        "{message}"
+    );
+    drop(listener);
+}

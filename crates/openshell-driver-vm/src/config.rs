@@ -164,6 +164,26 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "BOOL")]
     pub allow_driver_config: Option<bool>,
 
+    /// A registry (HOST or HOST:PORT, as in the image reference) pulled
+    /// from over plain HTTP, e.g. a local registry on 127.0.0.1:5000; every
+    /// other registry is pulled from over HTTPS. Repeatable; the file's
+    /// list and the flags' are combined.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+
+    /// Registry credentials: a containers/docker auth file (`{"auths":
+    /// {"HOST[:PORT]": {"auth": base64("user:pass")}}}`) [default:
+    /// $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, else
+    /// ~/.docker/config.json, the first that exists; anonymous without one].
+    #[arg(long, value_name = "PATH")]
+    pub registry_auth_file: Option<PathBuf>,
+
+    /// How long pulling one image from a registry may take, in seconds
+    /// [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub pull_timeout_secs: Option<u64>,
+
     /// The resource-admission half of the admission policy reported to 1.x
     /// gateways (file only: a `[resource_admission]` table with `enabled`
     /// and `required_labels`). The gateway enforces it; the driver only
@@ -199,6 +219,11 @@ pub struct Config {
     /// The admission policy: whether caller driver_config is accepted, and
     /// what is reported to 1.x gateways.
     pub admission: AdmissionPolicy,
+    /// Registries pulled from over plain HTTP (`HOST[:PORT]`, lowercase).
+    pub insecure_registries: Vec<String>,
+    /// The auth file given in the settings; `None`: the standard lookup.
+    pub registry_auth_file: Option<PathBuf>,
+    pub pull_timeout: Duration,
 }
 
 /// Smallest guest memory accepted, in MiB.
@@ -258,6 +283,13 @@ impl ConfigArgs {
             console_log_max_mib: self.console_log_max_mib.or(file.console_log_max_mib),
             allow_driver_config: self.allow_driver_config.or(file.allow_driver_config),
             resource_admission: self.resource_admission.or(file.resource_admission),
+            insecure_registries: file
+                .insecure_registries
+                .into_iter()
+                .chain(self.insecure_registries)
+                .collect(),
+            registry_auth_file: self.registry_auth_file.or(file.registry_auth_file),
+            pull_timeout_secs: self.pull_timeout_secs.or(file.pull_timeout_secs),
         }
     }
 
@@ -305,6 +337,13 @@ impl ConfigArgs {
                 allow_driver_config: given.allow_driver_config.unwrap_or(true),
                 resource_admission: given.resource_admission.unwrap_or_default(),
             },
+            insecure_registries: given
+                .insecure_registries
+                .iter()
+                .map(|entry| entry.trim().to_ascii_lowercase())
+                .collect(),
+            registry_auth_file: given.registry_auth_file,
+            pull_timeout: Duration::from_secs(given.pull_timeout_secs.unwrap_or(300)),
         };
         config
             .validate()
@@ -338,6 +377,7 @@ impl Config {
         for (key, path) in [
             ("qemu_binary", &self.qemu_binary),
             ("passt_binary", &self.passt_binary),
+            ("registry_auth_file", &self.registry_auth_file),
         ] {
             if let Some(path) = path
                 && !path.is_absolute()
@@ -391,8 +431,38 @@ impl Config {
         if self.console_log_max_bytes == 0 {
             return Err("console_log_max_mib must be at least 1".to_owned());
         }
+        if self.pull_timeout.is_zero() {
+            return Err("pull_timeout_secs must be at least 1".to_owned());
+        }
+        for entry in &self.insecure_registries {
+            check_registry(entry)?;
+        }
         Ok(())
     }
+}
+
+/// Checks one `insecure_registries` entry: a bare `HOST[:PORT]`, as the
+/// registry part of an image reference spells it.
+fn check_registry(entry: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| {
+        format!(
+            "insecure_registries entry {entry:?} is not valid ({why}); give HOST or HOST:PORT as \
+             in the image reference, e.g. \"127.0.0.1:5000\""
+        )
+    };
+    if entry.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if entry.contains("://") {
+        return Err(bad("leave out the scheme"));
+    }
+    if let Some(c) = entry
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '_' | '[' | ']')))
+    {
+        return Err(bad(&format!("it contains {c:?}")));
+    }
+    Ok(())
 }
 
 /// `$XDG_STATE_HOME/openshell/vm-driver`, or `~/.local/state/...`.
@@ -506,6 +576,62 @@ dns_servers = ["127.77.0.1", "::1"]
             config.admission.resource_admission,
             ResourceAdmission::default()
         );
+        assert!(config.insecure_registries.is_empty());
+        assert_eq!(config.registry_auth_file, None);
+        assert_eq!(config.pull_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn registry_settings_come_from_the_file_and_the_flags() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: ConfigArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "state_dir = \"/s\"\ninsecure_registries = [\"127.0.0.1:5000\"]\n\
+             registry_auth_file = \"/etc/auth.json\"\npull_timeout_secs = 30\n",
+        );
+        let cli = Cli::try_parse_from([
+            "driver".as_ref(),
+            "--driver-config".as_ref(),
+            path.as_os_str(),
+            "--insecure-registry=Registry.Local".as_ref(),
+            "--insecure-registry".as_ref(),
+            "[::1]:5001".as_ref(),
+        ])
+        .unwrap();
+        let config = cli.config.resolve().unwrap();
+        assert_eq!(
+            config.insecure_registries,
+            ["127.0.0.1:5000", "registry.local", "[::1]:5001"]
+        );
+        assert_eq!(
+            config.registry_auth_file.as_deref(),
+            Some(Path::new("/etc/auth.json"))
+        );
+        assert_eq!(config.pull_timeout, Duration::from_secs(30));
+
+        for (text, needle) in [
+            (
+                "insecure_registries = [\"http://r:5000\"]",
+                "leave out the scheme",
+            ),
+            ("insecure_registries = [\"r/x\"]", "it contains '/'"),
+            ("insecure_registries = \"r:5000\"", "insecure_registries"),
+            ("registry_auth_file = \"auth.json\"", "is relative"),
+            (
+                "pull_timeout_secs = 0",
+                "pull_timeout_secs must be at least 1",
+            ),
+        ] {
+            let path = write(dir.path(), text);
+            let err = args_with_file(path).resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

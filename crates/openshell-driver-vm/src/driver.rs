@@ -37,6 +37,7 @@ use crate::launch::{
 use crate::launcher::{Launcher, Vmm};
 use crate::layer::{self, LayerKind};
 use crate::preflight::{Backend, HostPaths, HostReport, Kernel, Platform};
+use crate::registry::Puller;
 use crate::spec;
 use crate::state::{self, SandboxDir, StateDir};
 use crate::status::Phase;
@@ -135,6 +136,8 @@ struct Inner {
     config: Config,
     state: StateDir,
     cache: ImageCache,
+    /// Fetches registry images into the cache's pulled layout.
+    puller: Puller,
     host: HostPaths,
     program: PathBuf,
     launcher: Launcher,
@@ -198,9 +201,12 @@ impl Driver {
         let program = std::env::current_exe()
             .map_err(|e| Error::io("find the driver's own executable", "/proc/self/exe", e))?;
         let feed = Arc::new(WatchFeed::new(EVENT_BUFFER));
+        let cache = ImageCache::new(state.images_dir());
+        let puller = Puller::new(&config, &cache)?;
         let driver = Self {
             inner: Arc::new(Inner {
-                cache: ImageCache::new(state.images_dir()),
+                cache,
+                puller,
                 state,
                 host,
                 program,
@@ -731,13 +737,8 @@ impl Driver {
         {
             return Err(blocker);
         }
-        let reference = request.image.clone();
-        let image = blocking(move || {
-            let image = image::resolve(&reference)?;
-            image::check_unpacker(&image)?;
-            Ok(image)
-        })
-        .await?;
+        let image = image::resolve(&request.image, &self.inner.puller).await?;
+        image::check_unpacker(&image)?;
         spec::guest_command(&request, &image.config(), request.token.is_some())?;
         Ok((request, image))
     }

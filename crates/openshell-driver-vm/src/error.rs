@@ -31,6 +31,10 @@ pub enum Error {
     #[error("driver config {path}: {message}")]
     Config { path: PathBuf, message: String },
 
+    /// A registry auth file that cannot be used.
+    #[error("registry auth file {path}: {message}")]
+    RegistryAuth { path: PathBuf, message: String },
+
     #[error("invalid setting: {0}")]
     Setting(String),
 
@@ -85,9 +89,10 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let code = match &error {
             Error::InvalidId { .. } | Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::FailedPrecondition(_) | Error::HostUnsupported(_) | Error::Tool { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::FailedPrecondition(_)
+            | Error::HostUnsupported(_)
+            | Error::Tool { .. }
+            | Error::RegistryAuth { .. } => Code::FailedPrecondition,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Config { .. }

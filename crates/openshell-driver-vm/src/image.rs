@@ -1,7 +1,6 @@
-//! Local images and the image cache.
+//! Image references and the image cache.
 //!
-//! The driver runs images that are already on the host; it never pulls
-//! from a registry. `template.image` may be:
+//! `template.image` may be:
 //!
 //! - `oci:PATH[:TAG]` or an absolute path to a directory with an
 //!   `oci-layout` file: an OCI image layout;
@@ -9,7 +8,14 @@
 //!   OCI image layout (`podman save --format oci-archive`, `skopeo copy
 //!   ... oci-archive:...`);
 //! - `rootfs:PATH` or an absolute path to any other directory: a root
-//!   filesystem used as it is (read-only, never copied into the cache).
+//!   filesystem used as it is (read-only, never copied into the cache);
+//! - anything else: an image in a registry, normalised as Docker does
+//!   (`busybox` → `docker.io/library/busybox:latest`). It is pulled by
+//!   [`crate::registry::Puller`] into the cache's own OCI layout
+//!   (`<state>/images/.registry`) and from then on treated like a local
+//!   layout. Plain HTTP only for `insecure_registries`; credentials from a
+//!   containers/docker auth file; see the registry module for what is
+//!   fetched again and what is not.
 //!
 //! OCI images are resolved to a manifest digest when a sandbox is created
 //! (so a moving tag never changes an existing sandbox), then unpacked once
@@ -25,6 +31,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::registry::{self, Puller};
 use crate::state;
 
 /// Tag written into the temporary layouts handed to umoci.
@@ -45,18 +52,16 @@ const OCI_ARCH: &str = "arm64";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRef {
     Rootfs(PathBuf),
-    OciLayout { path: PathBuf, tag: Option<String> },
-    OciArchive { path: PathBuf, tag: Option<String> },
-}
-
-fn not_local(reference: &str) -> Error {
-    Error::FailedPrecondition(format!(
-        "image {reference:?} is not a local image; the VM driver does not pull from registries: \
-         give an OCI layout (oci:/path[:tag]), an OCI archive (oci-archive:/path.tar[:tag]) or a \
-         root filesystem directory (rootfs:/path); for example `skopeo copy \
-         docker://busybox oci-archive:/srv/images/busybox.tar` or `podman save --format \
-         oci-archive -o /srv/images/busybox.tar busybox`"
-    ))
+    OciLayout {
+        path: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        path: PathBuf,
+        tag: Option<String>,
+    },
+    /// An image in a registry, normalized (registry, `library/`, tag).
+    Registry(oci_client::Reference),
 }
 
 /// Splits `PATH[:TAG]`; a colon counts only after the last `/`.
@@ -104,7 +109,7 @@ impl ImageRef {
             return Ok(Self::Rootfs(absolute(reference, rest.into())?));
         }
         if !reference.starts_with('/') {
-            return Err(not_local(reference));
+            return registry::parse_reference(reference).map(Self::Registry);
         }
         let path = PathBuf::from(reference);
         let meta = std::fs::metadata(&path).map_err(|_| {
@@ -180,10 +185,8 @@ pub fn cache_key(digest: &str) -> String {
 }
 
 #[derive(Debug, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
+pub(crate) struct Descriptor {
+    pub(crate) digest: String,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
     #[serde(default)]
@@ -198,25 +201,72 @@ struct Platform {
     os: String,
 }
 
+/// The entry of an image index for this host (linux and the host's
+/// architecture); the error lists what the index has instead.
+pub(crate) fn platform_manifest<'a>(
+    reference: &str,
+    manifests: &'a [Descriptor],
+) -> Result<&'a Descriptor> {
+    manifests
+        .iter()
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == OCI_ARCH)
+        })
+        .ok_or_else(|| {
+            let mut offered: Vec<String> = manifests
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .collect();
+            offered.dedup();
+            offered.truncate(12);
+            Error::FailedPrecondition(format!(
+                "image {reference:?} is not built for this host's architecture: the image index \
+                 has no linux/{OCI_ARCH} manifest (it has: {}); use an image built for \
+                 linux/{OCI_ARCH}",
+                if offered.is_empty() {
+                    "no platforms named".to_owned()
+                } else {
+                    offered.join(", ")
+                }
+            ))
+        })
+}
+
 #[derive(Debug, Deserialize)]
 struct Index {
     #[serde(default)]
     manifests: Vec<Descriptor>,
 }
 
+/// A manifest or an image index (whichever fields are there).
 #[derive(Debug, Deserialize)]
-struct Manifest {
+pub(crate) struct Manifest {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     #[serde(default)]
-    manifests: Vec<Descriptor>,
-    config: Option<Descriptor>,
+    pub(crate) manifests: Vec<Descriptor>,
+    pub(crate) config: Option<Descriptor>,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    pub(crate) layers: Vec<Descriptor>,
+}
+
+impl Manifest {
+    /// Whether this is an image index rather than an image manifest.
+    pub(crate) fn is_index(&self) -> bool {
+        INDEX_MEDIA_TYPES.contains(&self.media_type.as_str())
+            || (self.config.is_none() && !self.manifests.is_empty())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct OciConfigFile {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
     #[serde(default)]
     config: Option<OciRuntimeConfig>,
 }
@@ -244,7 +294,7 @@ enum Layout {
     },
 }
 
-fn blob_name(digest: &str) -> Option<String> {
+pub(crate) fn blob_name(digest: &str) -> Option<String> {
     let (algorithm, hex) = digest.split_once(':')?;
     let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
     (plain(algorithm) && plain(hex)).then(|| format!("blobs/{algorithm}/{hex}"))
@@ -318,10 +368,50 @@ impl Layout {
     }
 }
 
-/// Pins `image` to what a sandbox will run. Cheap: reads only the index,
-/// manifest and config (one sequential read for an archive).
-pub fn resolve(reference: &str) -> Result<ResolvedImage> {
+/// Pins `reference` to what a sandbox will run: a local image as
+/// [`resolve_local`] does, a registry image by pulling it into the
+/// puller's layout first (the network part runs on the async runtime, the
+/// file work on blocking threads).
+pub async fn resolve(reference: &str, puller: &Puller) -> Result<ResolvedImage> {
+    let parsed = ImageRef::parse(reference)?;
+    let ImageRef::Registry(registry_ref) = parsed else {
+        let reference = reference.to_owned();
+        return off_runtime(move || resolve_local(&reference)).await;
+    };
+    // Prune (exclusive) must not remove blobs while they are written.
+    let cache = puller.cache().clone();
+    let _shared = off_runtime(move || cache.lock_shared()).await?;
+    let top = puller.pull(reference, &registry_ref).await?;
+    let layout_dir = puller.layout().to_owned();
+    let source = reference.to_owned();
+    let cache = puller.cache().clone();
+    off_runtime(move || {
+        let layout = Layout::Dir(layout_dir.clone());
+        resolve_descriptor(&source, &layout, &top, layout_dir, false, Some(&cache))
+    })
+    .await
+}
+
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        Error::io(
+            "run a background task for",
+            "the image cache",
+            std::io::Error::other(e),
+        )
+    })?
+}
+
+/// Pins a local `reference` to what a sandbox will run. Cheap: reads only
+/// the index, manifest and config (one sequential read for an archive).
+/// Registry references are refused here: they need [`resolve`].
+pub fn resolve_local(reference: &str) -> Result<ResolvedImage> {
     match ImageRef::parse(reference)? {
+        ImageRef::Registry(_) => Err(Error::FailedPrecondition(format!(
+            "image {reference:?} is in a registry and has to be pulled first"
+        ))),
         ImageRef::Rootfs(path) => {
             if !path.is_dir() {
                 return Err(Error::FailedPrecondition(format!(
@@ -386,7 +476,7 @@ fn resolve_layout(
                 == Some("latest")
         }),
     };
-    let Some(mut descriptor) = chosen else {
+    let Some(descriptor) = chosen else {
         return Err(Error::FailedPrecondition(format!(
             "image {reference:?}: {} has no {}; tags there: {}",
             layout.describe(),
@@ -401,44 +491,44 @@ fn resolve_layout(
             }
         )));
     };
-    let mut manifest: Manifest = layout.blob(&descriptor.digest)?;
-    let mut owned;
+    resolve_descriptor(reference, layout, &descriptor.digest, path, archive, None)
+}
+
+/// Follows `digest` (a manifest, or an index to this host's platform) in
+/// `layout` and pins the image to its manifest digest.
+fn resolve_descriptor(
+    reference: &str,
+    layout: &Layout,
+    digest: &str,
+    path: PathBuf,
+    archive: bool,
+    unpacked_in: Option<&ImageCache>,
+) -> Result<ResolvedImage> {
+    let mut digest = digest.to_owned();
+    let mut manifest: Manifest = layout.blob(&digest)?;
     for _ in 0..4 {
-        let is_index = INDEX_MEDIA_TYPES.contains(&descriptor.media_type.as_str())
-            || INDEX_MEDIA_TYPES.contains(&manifest.media_type.as_str())
-            || (manifest.config.is_none() && !manifest.manifests.is_empty());
-        if !is_index {
+        if !manifest.is_index() {
             break;
         }
-        let platform = manifest
-            .manifests
-            .iter()
-            .find(|d| {
-                d.platform
-                    .as_ref()
-                    .is_some_and(|p| p.os == "linux" && p.architecture == OCI_ARCH)
-            })
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "image {reference:?}: the image index has no linux/{OCI_ARCH} manifest"
-                ))
-            })?;
-        owned = Descriptor {
-            media_type: platform.media_type.clone(),
-            digest: platform.digest.clone(),
-            annotations: BTreeMap::new(),
-            platform: None,
-        };
-        descriptor = &owned;
-        manifest = layout.blob(&descriptor.digest)?;
+        digest = platform_manifest(reference, &manifest.manifests)?
+            .digest
+            .clone();
+        manifest = layout.blob(&digest)?;
     }
     let config_descriptor = manifest.config.as_ref().ok_or_else(|| {
         Error::FailedPrecondition(format!(
-            "image {reference:?}: manifest {} has no config",
-            descriptor.digest
+            "image {reference:?}: manifest {digest} has no config"
         ))
     })?;
-    for layer in &manifest.layers {
+    // Layers of an image already in the cache are not needed (a registry
+    // pull skips them).
+    let unpacked = unpacked_in.is_some_and(|cache| {
+        cache
+            .entry_dir(&cache_key(&digest))
+            .join("entry.json")
+            .is_file()
+    });
+    for layer in manifest.layers.iter().filter(|_| !unpacked) {
         let present = blob_name(&layer.digest).is_some_and(|name| layout.has(&name));
         if !present {
             return Err(Error::FailedPrecondition(format!(
@@ -449,10 +539,28 @@ fn resolve_layout(
         }
     }
     let config: OciConfigFile = layout.blob(&config_descriptor.digest)?;
+    if !config.architecture.is_empty() && config.architecture != OCI_ARCH
+        || !config.os.is_empty() && config.os != "linux"
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "image {reference:?} is built for {}/{}, not for this host (linux/{OCI_ARCH}); use \
+             an image built for linux/{OCI_ARCH}",
+            if config.os.is_empty() {
+                "?"
+            } else {
+                &config.os
+            },
+            if config.architecture.is_empty() {
+                "?"
+            } else {
+                &config.architecture
+            },
+        )));
+    }
     let runtime = config.config.unwrap_or_default();
     Ok(ResolvedImage::Oci {
         source: reference.to_owned(),
-        digest: descriptor.digest.clone(),
+        digest,
         path,
         archive,
         config: ImageConfig {
@@ -519,6 +627,11 @@ impl ImageCache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The per-key locks of this cache (unpacks, and blob downloads).
+    pub fn locks(&self) -> &Arc<openshell_driver_kit::KeyLocks> {
+        &self.unpacking
     }
 
     pub fn entry_dir(&self, key: &str) -> PathBuf {
@@ -628,9 +741,9 @@ impl ImageCache {
                 .map_err(|e| Error::io("extract image archive", source, e))?;
         } else {
             std::fs::create_dir(&layout).map_err(|e| Error::io("create", &layout, e))?;
-            std::os::unix::fs::symlink(source.join("blobs"), layout.join("blobs"))
-                .map_err(|e| Error::io("link the blobs of", source, e))?;
+            link_manifest_blobs(source, &layout, digest)?;
         }
+        let (digest, size) = manifest_for_umoci(&layout, digest)?;
         // A layout of exactly one manifest under a fixed tag: umoci unpacks
         // the digest resolved at create time, whatever the tags say now.
         std::fs::write(
@@ -643,7 +756,7 @@ impl ImageCache {
             "manifests": [{
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": digest,
-                "size": manifest_size(&layout, digest)?,
+                "size": size,
                 "annotations": {"org.opencontainers.image.ref.name": UNPACK_TAG},
             }],
         });
@@ -750,18 +863,114 @@ impl ImageCache {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
             removed.push((name, size));
         }
+        let freed = registry::prune_blobs(&self.dir, in_use)?;
+        if freed > 0 {
+            removed.push((format!("{}/blobs", registry::LAYOUT_DIR), freed));
+        }
         removed.sort();
         Ok(removed)
     }
 }
 
-fn manifest_size(layout: &Path, digest: &str) -> Result<u64> {
+/// Links the blobs of manifest `digest` (itself, its config, its layers)
+/// from the layout `source` into the temporary layout `layout`.
+fn link_manifest_blobs(source: &Path, layout: &Path, digest: &str) -> Result<()> {
+    let name = blob_name(digest)
+        .ok_or_else(|| Error::FailedPrecondition(format!("bad manifest digest {digest:?}")))?;
+    let manifest_path = source.join(&name);
+    let bytes = std::fs::read(&manifest_path).map_err(|e| Error::io("read", &manifest_path, e))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::FailedPrecondition(format!(
+            "manifest {} is not valid: {e}",
+            manifest_path.display()
+        ))
+    })?;
+    let digests = std::iter::once(digest).chain(
+        manifest
+            .config
+            .iter()
+            .chain(manifest.layers.iter())
+            .map(|d| d.digest.as_str()),
+    );
+    for blob in digests {
+        let name = blob_name(blob)
+            .ok_or_else(|| Error::FailedPrecondition(format!("bad blob digest {blob:?}")))?;
+        let link = layout.join(&name);
+        if link.symlink_metadata().is_ok() {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        }
+        std::os::unix::fs::symlink(source.join(&name), &link)
+            .map_err(|e| Error::io("link the blobs of", source, e))?;
+    }
+    Ok(())
+}
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The OCI media type umoci expects for a Docker schema 2 one.
+fn oci_media_type(docker: &str) -> Option<&'static str> {
+    Some(match docker {
+        DOCKER_MANIFEST => "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.container.image.v1+json" => {
+            "application/vnd.oci.image.config.v1+json"
+        }
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        }
+        _ => return None,
+    })
+}
+
+/// The digest and size of the manifest umoci is to unpack. umoci takes
+/// only OCI media types, so a Docker schema 2 manifest is handed over as
+/// the same manifest with OCI media types (same config and layer blobs),
+/// written into the temporary layout. The cache key stays the original
+/// digest.
+fn manifest_for_umoci(layout: &Path, digest: &str) -> Result<(String, u64)> {
     let name = blob_name(digest)
         .ok_or_else(|| Error::FailedPrecondition(format!("bad manifest digest {digest:?}")))?;
     let path = layout.join(name);
-    std::fs::metadata(&path)
-        .map(|m| m.len())
-        .map_err(|e| Error::io("inspect", path, e))
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok((digest.to_owned(), size(bytes.len())));
+    };
+    let mut changed = false;
+    let mut translate = |value: &mut serde_json::Value| {
+        if let Some(media_type) = value.get_mut("mediaType")
+            && let Some(oci) = media_type.as_str().and_then(oci_media_type)
+        {
+            *media_type = serde_json::Value::from(oci);
+            changed = true;
+        }
+    };
+    translate(&mut manifest);
+    if let Some(config) = manifest.get_mut("config") {
+        translate(config);
+    }
+    if let Some(layers) = manifest.get_mut("layers").and_then(|l| l.as_array_mut()) {
+        layers.iter_mut().for_each(&mut translate);
+    }
+    if !changed {
+        return Ok((digest.to_owned(), size(bytes.len())));
+    }
+    let converted = manifest.to_string().into_bytes();
+    let converted_digest = registry::sha256_digest(&converted);
+    let name = blob_name(&converted_digest).ok_or_else(|| {
+        Error::FailedPrecondition(format!("bad manifest digest {converted_digest:?}"))
+    })?;
+    let converted_path = layout.join(name);
+    if converted_path.symlink_metadata().is_err() {
+        std::fs::write(&converted_path, &converted)
+            .map_err(|e| Error::io("write", &converted_path, e))?;
+    }
+    Ok((converted_digest, size(converted.len())))
 }
 
 /// Bytes allocated on disk under `path` (hard links counted once, symlinks
@@ -862,16 +1071,33 @@ mod tests {
     }
 
     #[test]
-    fn registry_references_and_relative_paths_are_refused_with_advice() {
-        for reference in ["busybox", "docker.io/library/busybox:latest", "ghcr.io/x/y"] {
-            let err = ImageRef::parse(reference).unwrap_err();
-            assert!(matches!(err, Error::FailedPrecondition(_)));
-            let text = err.to_string();
-            assert!(
-                text.contains("does not pull") && text.contains("oci-archive:"),
-                "{text}"
-            );
+    fn registry_references_are_recognized_and_bad_names_refused() {
+        for (reference, whole) in [
+            ("busybox", "docker.io/library/busybox:latest"),
+            (
+                "docker.io/library/busybox:latest",
+                "docker.io/library/busybox:latest",
+            ),
+            ("ghcr.io/x/y", "ghcr.io/x/y:latest"),
+            (
+                "127.0.0.1:5000/openshell/busybox:1",
+                "127.0.0.1:5000/openshell/busybox:1",
+            ),
+        ] {
+            let ImageRef::Registry(parsed) = ImageRef::parse(reference).unwrap() else {
+                panic!("{reference} is a registry reference");
+            };
+            assert_eq!(parsed.whole(), whole);
         }
+        let err = ImageRef::parse("relative/Dir").unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.to_string().contains("oci-archive:"), "{err}");
+        assert!(
+            resolve_local("busybox")
+                .unwrap_err()
+                .to_string()
+                .contains("pulled")
+        );
         assert!(matches!(
             ImageRef::parse("oci:relative/dir").unwrap_err(),
             Error::InvalidArgument(_)
@@ -948,7 +1174,7 @@ mod tests {
             config,
             archive,
             ..
-        } = resolve(&reference).unwrap()
+        } = resolve_local(&reference).unwrap()
         else {
             panic!("expected an OCI image");
         };
@@ -958,13 +1184,13 @@ mod tests {
         assert_eq!(config.env, ["PATH=/bin", "A=1"]);
         assert_eq!(config.working_dir, "/w");
 
-        let err = resolve(&format!("oci:{}:v2", layout.display()))
+        let err = resolve_local(&format!("oci:{}:v2", layout.display()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("tag \"v2\"") && err.contains("v1"), "{err}");
 
         // The single manifest is used when no tag is given.
-        let untagged = resolve(&format!("oci:{}", layout.display())).unwrap();
+        let untagged = resolve_local(&format!("oci:{}", layout.display())).unwrap();
         assert_eq!(untagged.cache_key(), Some(cache_key(&manifest)));
     }
 
@@ -973,8 +1199,56 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let layout = tmp.path().join("multi");
         let manifest = fake_layout(&layout, true);
-        let resolved = resolve(&format!("oci:{}:v1", layout.display())).unwrap();
+        let resolved = resolve_local(&format!("oci:{}:v1", layout.display())).unwrap();
         assert!(matches!(resolved, ResolvedImage::Oci { ref digest, .. } if *digest == manifest));
+    }
+
+    #[test]
+    fn images_for_another_architecture_are_refused() {
+        let other = if OCI_ARCH == "amd64" {
+            "arm64"
+        } else {
+            "amd64"
+        };
+        let index: Manifest = serde_json::from_str(&format!(
+            r#"{{"manifests":[{{"digest":"sha256:1","platform":{{"os":"linux","architecture":"{other}"}}}},
+                {{"digest":"sha256:2","platform":{{"os":"windows","architecture":"{OCI_ARCH}"}}}}]}}"#
+        ))
+        .unwrap();
+        assert!(index.is_index());
+        let err = platform_manifest("img", &index.manifests).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)));
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("no linux/{OCI_ARCH} manifest"))
+                && text.contains(&format!("linux/{other}"))
+                && text.contains(&format!("windows/{OCI_ARCH}")),
+            "{text}"
+        );
+
+        // A single manifest whose config names another architecture.
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = tmp.path().join("img");
+        fake_layout(&layout, false);
+        for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.starts_with(r#"{"config""#) {
+                let patched = text.replacen(
+                    '{',
+                    &format!(r#"{{"architecture":"{other}","os":"linux","#),
+                    1,
+                );
+                std::fs::write(&path, patched).unwrap();
+            }
+        }
+        let err = resolve_local(&format!("oci:{}:v1", layout.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("built for linux/{other}")) && err.contains("not for this host"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -987,7 +1261,7 @@ mod tests {
         builder.append_dir_all(".", &layout).unwrap();
         builder.finish().unwrap();
         drop(builder);
-        let resolved = resolve(tar_path.to_str().unwrap()).unwrap();
+        let resolved = resolve_local(tar_path.to_str().unwrap()).unwrap();
         let ResolvedImage::Oci {
             digest, archive, ..
         } = resolved
@@ -1009,7 +1283,7 @@ mod tests {
                 std::fs::remove_file(path).unwrap();
             }
         }
-        let err = resolve(&format!("oci:{}:v1", layout.display()))
+        let err = resolve_local(&format!("oci:{}:v1", layout.display()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("layer") && err.contains("missing"), "{err}");

@@ -20,6 +20,7 @@ pub(crate) mod libkrun;
 pub mod passt;
 pub mod preflight;
 pub mod qemu;
+pub mod registry;
 pub mod service;
 pub mod spec;
 pub mod state;

@@ -14,6 +14,7 @@
 //!     exit.json                 tombstone: how the last boot ended, when it ended on its own
 //!   images/
 //!     <key>/rootfs/ + entry.json  unpacked OCI images, one per manifest digest
+//!     .registry/                OCI layout (blobs only) of images pulled from registries
 //!     .lock                     shared by users of the cache, exclusive for prune
 //! ```
 

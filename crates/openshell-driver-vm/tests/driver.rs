@@ -252,9 +252,15 @@ async fn invalid_requests_are_rejected_before_anything_is_written() {
             "sandbox id",
         ),
         (
-            sandbox("ok", "busybox:latest", &[]),
+            // A registry on a port nothing listens on.
+            sandbox("ok", "127.0.0.1:1/openshell/busybox:latest", &[]),
             Code::FailedPrecondition,
-            "does not pull",
+            "cannot be reached",
+        ),
+        (
+            sandbox("ok", "Not/A/Reference", &[]),
+            Code::InvalidArgument,
+            "registry reference",
         ),
         (
             sandbox("ok", "oci:relative", &[]),

@@ -787,3 +787,86 @@ pub fn remove_podman_image(reference: &str) {
         String::from_utf8_lossy(&out.stderr).trim()
     );
 }
+
+/// Packs the directory `rootfs` as a one-layer OCI image (umoci, in an OCI
+/// layout under the environment's directory, with `cmd` as its default
+/// command) and copies it to `reference` in a plain-HTTP test registry
+/// (skopeo). `Err(reason)` when umoci or skopeo is not installed
+/// (`apt-get install umoci skopeo`).
+pub fn push_rootfs_image(
+    env: &TestEnv,
+    rootfs: &Path,
+    cmd: &str,
+    reference: &str,
+) -> Result<(), String> {
+    for tool in ["umoci", "skopeo"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return Err(format!(
+                "{tool} is not installed (apt-get install {tool}) to build and push test images"
+            ));
+        }
+    }
+    let layout = env.path().join("oci-layout");
+    let bundle = env.path().join("oci-bundle");
+    let image = format!("{}:v1", layout.display());
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    run("umoci", &[&os("init"), &os("--layout"), layout.as_os_str()]);
+    run("umoci", &[&os("new"), &os("--image"), &os(&image)]);
+    run(
+        "umoci",
+        &[
+            &os("unpack"),
+            &os("--rootless"),
+            &os("--image"),
+            &os(&image),
+            bundle.as_os_str(),
+        ],
+    );
+    let mut source = rootfs.as_os_str().to_owned();
+    source.push("/.");
+    run(
+        "cp",
+        &[&os("-a"), &source, bundle.join("rootfs").as_os_str()],
+    );
+    run(
+        "umoci",
+        &[
+            &os("repack"),
+            &os("--image"),
+            &os(&image),
+            bundle.as_os_str(),
+        ],
+    );
+    run(
+        "umoci",
+        &[
+            &os("config"),
+            &os("--image"),
+            &os(&image),
+            &os("--config.cmd"),
+            &os(cmd),
+        ],
+    );
+    run(
+        "skopeo",
+        &[
+            &os("copy"),
+            &os("--quiet"),
+            &os("--dest-tls-verify=false"),
+            &os(&format!("oci:{image}")),
+            &os(&format!("docker://{reference}")),
+        ],
+    );
+    Ok(())
+}

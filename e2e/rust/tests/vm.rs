@@ -410,3 +410,83 @@ fn unsupported_host_refuses_creates_clearly() {
         "nothing is stored for a refused create"
     );
 }
+
+/// A VM sandbox from an image in a registry: the driver pulls it (plain
+/// HTTP, as `insecure_registries` allows), unpacks it and boots it; a tag
+/// the registry lacks is refused up front with FAILED_PRECONDITION.
+#[test]
+fn vm_sandbox_from_a_registry_image() {
+    require_vm!();
+    let env = TestEnv::new();
+    let registry = match openshell_e2e::start_podman_test_registry(&env) {
+        Ok(registry) => registry,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let rootfs = busybox_rootfs(&env);
+    let reference = registry.reference("busybox", "latest");
+    if let Err(reason) = openshell_e2e::push_rootfs_image(&env, &rootfs, "/bin/sh", &reference) {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let config = GatewayConfig {
+        drivers: Some("vm".to_owned()),
+        toml: Some(format!(
+            "[openshell.drivers.vm]\ninsecure_registries = [\"{}\"]\n",
+            registry.host
+        )),
+        ..GatewayConfig::default()
+    };
+    let gateway = Gateway::start(&env, &config).unwrap_or_else(|e| panic!("{e}"));
+
+    let name = env.name("pulled");
+    let created = gateway
+        .cli(&[
+            "-o",
+            "json",
+            "sandbox",
+            "create",
+            &name,
+            "--image",
+            &reference,
+            "--timeout",
+            "180",
+            "--",
+            "sh",
+            "-c",
+            "echo pulled-ok; exec sleep 3600",
+        ])
+        .ok()
+        .json();
+    assert_eq!(created["phase"], "Ready", "{created}");
+    wait_until("guest output in logs", Duration::from_secs(60), || {
+        gateway
+            .cli(&["sandbox", "logs", &name])
+            .ok()
+            .stdout
+            .contains("pulled-ok")
+    });
+    gateway.cli(&["sandbox", "delete", &name]).ok();
+
+    let missing = registry.reference("busybox", "no-such-tag");
+    let out = gateway
+        .cli(&[
+            "sandbox",
+            "create",
+            &env.name("missing"),
+            "--image",
+            &missing,
+            "--",
+            "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no such image or tag") && out.stderr.contains("no-such-tag"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(gateway.phase(&env.name("missing")), None);
+}

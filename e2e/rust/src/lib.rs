@@ -702,6 +702,8 @@ pub struct PodmanTestRegistry {
     /// `127.0.0.1:PORT`, as image references and `insecure_registries`
     /// name it.
     pub host: String,
+    /// `USER:PASSWORD` where the registry wants them.
+    pub creds: Option<String>,
 }
 
 /// A 127.0.0.1 TCP port nothing listens on at the time of asking.
@@ -715,6 +717,24 @@ pub fn podman_free_tcp_port() -> u16 {
 /// Starts a [`PodmanTestRegistry`], or says why this machine cannot
 /// (no `docker-registry`: `apt-get install docker-registry`).
 pub fn start_podman_test_registry(env: &TestEnv) -> Result<PodmanTestRegistry, String> {
+    start_registry(env, None)
+}
+
+/// Starts a [`PodmanTestRegistry`] that answers only requests with
+/// `user`'s `password` (htpasswd, bcrypt); pushes to it use them.
+pub fn start_podman_test_registry_with_auth(
+    env: &TestEnv,
+    user: &str,
+    password: &str,
+) -> Result<PodmanTestRegistry, String> {
+    let hash = bcrypt::hash(password, 4).map_err(|e| format!("bcrypt: {e}"))?;
+    let htpasswd = env.write("registry.htpasswd", &format!("{user}:{hash}\n"));
+    let mut registry = start_registry(env, Some(&htpasswd))?;
+    registry.creds = Some(format!("{user}:{password}"));
+    Ok(registry)
+}
+
+fn start_registry(env: &TestEnv, htpasswd: Option<&Path>) -> Result<PodmanTestRegistry, String> {
     let binary = Path::new("/usr/bin/docker-registry");
     if !binary.exists() {
         return Err(
@@ -724,11 +744,17 @@ pub fn start_podman_test_registry(env: &TestEnv) -> Result<PodmanTestRegistry, S
         );
     }
     let host = format!("127.0.0.1:{}", podman_free_tcp_port());
+    let auth = htpasswd.map_or_else(String::new, |path| {
+        format!(
+            "auth:\n  htpasswd:\n    realm: openshell-test\n    path: {}\n",
+            path.display()
+        )
+    });
     let config = env.write(
         "registry.yml",
         &format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {host}\n",
+             http:\n  addr: {host}\n{auth}",
             env.path().join("registry-data").display()
         ),
     );
@@ -748,7 +774,11 @@ pub fn start_podman_test_registry(env: &TestEnv) -> Result<PodmanTestRegistry, S
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(PodmanTestRegistry { proc, host })
+    Ok(PodmanTestRegistry {
+        proc,
+        host,
+        creds: None,
+    })
 }
 
 impl PodmanTestRegistry {
@@ -760,8 +790,13 @@ impl PodmanTestRegistry {
     /// Pushes [`TEST_IMAGE`] as `reference`, then removes any local image
     /// by that reference, so creating a sandbox from it means pulling.
     pub fn push_test_image(&self, reference: &str) {
-        let out = Command::new("podman")
-            .args(["push", "--tls-verify=false", TEST_IMAGE, reference])
+        let mut push = Command::new("podman");
+        push.args(["push", "--tls-verify=false"]);
+        if let Some(creds) = &self.creds {
+            push.arg("--creds").arg(creds);
+        }
+        let out = push
+            .args([TEST_IMAGE, reference])
             .output()
             .expect("run podman push");
         assert!(

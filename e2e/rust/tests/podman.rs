@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use openshell_e2e::{
     Gateway, GatewayConfig, TEST_IMAGE, TestEnv, bin, podman_free_tcp_port, remove_podman_image,
-    require_podman, start_external_podman, start_podman_test_registry, wait_until,
+    require_podman, start_external_podman, start_podman_test_registry,
+    start_podman_test_registry_with_auth, wait_until,
 };
 
 fn podman_gateway(env: &TestEnv) -> Gateway {
@@ -283,6 +284,37 @@ fn managed_podman_pulls_from_a_registry() {
         containers_named(&name).is_empty()
     });
     remove_podman_image(&reference);
+}
+
+/// A registry that wants credentials the engine does not have: the create
+/// is refused with FAILED_PRECONDITION naming the image and the missing
+/// credentials, and nothing is stored.
+#[test]
+fn managed_podman_explains_a_registry_that_wants_credentials() {
+    require_podman!();
+    let env = TestEnv::new();
+    let registry =
+        match start_podman_test_registry_with_auth(&env, "openshell-tester", "right-password") {
+            Ok(registry) => registry,
+            Err(reason) => {
+                eprintln!("skipped: {reason}");
+                return;
+            }
+        };
+    let reference = registry.reference(&format!("busybox-{}", env.suffix), "latest");
+    registry.push_test_image(&reference);
+    let gateway = pulling_gateway(&env, &[&registry.host], "missing");
+    let name = env.name("locked");
+    let out = gateway
+        .cli(&[
+            "sandbox", "create", &name, "--image", &reference, "--", "true",
+        ])
+        .fails_with(1);
+    assert!(out.stderr.contains("FAILED_PRECONDITION"), "{}", out.stderr);
+    assert!(out.stderr.contains(&reference), "{}", out.stderr);
+    assert!(out.stderr.contains("credentials"), "{}", out.stderr);
+    assert_eq!(gateway.phase(&name), None, "nothing is stored");
+    assert!(containers_named(&name).is_empty());
 }
 
 /// Under `image_pull_policy = "never"` an image the engine lacks is

@@ -39,6 +39,15 @@ macro_rules! require_vm {
             eprintln!("skipped: {reason}");
             return;
         }
+        if !["/usr/bin/passt", "/usr/local/bin/passt"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+        {
+            eprintln!(
+                "skipped: passt (apt-get install passt) is needed for the guest network checks"
+            );
+            return;
+        }
         if !Path::new("/bin/busybox").exists() {
             eprintln!(
                 "skipped: /bin/busybox (package busybox-static) is needed for the guest root"
@@ -100,6 +109,27 @@ fn lifecycle(gateway: &Gateway, env: &TestEnv, driver: &str) {
         "{info}"
     );
 
+    // The network check: a one-shot HTTP server on the host's loopback,
+    // which the guest reaches at its gateway address (passt maps it).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a host server");
+    let port = listener.local_addr().expect("its address").port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut stream, _) = listener.accept().expect("the guest connects");
+        let mut request = [0_u8; 1024];
+        let _ = stream.read(&mut request);
+        let body = "host-says-hello\n";
+        let _ = write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let script = format!(
+        "echo vm-ok > /root/marker; cat /root/marker; \
+         gw=$(ip route | awk '/^default/ {{print $3}}'); \
+         wget -q -O - http://$gw:{port}/probe; exec sleep 3600"
+    );
     let name = env.name("vm");
     let created = gateway
         .cli(&[
@@ -115,18 +145,16 @@ fn lifecycle(gateway: &Gateway, env: &TestEnv, driver: &str) {
             "--",
             "sh",
             "-c",
-            "echo vm-ok > /root/marker; cat /root/marker; exec sleep 3600",
+            &script,
         ])
         .ok()
         .json();
     assert_eq!(created["phase"], "Ready", "{created}");
     wait_until("guest output in logs", Duration::from_secs(60), || {
-        gateway
-            .cli(&["sandbox", "logs", &name])
-            .ok()
-            .stdout
-            .contains("vm-ok")
+        let logs = gateway.cli(&["sandbox", "logs", &name]).ok().stdout;
+        logs.contains("vm-ok") && logs.contains("host-says-hello")
     });
+    server.join().expect("the host server");
     assert_eq!(
         gateway
             .cli(&["-o", "json", "sandbox", "stop", &name])

@@ -135,9 +135,11 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "PATH")]
     pub passt_binary: Option<PathBuf>,
 
-    /// Upstream resolver for guests with passt networking: passt forwards
-    /// the guests' DNS queries to it (port 53); repeat for more. An address
-    /// on the host's loopback works [default: the host's /etc/resolv.conf].
+    /// DNS resolver for guests with passt networking, written into each
+    /// guest's /etc/resolv.conf as the guest reaches it through passt
+    /// (127.0.0.1 becomes the guest's gateway; other loopback addresses are
+    /// unreachable); repeat for more [default: the host's
+    /// /etc/resolv.conf].
     #[arg(long = "dns-server", value_name = "IP")]
     #[serde(default)]
     pub dns_servers: Vec<IpAddr>,

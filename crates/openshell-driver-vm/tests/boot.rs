@@ -35,6 +35,19 @@ macro_rules! require_boot {
     };
 }
 
+/// Whether guests get a passt NIC here; says why not otherwise.
+fn passt_network() -> bool {
+    let report = HostReport::check(&HostPaths::system(), None);
+    let passt = report.platform_label().ends_with("network passt");
+    if !passt {
+        eprintln!(
+            "skipped: the guest network here is not passt ({})",
+            report.platform_label()
+        );
+    }
+    passt
+}
+
 struct Guest {
     tmp: tempfile::TempDir,
     image: String,
@@ -210,12 +223,7 @@ async fn a_real_kernel_on_an_unsupported_host_is_boot_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_workdir_and_the_host_loopback_through_passt() {
     require_boot!();
-    let report = HostReport::check(&HostPaths::system(), None);
-    if !report.platform_label().ends_with("network passt") {
-        eprintln!(
-            "skipped: the guest network here is not passt ({})",
-            report.platform_label()
-        );
+    if !passt_network() {
         return;
     }
     let Some(guest) = guest() else { return };
@@ -364,12 +372,7 @@ fn dns_reply(query: &[u8], name: &str, address: [u8; 4]) -> Option<(String, Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guest_resolves_names_through_passt_to_the_configured_resolver() {
     require_boot!();
-    let report = HostReport::check(&HostPaths::system(), None);
-    if !report.platform_label().ends_with("network passt") {
-        eprintln!(
-            "skipped: the guest network here is not passt ({})",
-            report.platform_label()
-        );
+    if !passt_network() {
         return;
     }
     // Resolvers listen on port 53; passt maps the gateway to 127.0.0.1.

@@ -680,7 +680,7 @@ mod tests {
         let flagged = resolve_with(&args, sources, &file).unwrap();
         assert_eq!(flagged.watch_coalesce, Duration::ZERO);
         for bad in ["1001", "-1", "soon"] {
-            let error = parse_cli(["openshell-gateway", "--watch-coalesce-ms", bad])
+            let error = parse_cli(["openshell-gateway", &format!("--watch-coalesce-ms={bad}")])
                 .unwrap_err()
                 .to_string();
             assert!(error.contains("--watch-coalesce-ms"), "{bad}: {error}");

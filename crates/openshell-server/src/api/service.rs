@@ -310,7 +310,7 @@ impl tonic::codec::Encoder for WatchCodec {
     ) -> Result<(), Status> {
         use prost::bytes::BufMut as _;
         match item {
-            WatchItem::Event(event) => prost::Message::encode(&event, dst)
+            WatchItem::Event(event) => prost::Message::encode(&*event, dst)
                 .map_err(|e| Status::internal(format!("encode a watch event: {e}"))),
             WatchItem::Encoded(bytes) => {
                 dst.put_slice(&bytes);

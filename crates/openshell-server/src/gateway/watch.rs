@@ -77,7 +77,7 @@ const BUS_BATCH: usize = 256;
 /// feed encoded once and shared by every watch that sends it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchItem {
-    Event(gw::WatchSandboxesEvent),
+    Event(Box<gw::WatchSandboxesEvent>),
     /// An encoded `WatchSandboxesEvent`.
     Encoded(Arc<[u8]>),
 }
@@ -86,7 +86,7 @@ impl WatchItem {
     /// The event as a message (decoding a shared encoding).
     pub fn into_event(self) -> std::result::Result<gw::WatchSandboxesEvent, Status> {
         match self {
-            Self::Event(event) => Ok(event),
+            Self::Event(event) => Ok(*event),
             Self::Encoded(bytes) => gw::WatchSandboxesEvent::decode(&bytes[..])
                 .map_err(|e| Status::internal(format!("a shared watch event: {e}"))),
         }
@@ -277,9 +277,9 @@ struct PublicWatch {
 }
 
 fn event(payload: Payload) -> WatchItem {
-    WatchItem::Event(gw::WatchSandboxesEvent {
+    WatchItem::Event(Box::new(gw::WatchSandboxesEvent {
         payload: Some(payload),
-    })
+    }))
 }
 
 impl PublicWatch {

@@ -487,7 +487,9 @@ fn a_managed_driver_killed_during_200_creates_strands_no_name() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let first = gateway.driver("podman")["pid"].as_u64().expect("a managed pid");
+    let first = gateway.driver("podman")["pid"]
+        .as_u64()
+        .expect("a managed pid");
     let first_pid = u32::try_from(first).expect("pid fits");
 
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -8,7 +8,8 @@
 //! 2. with those 2000 stored: gateway RSS (from /proc), threads, and
 //!    create latency (one at a time) without watches;
 //! 3. WATCHES watches opened over CONNECTIONS connections and never read:
-//!    RSS, threads, and create latency again; then the watches closed, and
+//!    RSS, threads, and, once the gateway is idle again (the watches'
+//!    initial listings sent), create latency again; then the watches closed, and
 //!    RSS once more. Twice: held by this process (its HTTP/2 connections
 //!    still take in what their windows allow), and held by a child process
 //!    that is then stopped with SIGSTOP (nothing is taken in at all).
@@ -16,12 +17,16 @@
 //! Run: `cargo bench -p openshell-server --bench watches -- [WATCHES]
 //! [CONNECTIONS]` (default 1000 watches, each on its own connection, as
 //! 1000 `openshell sandbox watch` would be). Prints; asserts nothing.
+//!
+//! To compare two builds with one bench binary, `OPENSHELL_BENCH_GATEWAY`
+//! names another `openshell-gateway` to run, and `OPENSHELL_BENCH_GATEWAY_ARGS`
+//! adds flags to it (split at whitespace), e.g. `--watch-coalesce-ms 0`.
 
 mod support;
 use support::*;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,6 +109,29 @@ async fn settled_rss(pid: u32) -> (u64, u64) {
     last
 }
 
+/// Waits (up to two minutes) until the gateway has been idle for a second
+/// and a half (under 10% of a CPU in each half second): until held watches
+/// have sent what their clients take in of the initial listings, so the
+/// creates that follow measure the steady state. Returns how long that
+/// took.
+async fn quiet(pid: u32) -> Duration {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let mut last = cpu_time(pid);
+    let mut idle = 0;
+    while idle < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_time(pid);
+        if now.saturating_sub(last) < Duration::from_millis(50) {
+            idle += 1;
+        } else {
+            idle = 0;
+        }
+        last = now;
+    }
+    start.elapsed()
+}
+
 /// Creates `count` sandboxes one at a time; prints their create-call
 /// latency and the gateway's CPU time per create.
 async fn sequential_creates(
@@ -168,7 +196,7 @@ fn main() {
         let mut parts = spec.splitn(3, ',');
         let watches = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
         let connections = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
-        let socket = std::path::PathBuf::from(parts.next().unwrap_or_default());
+        let socket = PathBuf::from(parts.next().unwrap_or_default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -211,8 +239,14 @@ async fn run(watches: usize, connections: usize) {
             .expect("start the test driver"),
     );
     channel(&driver_socket).await;
+    let binary = std::env::var_os("OPENSHELL_BENCH_GATEWAY").map_or_else(
+        || env!("CARGO_BIN_EXE_openshell-gateway").into(),
+        PathBuf::from,
+    );
+    let extra = std::env::var("OPENSHELL_BENCH_GATEWAY_ARGS").unwrap_or_default();
+    println!("gateway: {} {extra}", binary.display());
     let gateway = Killed(
-        Command::new(env!("CARGO_BIN_EXE_openshell-gateway"))
+        Command::new(binary)
             .arg("--drivers")
             .arg(format!("bench@{}", driver_socket.display()))
             .arg("--state-dir")
@@ -220,6 +254,7 @@ async fn run(watches: usize, connections: usize) {
             .arg("--run-dir")
             .arg(dir.path().join("run"))
             .args(["--log-level", "warn", "--max-watches", "100000"])
+            .args(extra.split_whitespace())
             .env_remove("OPENSHELL_DRIVERS")
             .stdin(Stdio::null())
             .spawn()
@@ -341,6 +376,10 @@ async fn run(watches: usize, connections: usize) {
         mib(rss_held),
         mib(rss_held) - mib(rss),
     );
+    println!(
+        "  gateway busy sending the initial listings: quiet after {:.1} s",
+        quiet(pid).await.as_secs_f64()
+    );
     sequential_creates(&mut client, pid, "watched", LATENCY_CREATES).await;
     let (rss_after_creates, _) = rss_and_threads(pid);
     println!(
@@ -387,6 +426,10 @@ async fn run(watches: usize, connections: usize) {
         mib(rss_stopped),
         mib(rss_stopped) - mib(rss_closed),
         mib(rss_closed),
+    );
+    println!(
+        "  gateway quiet after {:.1} s more",
+        quiet(pid).await.as_secs_f64()
     );
     sequential_creates(&mut client, pid, "stopped", LATENCY_CREATES).await;
     let (rss_stopped_after, _) = settled_rss(pid).await;

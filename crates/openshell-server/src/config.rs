@@ -151,6 +151,13 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_watches: Option<u32>,
 
+    /// Milliseconds the gateway gathers sandbox changes before waking the
+    /// open WatchSandboxes streams, so a burst of changes wakes each once;
+    /// watches hear of a change up to this much later (0: at once)
+    /// [default: 5].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub watch_coalesce_ms: Option<u32>,
+
     /// Resolve and print the configuration, then exit without starting
     /// anything.
     #[arg(long)]
@@ -231,6 +238,7 @@ pub struct GatewayTable {
     pub driver_probe_interval: Option<Duration>,
     pub driver_probe_timeout: Option<Duration>,
     pub max_watches: Option<u32>,
+    pub watch_coalesce_ms: Option<u32>,
 }
 
 /// A parsed `gateway.toml`.
@@ -298,6 +306,7 @@ mod raw {
         pub driver_probe_interval_secs: Option<Seconds>,
         pub driver_probe_timeout_secs: Option<Seconds>,
         pub max_watches: Option<Count>,
+        pub watch_coalesce_ms: Option<Millis>,
     }
 
     /// `[openshell.drivers.NAME]`: the keys the gateway reads, and the rest
@@ -389,6 +398,17 @@ mod raw {
         Some(n) if (1..=1_000_000).contains(&n) => u32::try_from(n).map_err(|e| e.to_string()),
         Some(n) => Err(format!("must be between 1 and 1000000, not {n}")),
         None => Err(format!("must be a whole number, not {}", kind(value))),
+    });
+
+    leaf!(Millis, u32, |value| match value.as_integer() {
+        Some(n) if (0..=1000).contains(&n) => u32::try_from(n).map_err(|e| e.to_string()),
+        Some(n) => Err(format!(
+            "must be a whole number of milliseconds from 0 to 1000, not {n}"
+        )),
+        None => Err(format!(
+            "must be a whole number of milliseconds, not {}",
+            kind(value)
+        )),
     });
 
     leaf!(Format, LogFormat, |value| {
@@ -607,6 +627,7 @@ impl FileConfig {
                 driver_probe_interval: gw.driver_probe_interval_secs.map(|v| v.0),
                 driver_probe_timeout: gw.driver_probe_timeout_secs.map(|v| v.0),
                 max_watches: gw.max_watches.map(|v| v.0),
+                watch_coalesce_ms: gw.watch_coalesce_ms.map(|v| v.0),
             };
         }
         let tables = openshell.drivers.unwrap_or_default();
@@ -728,6 +749,7 @@ mod tests {
             driver_connect_timeout_secs = 0.5
             reconcile_interval_secs = 10
             orphan_grace_secs = 2
+            watch_coalesce_ms = 0
             [openshell.drivers.podman]
             binary = "/opt/os/openshell-driver-podman"
             ready_timeout_secs = 20
@@ -744,6 +766,7 @@ mod tests {
         );
         assert_eq!(gw.log_format, Some(LogFormat::Json));
         assert_eq!(gw.driver_connect_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(gw.watch_coalesce_ms, Some(0));
         let podman = &config.drivers["podman"];
         assert_eq!(podman.ready_timeout, Some(Duration::from_secs(20)));
         assert_eq!(
@@ -848,6 +871,18 @@ mod tests {
             (
                 "[openshell.drivers.\"my driver\"]\nsocket_path = \"/x.sock\"",
                 "[openshell.drivers.\"my driver\"]",
+            ),
+            (
+                "[openshell.gateway]\nwatch_coalesce_ms = 1001",
+                "openshell.gateway.watch_coalesce_ms must be a whole number of milliseconds from 0 to 1000, not 1001",
+            ),
+            (
+                "[openshell.gateway]\nwatch_coalesce_ms = -1",
+                "openshell.gateway.watch_coalesce_ms must be a whole number of milliseconds from 0 to 1000, not -1",
+            ),
+            (
+                "[openshell.gateway]\nwatch_coalesce_ms = 2.5",
+                "openshell.gateway.watch_coalesce_ms must be a whole number of milliseconds, not a float",
             ),
         ];
         for (text, expected) in cases {

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::listen::ListenAddr;
-use crate::api::service::GatewayService;
+use crate::api::service::{GatewayRoutes, GatewayService};
 use crate::drivers::acquire::{self, AcquireContext};
 use crate::drivers::plan::{Acquisition, DriverPlan};
 use crate::drivers::registry::{DriverRuntime, PendingDriver, Registry, RuntimeOptions};
@@ -452,7 +452,8 @@ pub async fn run(settings: Settings) -> Result<()> {
             settings.timeouts,
             address.clone(),
         )
-        .with_max_watches(settings.max_watches),
+        .with_max_watches(settings.max_watches)
+        .with_watch_coalesce(settings.watch_coalesce),
     );
     let mut watchers = Watchers::default();
     let started = tokio::select! {
@@ -576,7 +577,7 @@ async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = GatewayService::server(Arc::clone(gateway));
+    let service = GatewayRoutes::new(Arc::clone(gateway));
     let mut builder = tonic::transport::Server::builder();
     if let Listener::Tcp(_, Some(tls)) = &listener {
         builder = match builder.tls_config(tls.clone()) {

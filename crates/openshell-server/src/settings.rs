@@ -34,6 +34,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// Most public watches open at once.
     pub max_watches: usize,
+    /// How long changes are gathered before open watches are woken.
+    pub watch_coalesce: Duration,
     pub config_file: Option<PathBuf>,
     /// Drivers that must be reachable for the gateway to start
     /// (`--require-driver`, `required = true`); the others may be down.
@@ -265,6 +267,12 @@ pub fn resolve_with(cli: &Cli, sources: CliSources, file: &FileConfig) -> Result
             .or(gw.max_watches)
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(crate::gateway::watch::DEFAULT_MAX_WATCHES),
+        watch_coalesce: cli
+            .watch_coalesce_ms
+            .or(gw.watch_coalesce_ms)
+            .map_or(crate::gateway::watch::DEFAULT_WATCH_COALESCE, |ms| {
+                Duration::from_millis(u64::from(ms))
+            }),
         config_file: (!file.path.as_os_str().is_empty()).then(|| file.path.clone()),
         required_drivers,
     })
@@ -383,6 +391,11 @@ impl Settings {
             self.timeouts.driver_call, self.timeouts.driver_connect
         );
         let _ = writeln!(out, "max watches: {}", self.max_watches);
+        let _ = writeln!(
+            out,
+            "watch coalescing: {} ms",
+            self.watch_coalesce.as_millis()
+        );
         for (i, plan) in self.drivers.iter().enumerate() {
             let default = if i == 0 { " (default)" } else { "" };
             let _ = writeln!(out, "driver {}{default}: {}", plan.name, plan.describe());
@@ -644,6 +657,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("--listen: listen address"), "{message}");
+    }
+
+    #[test]
+    fn watch_coalescing_comes_from_the_flag_the_file_or_the_default() {
+        let none = FileConfig::default();
+        let file = parse("[openshell.gateway]\nwatch_coalesce_ms = 20\n").unwrap();
+        let (args, sources) = cli(&["--drivers", "vm"]);
+        let default = resolve_with(&args, sources, &none).unwrap();
+        assert_eq!(
+            default.watch_coalesce,
+            crate::gateway::watch::DEFAULT_WATCH_COALESCE
+        );
+        assert!(
+            default.describe().contains("watch coalescing: 5 ms"),
+            "{}",
+            default.describe()
+        );
+        let from_file = resolve_with(&args, sources, &file).unwrap();
+        assert_eq!(from_file.watch_coalesce, Duration::from_millis(20));
+        let (args, sources) = cli(&["--drivers", "vm", "--watch-coalesce-ms", "0"]);
+        let flagged = resolve_with(&args, sources, &file).unwrap();
+        assert_eq!(flagged.watch_coalesce, Duration::ZERO);
+        for bad in ["1001", "-1", "soon"] {
+            let error = parse_cli(["openshell-gateway", &format!("--watch-coalesce-ms={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--watch-coalesce-ms"), "{bad}: {error}");
+        }
     }
 
     // Selection from every source at once: flags, environment and file.

@@ -325,8 +325,9 @@ async fn wait_calls(driver: &AttachedDriver, rpc: &str, count: usize) {
 }
 
 /// Item 7: creates cut off by a driver that dies say UNAVAILABLE (not
-/// CANCELLED); once a fresh driver is back, the names are free again,
-/// and rows of creates it never got are removed.
+/// CANCELLED) and stay in Error while no driver can say whether it made
+/// them; once a fresh driver is back, the names are free again, and rows
+/// of creates it never got are removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creates_cut_off_by_a_dead_driver_say_unavailable_and_free_their_names() {
     let dirs = Dirs::new();
@@ -351,6 +352,19 @@ async fn creates_cut_off_by_a_dead_driver_say_unavailable_and_free_their_names()
     for create in creates {
         let result = create.await.expect("create task");
         assert_status(result, Code::Unavailable, &["driver 'd'"]);
+    }
+    // The driver may have made them before it died: until a driver says
+    // otherwise, each stays in Error (CreateFailed), not removed.
+    let mut client = gateway.client().await;
+    for name in &names {
+        let row = get(&mut client, name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} is kept: {e}"));
+        assert_eq!(row.phase, SandboxPhase::Error as i32, "{name}: {row:?}");
+        assert!(
+            row.conditions.iter().any(|c| c.reason == "CreateFailed"),
+            "{name}: {row:?}"
+        );
     }
 
     // A fresh driver that never had them.

@@ -437,3 +437,187 @@ fn a_lost_database_leaves_orphans_the_cli_can_adopt_and_delete() {
         .cli(&["sandbox", "create", "o2", "--", "sleep", "60"])
         .ok();
 }
+
+/// `sandbox list -o json` as (name, phase, condition reasons).
+fn listed(gateway: &Gateway) -> Vec<(String, String, Vec<String>)> {
+    let list = gateway.cli(&["-o", "json", "sandbox", "list"]).ok().json();
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| {
+            let reasons = s["conditions"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter_map(|c| c["reason"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                s["name"].as_str().unwrap_or_default().to_owned(),
+                s["phase"].as_str().unwrap_or_default().to_owned(),
+                reasons,
+            )
+        })
+        .collect()
+}
+
+/// Item 7 at full scale: a managed driver (the test driver, run by the
+/// gateway in place of podman's) frozen and then SIGKILLed while
+/// 200 creates run, 32 at a time, through the CLI. Every create that failed
+/// says UNAVAILABLE (never CANCELLED); once the driver is respawned, an
+/// Error row can be deleted, every row becomes Ready or goes away (none
+/// stays in Error for a sandbox the new driver never had), and every name
+/// whose create failed can be created again.
+#[test]
+fn a_managed_driver_killed_during_200_creates_strands_no_name() {
+    const CREATES: usize = 200;
+    const IN_FLIGHT: usize = 32;
+    let env = TestEnv::new();
+    let toml = format!(
+        "[openshell.gateway]\ncompute_drivers = [\"podman\"]\nreconcile_interval_secs = 0.3\n\
+         orphan_grace_secs = 0.3\n\n[openshell.drivers.podman]\nbinary = \"{}\"\n",
+        bin::test_driver().display()
+    );
+    let gateway = Gateway::start(
+        &env,
+        &GatewayConfig {
+            toml: Some(toml),
+            ..GatewayConfig::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let first = gateway.driver("podman")["pid"]
+        .as_u64()
+        .expect("a managed pid");
+    let first_pid = u32::try_from(first).expect("pid fits");
+
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let next = std::sync::Arc::clone(&next);
+            let done = std::sync::Arc::clone(&done);
+            let address = gateway.address();
+            std::thread::spawn(move || {
+                let mut results = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= CREATES {
+                        return results;
+                    }
+                    let name = format!("burst-{i:03}");
+                    let out = std::process::Command::new(bin::cli())
+                        .args(["--gateway", &address, "sandbox", "create", &name])
+                        .args(["--no-wait", "--", "sleep", "600"])
+                        .stdin(std::process::Stdio::null())
+                        .output()
+                        .expect("run openshell");
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    results.push((
+                        name,
+                        out.status.success(),
+                        String::from_utf8_lossy(&out.stderr).into_owned(),
+                    ));
+                }
+            })
+        })
+        .collect();
+    // Some creates done, most still to come: freeze the driver so the
+    // creates sent to it hang there, then kill it under them.
+    wait_until("the first creates", Duration::from_secs(120), || {
+        done.load(std::sync::atomic::Ordering::SeqCst) >= 20
+    });
+    signal(first_pid, Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    kill(first_pid);
+    let results: Vec<(String, bool, String)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a create worker"))
+        .collect();
+    assert_eq!(results.len(), CREATES);
+
+    let failed: Vec<&(String, bool, String)> = results.iter().filter(|(_, ok, _)| !ok).collect();
+    assert!(
+        !failed.is_empty(),
+        "creates sent to the frozen driver failed when it was killed"
+    );
+    for (name, _, stderr) in &failed {
+        assert!(
+            stderr.contains("UNAVAILABLE") && !stderr.contains("CANCELLED"),
+            "{name}: {stderr}"
+        );
+    }
+    eprintln!(
+        "{} of {CREATES} creates failed, all UNAVAILABLE",
+        failed.len()
+    );
+
+    wait_until(
+        "the managed driver respawned",
+        Duration::from_secs(60),
+        || {
+            let driver = gateway.driver("podman");
+            driver["state"] == "Ready"
+                && driver["pid"].as_u64() != Some(first)
+                && driver["restarts"].as_u64() >= Some(1)
+        },
+    );
+
+    // An Error row can be deleted whatever its create did: gone, or gone
+    // already because the gateway cleared it first.
+    let errors: Vec<String> = listed(&gateway)
+        .into_iter()
+        .filter(|(_, phase, _)| phase == "Error")
+        .map(|(name, _, _)| name)
+        .collect();
+    eprintln!("{} Error rows after the respawn", errors.len());
+    for name in errors.iter().step_by(2) {
+        let out = gateway.cli(&["sandbox", "delete", name]);
+        assert!(
+            out.status.success() || out.stderr.contains("NOT_FOUND"),
+            "delete {name}: {}",
+            out.stderr
+        );
+        assert_eq!(gateway.phase(name), None, "{name} is gone");
+    }
+
+    // No row stays in Error: each is Ready (the driver has it) or gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stuck: Vec<_> = listed(&gateway)
+            .into_iter()
+            .filter(|(_, phase, _)| phase != "Ready")
+            .collect();
+        if stuck.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows neither Ready nor gone 60 s after the respawn: {stuck:?}\n{}",
+            gateway.proc.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Every name whose create failed can be used: created again, or Ready
+    // because the create reached the driver after all.
+    let mut again = 0;
+    for (name, _, _) in &failed {
+        let out = gateway.cli(&["sandbox", "create", name, "--no-wait", "--", "sleep", "600"]);
+        if out.status.success() {
+            again += 1;
+        } else {
+            assert!(
+                out.stderr.contains("ALREADY_EXISTS")
+                    && gateway.phase(name).as_deref() == Some("Ready"),
+                "create {name} again: {}",
+                out.stderr
+            );
+        }
+    }
+    eprintln!("{again} failed names created again");
+    for (name, _, _) in &failed {
+        gateway.wait_phase(name, "Ready", Duration::from_secs(60));
+    }
+}

@@ -6,6 +6,10 @@
 //! [`MAX_MESSAGE_BYTES`] both ways, and every error message is cut to
 //! [`MAX_ERROR_MESSAGE_BYTES`]: it travels in an HTTP/2 header, and a
 //! client refuses a header much larger than that.
+//!
+//! [`GatewayRoutes`] is what the gateway serves: the generated server, but
+//! WatchSandboxes with a codec that sends a change every watch shares
+//! as the bytes encoded once for all of them.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,11 +18,13 @@ use futures::Stream;
 use openshell_driver_kit::contract::truncate;
 use openshell_proto::gateway::v1::{self as gw, gateway_server};
 use openshell_wire::limits::{MAX_ERROR_MESSAGE_BYTES, MAX_MESSAGE_BYTES};
+use tonic::codegen::{Service, http};
 use tonic::{Request, Response, Status};
 
 use crate::api::validate;
 use crate::error::Error;
 use crate::gateway::Gateway;
+use crate::gateway::watch::WatchItem;
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -169,7 +175,7 @@ impl gateway_server::Gateway for GatewayService {
             .map_err(bounded)?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             events,
-            |event| event.map_err(bounded),
+            |item| item.and_then(WatchItem::into_event).map_err(bounded),
         ))))
     }
 
@@ -193,6 +199,138 @@ impl gateway_server::Gateway for GatewayService {
         _request: Request<gw::GetGatewayInfoRequest>,
     ) -> Result<Response<gw::GatewayInfo>, Status> {
         Ok(Response::new(self.gateway.info()))
+    }
+}
+
+const WATCH_PATH: &str = "/openshell.gateway.v1.Gateway/WatchSandboxes";
+
+/// The gateway's gRPC service as served: every method as the generated
+/// server handles it, except WatchSandboxes, whose events go out through
+/// [`WatchCodec`] so that a change fanned out to many watches is encoded
+/// once rather than once per watch.
+#[derive(Debug, Clone)]
+pub struct GatewayRoutes {
+    generated: gateway_server::GatewayServer<GatewayService>,
+    gateway: Arc<Gateway>,
+}
+
+impl GatewayRoutes {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self {
+            generated: GatewayService::server(Arc::clone(&gateway)),
+            gateway,
+        }
+    }
+}
+
+impl tonic::server::NamedService for GatewayRoutes {
+    const NAME: &'static str = gateway_server::SERVICE_NAME;
+}
+
+type RouteFuture = Pin<
+    Box<
+        dyn Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>>
+            + Send,
+    >,
+>;
+
+impl Service<http::Request<tonic::body::Body>> for GatewayRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return self.generated.call(request);
+        }
+        let method = WatchMethod(Arc::clone(&self.gateway));
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), Some(MAX_MESSAGE_BYTES));
+            Ok(grpc.server_streaming(method, request).await)
+        })
+    }
+}
+
+/// WatchSandboxes, answered with [`WatchItem`]s.
+struct WatchMethod(Arc<Gateway>);
+
+impl tonic::server::ServerStreamingService<gw::WatchSandboxesRequest> for WatchMethod {
+    type Response = WatchItem;
+    type ResponseStream = BoxStream<WatchItem>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Response<Self::ResponseStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<gw::WatchSandboxesRequest>) -> Self::Future {
+        let gateway = Arc::clone(&self.0);
+        Box::pin(async move {
+            let items = gateway.watch(request.into_inner()).await.map_err(bounded)?;
+            let items: BoxStream<WatchItem> =
+                Box::pin(futures::StreamExt::map(items, |item| item.map_err(bounded)));
+            Ok(Response::new(items))
+        })
+    }
+}
+
+/// Decodes WatchSandboxes requests and encodes [`WatchItem`]s: a message
+/// as prost would, shared bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct WatchCodec;
+
+impl tonic::codec::Codec for WatchCodec {
+    type Encode = WatchItem;
+    type Decode = gw::WatchSandboxesRequest;
+    type Encoder = WatchCodec;
+    type Decoder = WatchCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl tonic::codec::Encoder for WatchCodec {
+    type Item = WatchItem;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: WatchItem,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use prost::bytes::BufMut as _;
+        match item {
+            WatchItem::Event(event) => prost::Message::encode(&*event, dst)
+                .map_err(|e| Status::internal(format!("encode a watch event: {e}"))),
+            WatchItem::Encoded(bytes) => {
+                dst.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl tonic::codec::Decoder for WatchCodec {
+    type Item = gw::WatchSandboxesRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Status> {
+        <gw::WatchSandboxesRequest as prost::Message>::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decode a watch request: {e}")))
     }
 }
 

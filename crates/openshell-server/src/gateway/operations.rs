@@ -265,10 +265,10 @@ impl Gateway {
     /// driver may hold resources that could not be removed, in which case
     /// it stays in Error so the user can see and delete it.
     async fn create_failed(&self, runtime: &DriverRuntime, row: &SandboxRow, error: &Error) {
-        // A driver that did not answer cannot be asked to clean up now (and
-        // a second call would double the wait): the row stays in Error, and
-        // reconcile removes it once the driver confirms it never had it.
-        let cleaned = if ambiguous(error) && answered(error) {
+        let cleaned = if !ambiguous(error) {
+            // The driver refused the create: it holds nothing.
+            true
+        } else if answered(error) {
             match runtime
                 .guarded(runtime.driver.delete(&row.id, &row.name))
                 .await
@@ -281,7 +281,13 @@ impl Gateway {
                 }
             }
         } else {
-            true
+            // A driver that did not answer (it died, froze or timed out
+            // under the call) may have made the sandbox, and cannot be
+            // asked to clean up now (a second call would double the wait):
+            // the row stays in Error, and reconcile follows the driver once
+            // it answers again: Ready if it has the sandbox, removed if it
+            // confirms it never had it.
+            false
         };
         let outcome = if cleaned {
             self.remove_row(&row.id).await.map(drop)

@@ -3,8 +3,10 @@
 //!
 //! A watch is pulled, not pushed: it does work only when its client's
 //! stream has room for more (the HTTP/2 window), so a client that stops
-//! reading costs one page of buffered events at most, however much
-//! changes. It reads changes from the store's [`Feed`](crate::state::store::Feed)
+//! reading costs one page of buffered events in the watch at most, however
+//! much changes. (Below it, the HTTP/2 layer holds what the client's window
+//! allows but its socket does not take, up to h2's per-stream send buffer,
+//! 400 KiB, which tonic's server does not let the gateway lower.) It reads changes from the store's [`Feed`](crate::state::store::Feed)
 //! (every committed change, in commit order, shared by every watch) at its
 //! own position; a watch that fell behind the feed catches up from the
 //! database: the current rows changed, and the tombstones of rows deleted,
@@ -18,18 +20,38 @@
 //! condition. Platform events are forwarded to watches that keep up; one
 //! that falls behind the gateway's event bus misses them.
 //!
+//! Watches are woken in batches: a change committed by a request wakes one
+//! pacer task, not every watch, so a create's reply never waits on the
+//! fan-out; the pacer waits `watch_coalesce_ms` (default
+//! [`DEFAULT_WATCH_COALESCE`]) for more changes, then wakes every watch once
+//! for all of them. A watch therefore hears of a change up to that long
+//! after its commit, and a burst of changes costs each watch one wake-up
+//! (and its connection one write) instead of one per change. 0 wakes the
+//! watches as soon as the pacer runs.
+//!
+//! A change from the feed is translated and encoded once, by the first
+//! watch that sends it, and the bytes are shared by every other watch that
+//! sends it with the same driver availability condition
+//! ([`WatchItem::Encoded`], sent as they are by the API's watch codec):
+//! 1000 watches cost one encoding per change, not 1000. Listings and
+//! catch-up pages are encoded per watch.
+//!
 //! At most `max_watches` watches are open at once; one more is refused
 //! with `RESOURCE_EXHAUSTED`.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use openshell_driver_kit::contract::truncate;
 use openshell_proto::gateway::v1::{self as gw, watch_sandboxes_event::Payload};
 use openshell_wire::limits::ECHO_BYTES;
+use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::{BusEvent, Gateway};
@@ -41,6 +63,10 @@ use crate::state::store::{Change, FeedEntry, ListQuery, SandboxRow, Since, Store
 /// `max_watches`).
 pub const DEFAULT_MAX_WATCHES: usize = 1024;
 
+/// How long the pacer gathers changes before waking the watches, unless
+/// configured otherwise (`--watch-coalesce-ms`, `watch_coalesce_ms`).
+pub const DEFAULT_WATCH_COALESCE: Duration = Duration::from_millis(5);
+
 /// Rows per database read of a watch...
 const PAGE_ROWS: usize = 16;
 /// ...and about how many bytes of them: what a watch buffers at most
@@ -49,17 +75,42 @@ const PAGE_BYTES: usize = 16 * 1024;
 /// Bus events a watch takes in one go.
 const BUS_BATCH: usize = 256;
 
-/// The stream a public watch returns.
-pub type WatchStream =
-    Pin<Box<dyn Stream<Item = std::result::Result<gw::WatchSandboxesEvent, Status>> + Send>>;
+/// One event of a public watch: a message of its own, or a change from the
+/// feed encoded once and shared by every watch that sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchItem {
+    Event(Box<gw::WatchSandboxesEvent>),
+    /// An encoded `WatchSandboxesEvent`.
+    Encoded(Arc<[u8]>),
+}
 
-/// How many watches may be open, and how many database reads they may
-/// make at once.
+impl WatchItem {
+    /// The event as a message (decoding a shared encoding).
+    pub fn into_event(self) -> std::result::Result<gw::WatchSandboxesEvent, Status> {
+        match self {
+            Self::Event(event) => Ok(*event),
+            Self::Encoded(bytes) => gw::WatchSandboxesEvent::decode(&bytes[..])
+                .map_err(|e| Status::internal(format!("a shared watch event: {e}"))),
+        }
+    }
+}
+
+/// The stream a public watch returns.
+pub type WatchStream = Pin<Box<dyn Stream<Item = std::result::Result<WatchItem, Status>> + Send>>;
+
+/// How many watches may be open, how many database reads they may make at
+/// once, and how they are woken.
 #[derive(Debug)]
 pub struct WatchLimits {
     max: usize,
     slots: Arc<Semaphore>,
     reads: Arc<Semaphore>,
+    /// How long the pacer gathers changes before waking the watches.
+    coalesce: Duration,
+    /// The feed's head as the pacer last passed it on: what watches wait on.
+    paced: Arc<watch::Sender<u64>>,
+    /// Whether the pacer was started (on the first watch).
+    pacing: AtomicBool,
 }
 
 impl WatchLimits {
@@ -68,6 +119,9 @@ impl WatchLimits {
             max,
             slots: Arc::new(Semaphore::new(max)),
             reads: Arc::new(Semaphore::new(WATCH_READERS)),
+            coalesce: DEFAULT_WATCH_COALESCE,
+            paced: Arc::new(watch::Sender::new(0)),
+            pacing: AtomicBool::new(false),
         }
     }
 
@@ -87,8 +141,31 @@ impl Gateway {
     /// This gateway with at most `max` watches open at once.
     #[must_use]
     pub fn with_max_watches(mut self, max: usize) -> Self {
-        self.watches = WatchLimits::new(max);
+        self.watches.max = max;
+        self.watches.slots = Arc::new(Semaphore::new(max));
         self
+    }
+
+    /// This gateway waking its watches at most once per `every` (0: as
+    /// soon as a change is committed).
+    #[must_use]
+    pub fn with_watch_coalesce(mut self, every: Duration) -> Self {
+        self.watches.coalesce = every;
+        self
+    }
+
+    /// Starts the pacer, once: from the first watch, so that it runs on
+    /// the runtime serving the watches.
+    fn start_pacer(&self) {
+        if self.watches.pacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(pace(
+            self.store.feed().subscribe(),
+            Arc::clone(&self.watches.paced),
+            self.watches.coalesce,
+            self.shutdown.clone(),
+        ));
     }
 
     /// Starts a public watch: the matching sandboxes, `synced`, then changes.
@@ -127,6 +204,7 @@ impl Gateway {
                     self.watches.max
                 ))
             })?;
+        self.start_pacer();
         let name = (!request.name.is_empty()).then_some(request.name);
         let watch = PublicWatch::new(Arc::clone(self), driver, name, slot);
         let events = futures::stream::unfold(watch, |mut watch| async move {
@@ -135,6 +213,33 @@ impl Gateway {
         Ok(Box::pin(
             events.take_until(self.shutdown.clone().cancelled_owned()),
         ))
+    }
+}
+
+/// Passes the feed's head on to `paced` once per burst of changes: wakes
+/// on a change, waits `every` for more, then wakes every watch once. Ends
+/// at shutdown or when the feed is gone.
+async fn pace(
+    mut feed: watch::Receiver<u64>,
+    paced: Arc<watch::Sender<u64>>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = feed.changed() => if changed.is_err() { return },
+        }
+        if !every.is_zero() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+        // Marks every change up to here seen: one pushed after this wakes
+        // the next round.
+        let head = *feed.borrow_and_update();
+        paced.send_replace(head);
     }
 }
 
@@ -159,7 +264,7 @@ struct PublicWatch {
     ahead: HashMap<String, u64>,
     ahead_max: u64,
     /// Events ready to go: at most about one page.
-    pending: VecDeque<gw::WatchSandboxesEvent>,
+    pending: VecDeque<WatchItem>,
     listings: VecDeque<Listing>,
     synced: bool,
     /// Behind the feed: catch up from the database.
@@ -173,10 +278,10 @@ struct PublicWatch {
     _slot: OwnedSemaphorePermit,
 }
 
-fn event(payload: Payload) -> gw::WatchSandboxesEvent {
-    gw::WatchSandboxesEvent {
+fn event(payload: Payload) -> WatchItem {
+    WatchItem::Event(Box::new(gw::WatchSandboxesEvent {
         payload: Some(payload),
-    }
+    }))
 }
 
 impl PublicWatch {
@@ -188,7 +293,7 @@ impl PublicWatch {
     ) -> Self {
         // Subscribe before reading anything, so nothing falls between.
         let bus = gateway.subscribe();
-        let feed = gateway.store.feed().subscribe();
+        let feed = gateway.watches.paced.subscribe();
         let cursor = gateway.store.feed().head();
         Self {
             driver,
@@ -218,7 +323,7 @@ impl PublicWatch {
     }
 
     /// The next event; `None` ends the stream.
-    async fn next(&mut self) -> Option<std::result::Result<gw::WatchSandboxesEvent, Status>> {
+    async fn next(&mut self) -> Option<std::result::Result<WatchItem, Status>> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(Ok(event));
@@ -259,7 +364,7 @@ impl PublicWatch {
             return Ok(true);
         }
         // Mark the feed seen before reading it, so a change pushed after
-        // this read wakes the wait.
+        // this read wakes the wait (the pacer passes it on after the push).
         self.feed.borrow_and_update();
         match self
             .gateway
@@ -277,9 +382,9 @@ impl PublicWatch {
             }
             Since::Entries(entries) if entries.is_empty() => Ok(false),
             Since::Entries(entries) => {
-                for FeedEntry { seq, change } in entries {
-                    self.emit(seq, &change);
-                    self.advance(seq);
+                for entry in entries {
+                    self.emit_shared(&entry);
+                    self.advance(entry.seq);
                 }
                 Ok(true)
             }
@@ -367,14 +472,77 @@ impl PublicWatch {
         }
     }
 
+    /// The availability condition of `driver`'s sandboxes now, noted as
+    /// the one sent.
+    fn condition(&mut self, driver: &str) -> Option<gw::Condition> {
+        let condition = self.gateway.registry.condition_for(driver);
+        if self.conditions.get(driver) != Some(&condition) {
+            self.conditions.insert(driver.to_owned(), condition.clone());
+        }
+        condition
+    }
+
     /// The public view of a row, noting the availability condition sent.
     fn view(&mut self, row: &SandboxRow) -> gw::Sandbox {
-        let condition = self.gateway.registry.condition_for(&row.driver);
-        if self.conditions.get(&row.driver) != Some(&condition) {
-            self.conditions
-                .insert(row.driver.clone(), condition.clone());
-        }
+        let condition = self.condition(&row.driver);
         translate::public_sandbox(row, condition)
+    }
+
+    /// Queues what a change from the feed means to this watch's client,
+    /// as the encoding every watch shares: made by the first watch that
+    /// sends it, again only by a watch that sees another availability
+    /// condition for its driver than the one it was made with.
+    fn emit_shared(&mut self, entry: &FeedEntry) {
+        let FeedEntry {
+            seq,
+            change,
+            encoded,
+        } = entry;
+        if !self.wants(change.driver(), change.name()) {
+            return;
+        }
+        let (payload, condition) = match &**change {
+            Change::Upsert(row) => {
+                if self.ahead.get(&row.id).is_some_and(|sent| sent >= seq) {
+                    return;
+                }
+                let condition = self.condition(&row.driver);
+                if let Some((made_with, bytes)) = encoded.get()
+                    && *made_with == condition
+                {
+                    self.pending
+                        .push_back(WatchItem::Encoded(Arc::clone(bytes)));
+                    return;
+                }
+                (
+                    Payload::Sandbox(translate::public_sandbox(row, condition.clone())),
+                    condition,
+                )
+            }
+            Change::Deleted { id, name, .. } => {
+                self.ahead.remove(id);
+                if let Some((_, bytes)) = encoded.get() {
+                    self.pending
+                        .push_back(WatchItem::Encoded(Arc::clone(bytes)));
+                    return;
+                }
+                (
+                    Payload::Deleted(gw::SandboxDeleted {
+                        id: id.clone(),
+                        name: name.clone(),
+                    }),
+                    None,
+                )
+            }
+        };
+        let bytes: Arc<[u8]> = gw::WatchSandboxesEvent {
+            payload: Some(payload),
+        }
+        .encode_to_vec()
+        .into();
+        // Another watch may have made it meanwhile: either is right.
+        let _ = encoded.set((condition, Arc::clone(&bytes)));
+        self.pending.push_back(WatchItem::Encoded(bytes));
     }
 
     /// Queues what a change means to this watch's client.
@@ -500,5 +668,78 @@ impl PublicWatch {
             self.lagged = false;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a pacer gathering for `every`, and a watcher that reports each
+    /// head it is woken with.
+    fn paced(
+        every: Duration,
+    ) -> (
+        watch::Sender<u64>,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let feed = watch::Sender::new(0);
+        let paced = Arc::new(watch::Sender::new(0));
+        let stop = CancellationToken::new();
+        let mut woken = paced.subscribe();
+        let pacer = tokio::spawn(pace(feed.subscribe(), paced, every, stop.clone()));
+        let (report, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while woken.changed().await.is_ok() {
+                let _ = report.send(*woken.borrow_and_update());
+            }
+        });
+        (feed, seen, stop, pacer)
+    }
+
+    /// Lets every other task run.
+    async fn settle() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Ten changes pushed one by one, each giving the pacer and the watcher
+    /// a chance to run, wake the watcher once, with the last of them; a
+    /// change after that wakes it again.
+    #[tokio::test]
+    async fn a_burst_of_changes_wakes_a_watch_once() {
+        let (feed, mut seen, stop, pacer) = paced(Duration::from_secs(1));
+        for seq in 1..=10 {
+            feed.send_replace(seq);
+            settle().await;
+        }
+        assert_eq!(seen.recv().await, Some(10), "the whole burst at once");
+        feed.send_replace(11);
+        assert_eq!(seen.recv().await, Some(11), "a later change wakes it too");
+        stop.cancel();
+        pacer.await.expect("pacer");
+        assert_eq!(seen.recv().await, None, "no other wake-up");
+    }
+
+    /// With no gathering, every change still reaches the watcher, the last
+    /// one last.
+    #[tokio::test]
+    async fn without_coalescing_changes_pass_at_once() {
+        let (feed, mut seen, stop, pacer) = paced(Duration::ZERO);
+        let mut last = 0;
+        for seq in 1..=10 {
+            feed.send_replace(seq);
+            settle().await;
+            while let Ok(head) = seen.try_recv() {
+                assert!(head > last, "{head} after {last}");
+                last = head;
+            }
+        }
+        assert_eq!(last, 10);
+        stop.cancel();
+        pacer.await.expect("pacer");
     }
 }

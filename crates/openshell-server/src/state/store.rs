@@ -216,7 +216,14 @@ pub fn row_weight(row: &SandboxRow) -> usize {
 pub struct FeedEntry {
     pub seq: u64,
     pub change: Arc<Change>,
+    /// The change as public watches send it, encoded once by the first
+    /// watch that sends it and shared by the others, with the driver
+    /// availability condition it was made with.
+    pub encoded: Arc<SharedEncoding>,
 }
+
+/// See [`FeedEntry::encoded`].
+pub type SharedEncoding = std::sync::OnceLock<(Option<gw::Condition>, Arc<[u8]>)>;
 
 /// What [`Feed::since`] found.
 #[derive(Debug)]
@@ -270,12 +277,15 @@ impl Feed {
         {
             let mut ring = self.ring();
             for (seq, change) in changes {
-                let weight = change.weight();
+                // Twice the change: its shared encoding, once a watch has
+                // sent it, is about as large.
+                let weight = change.weight() * 2;
                 ring.bytes += weight;
                 ring.entries.push_back((
                     FeedEntry {
                         seq,
                         change: Arc::new(change),
+                        encoded: Arc::default(),
                     },
                     weight,
                 ));

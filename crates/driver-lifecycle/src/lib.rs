@@ -36,7 +36,7 @@ pub use error::{LifecycleError, Result, StderrTail, error_chain};
 pub use guard::{DriverGuard, DriverHealth, ManagedDriverProcess, ShutdownReport};
 pub use server::{
     LogStderr, PeerPolicy, ServeArgs, ServeExit, ServeOptions, TcpServe, close_inherited_fds,
-    serve_uds,
+    serve_uds, tls_accept_stream,
 };
 pub use spawn::{
     DEFAULT_ENV_ALLOWLIST, DriverCommand, PARENT_PID_ENV, READY_FD_ENV, READY_LINE_PREFIX,

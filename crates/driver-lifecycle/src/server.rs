@@ -389,7 +389,7 @@ fn accept_stream(
 /// acceptor verified. Handshakes run in their own tasks (bounded by a
 /// timeout), so a slow or silent client cannot hold up the others; failed
 /// handshakes are logged with the peer address and dropped.
-fn tls_accept_stream(
+pub fn tls_accept_stream(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     cancel: CancellationToken,

@@ -26,6 +26,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::http2;
 use crate::api::listen::ListenAddr;
 use crate::api::service::{GatewayRoutes, GatewayService};
 use crate::drivers::acquire::{self, AcquireContext};
@@ -136,8 +137,8 @@ impl UdsPeers {
 /// The bound API listener.
 enum Listener {
     Unix(UnixListener, socket::BoundSocket, UdsPeers),
-    /// With its TLS configuration; `None` only under `--insecure-tcp`.
-    Tcp(TcpListener, Option<tonic::transport::ServerTlsConfig>),
+    /// With its TLS acceptor; `None` only under `--insecure-tcp`.
+    Tcp(TcpListener, Option<tokio_rustls::TlsAcceptor>),
 }
 
 impl Listener {
@@ -150,7 +151,7 @@ impl Listener {
                 .tls
                 .as_ref()
                 .map(|tls| {
-                    tls.config()
+                    tls.acceptor()
                         .map_err(|e| Error::Config(format!("--listen {addr}: {e}")))
                 })
                 .transpose()?;
@@ -577,23 +578,8 @@ async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let service = GatewayRoutes::new(Arc::clone(gateway));
-    let mut builder = tonic::transport::Server::builder();
-    if let Listener::Tcp(_, Some(tls)) = &listener {
-        builder = match builder.tls_config(tls.clone()) {
-            Ok(builder) => builder,
-            Err(error) => {
-                return (
-                    Err(Error::Config(format!(
-                        "TLS settings of the API listener: {}",
-                        crate::error::error_chain(&error)
-                    ))),
-                    None,
-                );
-            }
-        };
-    }
-    let router = builder.add_service(health_service).add_service(service);
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(GatewayRoutes::new(Arc::clone(gateway)));
     let stopping = {
         let stop = signals.stop.clone();
         let gateway = Arc::clone(gateway);
@@ -612,24 +598,41 @@ async fn serve(
     tracing::info!(address = %address, drivers = %gateway.registry.names(), "listening");
     let (serving, socket_file) = match listener {
         Listener::Unix(listener, file, peers) => (
-            tokio::spawn(
-                // Peer credentials are checked on the raw stream; then,
-                // since stock gRPC clients send the socket path as
-                // :authority, AuthorityFix lets hyper accept their requests.
-                router.serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
-                        Ok(stream) => peers.check(&stream).then(|| Ok(AuthorityFix::new(stream))),
-                        Err(error) => Some(Err(error)),
-                    }),
-                    stopping,
-                ),
-            ),
+            // Peer credentials are checked on the raw stream; then, since
+            // stock gRPC clients send the socket path as :authority,
+            // AuthorityFix lets hyper accept their requests.
+            tokio::spawn(http2::serve(
+                UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
+                    Ok(stream) => peers.check(&stream).then(|| Ok(AuthorityFix::new(stream))),
+                    Err(error) => Some(Err(error)),
+                }),
+                routes,
+                stopping,
+            )),
             Some(file),
         ),
-        Listener::Tcp(listener, _) => (
-            tokio::spawn(
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping),
-            ),
+        Listener::Tcp(listener, Some(acceptor)) => {
+            let handshakes = CancellationToken::new();
+            let incoming =
+                driver_lifecycle::tls_accept_stream(listener, acceptor, handshakes.clone());
+            (
+                tokio::spawn(async move {
+                    http2::serve(incoming, routes, stopping).await;
+                    handshakes.cancel();
+                }),
+                None,
+            )
+        }
+        Listener::Tcp(listener, None) => (
+            tokio::spawn(http2::serve(
+                TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|stream| {
+                        let _ = stream.set_nodelay(true);
+                    })
+                }),
+                routes,
+                stopping,
+            )),
             None,
         ),
     };
@@ -663,7 +666,7 @@ fn shutdown_outcome(failures: &[String]) -> Result<()> {
 /// Waits for the server to finish after a stop signal, giving open
 /// requests [`DRAIN_GRACE`].
 async fn serve_until_stopped(
-    mut serve: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    mut serve: tokio::task::JoinHandle<()>,
     signals: &Signals,
 ) -> Result<()> {
     let result = tokio::select! {
@@ -675,11 +678,7 @@ async fn serve_until_stopped(
         }
     };
     match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(Error::Internal(format!(
-            "serving the API failed: {}",
-            crate::error::error_chain(&error)
-        ))),
+        Ok(()) => Ok(()),
         Err(join) => Err(Error::Internal(format!(
             "the API server task failed: {join}"
         ))),

@@ -124,6 +124,17 @@ impl LaunchConfig {
     }
 }
 
+/// Writes `line` to this process's stderr (the driver's status pipe) in
+/// one `write`, so that a line never interleaves with what a child sharing
+/// that stderr (passt, QEMU) writes there.
+pub fn report_status(line: &StatusLine) {
+    use std::io::Write as _;
+    let text = format!("{}\n", line.render());
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+}
+
 /// First word of a status line on the VMM's stderr.
 pub const STATUS_PREFIX: &str = "@openshell-vmm";
 

@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+/// Where passt's own messages go, in the sandbox directory.
+pub const LOG_FILE: &str = "passt.log";
+
 /// How long passt gets to create its socket.
 const READY: Duration = Duration::from_secs(5);
 
@@ -191,6 +194,17 @@ pub fn write_resolv_conf(rootfs: &Path, servers: &[IpAddr]) -> Result<()> {
     std::fs::write(&path, resolv_conf(servers)).map_err(|e| Error::io("write", &path, e))
 }
 
+/// passt's messages go to `<run_dir>/passt.log`, never to the VMM's
+/// stderr: that carries the status lines the driver parses.
+fn log_file(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(LOG_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))
+}
+
 /// A running passt.
 pub struct Passt {
     child: Child,
@@ -223,6 +237,7 @@ impl Passt {
 /// may be closed to passt's unprivileged user, and a unix socket path must
 /// stay short.
 pub fn start_on_socket(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<Passt> {
+    let log = log_file(run_dir)?;
     use std::os::unix::fs::PermissionsExt as _;
     let name = run_dir
         .file_name()
@@ -249,6 +264,7 @@ pub fn start_on_socket(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<
         .arg(&socket)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(log)
         .spawn()
         .map_err(|e| Error::Spawn {
             program: binary.to_owned(),
@@ -291,7 +307,8 @@ pub fn start_on_socket(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<
 /// and the other end, for the VMM. passt's end is the only descriptor it
 /// inherits besides the standard ones: it is made inheritable here, and
 /// this process's copy is closed once passt has started.
-pub fn start_on_fd(binary: &Path, dns: &[IpAddr]) -> Result<(Passt, OwnedFd)> {
+pub fn start_on_fd(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<(Passt, OwnedFd)> {
+    let log = log_file(run_dir)?;
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     use std::os::fd::AsRawFd as _;
     let (ours, theirs) = socketpair(
@@ -312,6 +329,7 @@ pub fn start_on_fd(binary: &Path, dns: &[IpAddr]) -> Result<(Passt, OwnedFd)> {
         .arg(theirs.as_raw_fd().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(log)
         .spawn()
         .map_err(|e| Error::Spawn {
             program: binary.to_owned(),
@@ -416,7 +434,8 @@ mod tests {
             eprintln!("skipped: passt is not installed");
             return;
         };
-        let (mut passt, ours) = start_on_fd(&binary, &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut passt, ours) = start_on_fd(&binary, dir.path(), &[]).unwrap();
         assert!(passt.socket().is_none());
         // passt holds the other end: a write does not fail with EPIPE.
         let mut stream = std::os::unix::net::UnixStream::from(ours);

@@ -189,15 +189,9 @@ pub fn qemu_args(
     args
 }
 
-fn status(line: &StatusLine) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{}", line.render());
-    let _ = err.flush();
-}
-
 fn fail(error: &Error) -> u8 {
     let failure = SetupFailure::Executor;
-    status(&StatusLine::SetupFailed {
+    crate::launch::report_status(&StatusLine::SetupFailed {
         at_us: monotonic_us(),
         message: format!(
             "{}: {}",
@@ -256,7 +250,7 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
             });
         }
     };
-    status(&StatusLine::Entering {
+    crate::launch::report_status(&StatusLine::Entering {
         at_us: monotonic_us(),
     });
     let seen = Arc::new(AtomicBool::new(false));
@@ -277,7 +271,7 @@ pub fn run(config: &LaunchConfig, binary: &Path, accel: QemuAccel) -> u8 {
             // The kernel only prints the exit line after running init from
             // the root filesystem.
             if !seen.swap(true, Ordering::AcqRel) {
-                status(&StatusLine::GuestRoot {
+                crate::launch::report_status(&StatusLine::GuestRoot {
                     at_us: monotonic_us(),
                 });
             }
@@ -377,7 +371,7 @@ fn start_root_watch(
                 });
                 if below_root {
                     if !seen.swap(true, Ordering::AcqRel) {
-                        status(&StatusLine::GuestRoot {
+                        crate::launch::report_status(&StatusLine::GuestRoot {
                             at_us: monotonic_us(),
                         });
                     }

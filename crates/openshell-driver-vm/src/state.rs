@@ -10,6 +10,7 @@
 //!     rootfs/                   the guest root: overlay mount point, or a full copy (copy mode)
 //!     console.log[.1]           guest console, appended across boots
 //!     vmm.log                   VMM stderr: libkrun's log and the VMM's status lines
+//!     passt.log                 passt's own messages (kept off the status pipe)
 //!     stopped                   marker: the sandbox is stopped on purpose
 //!     exit.json                 tombstone: how the last boot ended, when it ended on its own
 //!   images/

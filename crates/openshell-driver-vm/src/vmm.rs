@@ -33,14 +33,8 @@ pub const PARENT_PID_ENV: &str = "OPENSHELL_VMM_PARENT_PID";
 /// reopening it does not truncate anything).
 const CONSOLE_PATH: &str = "/proc/self/fd/1";
 
-fn status(line: &StatusLine) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{}", line.render());
-    let _ = err.flush();
-}
-
 fn fail(failure: SetupFailure, error: &Error) -> u8 {
-    status(&StatusLine::SetupFailed {
+    crate::launch::report_status(&StatusLine::SetupFailed {
         at_us: monotonic_us(),
         message: format!(
             "{}: {}",
@@ -57,7 +51,7 @@ pub fn run(launch_file: &Path) -> u8 {
     if let Err(error) = arm_parent_death() {
         return fail(SetupFailure::ParentGone, &error);
     }
-    status(&StatusLine::Configuring {
+    crate::launch::report_status(&StatusLine::Configuring {
         at_us: monotonic_us(),
     });
     let config = match LaunchConfig::read(launch_file) {
@@ -75,7 +69,7 @@ pub fn run(launch_file: &Path) -> u8 {
         Err(error) => return fail(SetupFailure::KrunConfig, &error),
     };
     start_root_watch();
-    status(&StatusLine::Entering {
+    crate::launch::report_status(&StatusLine::Entering {
         at_us: monotonic_us(),
     });
     let error = ctx.start_enter();
@@ -145,7 +139,7 @@ fn configure(config: &LaunchConfig) -> Result<Context> {
         crate::launch::GuestNetwork::None => ctx.disable_vsock()?,
         crate::launch::GuestNetwork::Passt { binary, dns } => {
             crate::passt::write_resolv_conf(&config.rootfs, dns)?;
-            let (passt, socket) = crate::passt::start_on_fd(binary, dns)?;
+            let (passt, socket) = crate::passt::start_on_fd(binary, &config.run_dir, dns)?;
             ctx.add_passt_nic(socket)?;
             // The NIC replaces TSI.
             ctx.disable_vsock()?;
@@ -185,7 +179,7 @@ impl RootWatch {
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            status(&StatusLine::GuestRoot {
+            crate::launch::report_status(&StatusLine::GuestRoot {
                 at_us: monotonic_us(),
             });
         }

@@ -453,11 +453,22 @@ async fn failed_boot_becomes_boot_failed_with_the_console_tail() {
     );
     let tombstone = std::fs::read_to_string(dir.join("exit.json")).unwrap();
     assert!(tombstone.contains("BootFailed"), "{tombstone}");
-    assert!(
-        std::fs::read_to_string(dir.join("vmm.log"))
-            .unwrap()
-            .contains("@openshell-vmm entering")
-    );
+    let vmm_log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
+    assert!(vmm_log.contains("@openshell-vmm entering"), "{vmm_log}");
+    // Every status line arrives whole: children sharing the VMM's stderr
+    // (passt) write elsewhere.
+    for line in vmm_log.lines().filter(|l| l.contains("@openshell-vmm")) {
+        assert!(
+            openshell_driver_vm::launch::StatusLine::parse(line).is_some(),
+            "a status line mixed with other output: {line:?}\n{vmm_log}"
+        );
+    }
+    if openshell_driver_vm::preflight::find_on_path("passt").is_some() {
+        assert!(
+            dir.join("passt.log").exists(),
+            "passt writes to its own log"
+        );
+    }
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(dir.join("launch.json"))
             .unwrap()

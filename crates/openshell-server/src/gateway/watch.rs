@@ -5,8 +5,9 @@
 //! stream has room for more (the HTTP/2 window), so a client that stops
 //! reading costs one page of buffered events in the watch at most, however
 //! much changes. (Below it, the HTTP/2 layer holds what the client's window
-//! allows but its socket does not take, up to h2's per-stream send buffer,
-//! 400 KiB, which tonic's server does not let the gateway lower.) It reads changes from the store's [`Feed`](crate::state::store::Feed)
+//! allows but its socket does not take, up to the per-stream send buffer
+//! the API server sets: [`crate::api::http2::STREAM_SEND_BUFFER`].) It
+//! reads changes from the store's [`Feed`](crate::state::store::Feed)
 //! (every committed change, in commit order, shared by every watch) at its
 //! own position; a watch that fell behind the feed catches up from the
 //! database: the current rows changed, and the tombstones of rows deleted,

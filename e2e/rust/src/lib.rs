@@ -825,7 +825,7 @@ pub fn remove_podman_image(reference: &str) {
 
 /// Packs the directory `rootfs` as a one-layer OCI image (umoci, in an OCI
 /// layout under the environment's directory, with `cmd` as its default
-/// command) and copies it to `reference` in a plain-HTTP test registry
+/// command and `/root` as its working directory) and copies it to `reference` in a plain-HTTP test registry
 /// (skopeo). `Err(reason)` when umoci or skopeo is not installed
 /// (`apt-get install umoci skopeo`).
 pub fn push_rootfs_image(
@@ -891,6 +891,8 @@ pub fn push_rootfs_image(
             &os(&image),
             &os("--config.cmd"),
             &os(cmd),
+            &os("--config.workingdir"),
+            &os("/root"),
         ],
     );
     run(

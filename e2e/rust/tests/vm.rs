@@ -479,12 +479,14 @@ fn vm_sandbox_from_a_registry_image() {
             &name,
             "--image",
             &reference,
+            "-e",
+            "GREETING=hello from the gateway",
             "--timeout",
             "180",
             "--",
             "sh",
             "-c",
-            "echo pulled-ok; exec sleep 3600",
+            "echo pulled-ok; echo env=$GREETING; echo cwd=$(pwd); exec sleep 3600",
         ])
         .ok()
         .json();
@@ -496,6 +498,10 @@ fn vm_sandbox_from_a_registry_image() {
             .stdout
             .contains("pulled-ok")
     });
+    // The sandbox's environment and the image's working directory.
+    let logs = gateway.cli(&["sandbox", "logs", &name]).ok().stdout;
+    assert!(logs.contains("env=hello from the gateway"), "{logs}");
+    assert!(logs.contains("cwd=/root"), "{logs}");
     gateway.cli(&["sandbox", "delete", &name]).ok();
 
     let missing = registry.reference("busybox", "no-such-tag");

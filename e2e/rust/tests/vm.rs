@@ -496,10 +496,11 @@ fn vm_sandbox_from_a_registry_image() {
             .cli(&["sandbox", "logs", &name])
             .ok()
             .stdout
-            .contains("pulled-ok")
+            .contains("cwd=")
     });
     // The sandbox's environment and the image's working directory.
     let logs = gateway.cli(&["sandbox", "logs", &name]).ok().stdout;
+    assert!(logs.contains("pulled-ok"), "{logs}");
     assert!(logs.contains("env=hello from the gateway"), "{logs}");
     assert!(logs.contains("cwd=/root"), "{logs}");
     gateway.cli(&["sandbox", "delete", &name]).ok();

@@ -503,6 +503,9 @@ impl Driver {
             .kernel
             .map_err(|p| Error::HostUnsupported(p.to_string()))?;
 
+        // A registry image's layers come now, not at create (see
+        // registry.rs); after a restart, again if they were pruned.
+        image::fetch_layers(&meta.image, &self.inner.puller).await?;
         let cache = self.inner.cache.clone();
         let image = meta.image.clone();
         let lower = blocking(move || cache.ensure(&image)).await?;

@@ -384,12 +384,27 @@ pub async fn resolve(reference: &str, puller: &Puller) -> Result<ResolvedImage> 
     let top = puller.pull(reference, &registry_ref).await?;
     let layout_dir = puller.layout().to_owned();
     let source = reference.to_owned();
-    let cache = puller.cache().clone();
     off_runtime(move || {
         let layout = Layout::Dir(layout_dir.clone());
-        resolve_descriptor(&source, &layout, &top, layout_dir, false, Some(&cache))
+        resolve_descriptor(&source, &layout, &top, layout_dir, false, false)
     })
     .await
+}
+
+/// Fetches what an image pinned by [`resolve`] still lacks before it can be
+/// unpacked: a registry image's layers (nothing when its root filesystem
+/// is already in the cache); nothing for a local image. Run by the boot.
+pub async fn fetch_layers(image: &ResolvedImage, puller: &Puller) -> Result<()> {
+    let ResolvedImage::Oci { source, digest, .. } = image else {
+        return Ok(());
+    };
+    if !matches!(ImageRef::parse(source), Ok(ImageRef::Registry(_))) {
+        return Ok(());
+    }
+    // Prune (exclusive) must not remove blobs while they are written.
+    let cache = puller.cache().clone();
+    let _shared = off_runtime(move || cache.lock_shared()).await?;
+    puller.pull_layers(source, digest).await
 }
 
 async fn off_runtime<T: Send + 'static>(
@@ -491,7 +506,7 @@ fn resolve_layout(
             }
         )));
     };
-    resolve_descriptor(reference, layout, &descriptor.digest, path, archive, None)
+    resolve_descriptor(reference, layout, &descriptor.digest, path, archive, true)
 }
 
 /// Follows `digest` (a manifest, or an index to this host's platform) in
@@ -502,7 +517,7 @@ fn resolve_descriptor(
     digest: &str,
     path: PathBuf,
     archive: bool,
-    unpacked_in: Option<&ImageCache>,
+    check_layers: bool,
 ) -> Result<ResolvedImage> {
     let mut digest = digest.to_owned();
     let mut manifest: Manifest = layout.blob(&digest)?;
@@ -520,15 +535,8 @@ fn resolve_descriptor(
             "image {reference:?}: manifest {digest} has no config"
         ))
     })?;
-    // Layers of an image already in the cache are not needed (a registry
-    // pull skips them).
-    let unpacked = unpacked_in.is_some_and(|cache| {
-        cache
-            .entry_dir(&cache_key(&digest))
-            .join("entry.json")
-            .is_file()
-    });
-    for layer in manifest.layers.iter().filter(|_| !unpacked) {
+    // A registry image's layers are fetched by the boot, not here.
+    for layer in manifest.layers.iter().filter(|_| check_layers) {
         let present = blob_name(&layer.digest).is_some_and(|name| layout.has(&name));
         if !present {
             return Err(Error::FailedPrecondition(format!(

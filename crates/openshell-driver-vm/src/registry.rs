@@ -6,10 +6,19 @@
 //! path as a local layout: it is pinned to a manifest digest and unpacked
 //! once per digest by [`crate::image::ImageCache::ensure`].
 //!
-//! What a pull fetches: a tag is always re-resolved against the registry
-//! (a HEAD of the manifest); a manifest, config or layer already in the
-//! layout is never fetched again, and the layers of a manifest whose
-//! root filesystem is already in the cache are not fetched at all.
+//! A pull comes in two halves. At create (and ValidateSandboxCreate) only
+//! the manifests and the config are fetched ([`Puller::pull`]): that pins
+//! the digest, gives the guest command, and turns a missing tag, an
+//! unreachable registry or refused credentials into FAILED_PRECONDITION
+//! within the gateway's call timeout. The layers, the bulk, are fetched
+//! by the sandbox's boot ([`Puller::pull_layers`], while it is
+//! Provisioning), and again there after a restart if something pruned
+//! them.
+//!
+//! A tag is always re-resolved against the registry (a HEAD of the
+//! manifest); a manifest, config or layer already in the layout is never
+//! fetched again, and the layers of a manifest whose root filesystem is
+//! already in the cache are not fetched at all.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -345,10 +354,28 @@ impl Puller {
         })
     }
 
-    /// Fetches what `reference` names into the layout and returns the
-    /// digest it resolved to (a manifest, or an index to be followed to
-    /// this host's platform).
+    /// Fetches the manifests and config of what `reference` names into the
+    /// layout and returns the digest it resolved to (a manifest, or an
+    /// index to be followed to this host's platform). The layers are left
+    /// to [`Self::pull_layers`].
     pub async fn pull(&self, source: &str, reference: &Reference) -> Result<String> {
+        self.pull_inner(source, reference, false).await
+    }
+
+    /// Fetches the layers (and anything else missing) of the manifest
+    /// `digest` that `source` was pinned to at create; nothing when its
+    /// root filesystem is already unpacked.
+    pub async fn pull_layers(&self, source: &str, digest: &str) -> Result<()> {
+        let reference = parse_reference(source)?.clone_with_digest(digest.to_owned());
+        self.pull_inner(source, &reference, true).await.map(|_| ())
+    }
+
+    async fn pull_inner(
+        &self,
+        source: &str,
+        reference: &Reference,
+        layers: bool,
+    ) -> Result<String> {
         let file = self.auth.load()?;
         let found = file
             .as_ref()
@@ -377,7 +404,7 @@ impl Puller {
         };
         self.prepare_layout()?;
         let started = std::time::Instant::now();
-        let pulled = tokio::time::timeout(self.timeout, self.fetch(&context, &auth)).await;
+        let pulled = tokio::time::timeout(self.timeout, self.fetch(&context, &auth, layers)).await;
         match pulled {
             Ok(Ok((digest, 0))) => {
                 tracing::debug!(image = %source, %digest, "image up to date in the pulled layout");
@@ -385,7 +412,11 @@ impl Puller {
             }
             Ok(Ok((digest, downloaded))) => {
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                tracing::info!(image = %source, %digest, blobs = downloaded, elapsed_ms, "image pulled from the registry");
+                if layers {
+                    tracing::info!(image = %source, %digest, blobs = downloaded, elapsed_ms, "image pulled from the registry");
+                } else {
+                    tracing::debug!(image = %source, %digest, blobs = downloaded, elapsed_ms, "image manifest and config fetched");
+                }
                 Ok(digest)
             }
             Ok(Err(e)) => Err(e),
@@ -420,11 +451,23 @@ impl Puller {
             .ok_or_else(|| bad_digest(context, digest))
     }
 
-    /// Returns the top-level digest and how many blobs were downloaded.
-    async fn fetch(&self, context: &PullContext<'_>, auth: &RegistryAuth) -> Result<(String, u64)> {
+    /// Returns the top-level digest and how many blobs were downloaded;
+    /// with `layers`, the layers too.
+    async fn fetch(
+        &self,
+        context: &PullContext<'_>,
+        auth: &RegistryAuth,
+        layers: bool,
+    ) -> Result<(String, u64)> {
         let mut downloaded = 0_u64;
         let client = self.client();
         let reference = context.reference;
+        // Blob requests carry the credentials too, also when no manifest
+        // request (which would store them) comes first: a digest reference
+        // whose manifests are already here.
+        client
+            .store_auth_if_needed(reference.resolve_registry(), auth)
+            .await;
         let map = |e: OciDistributionError| pull_error(context, &e);
         // The top-level digest: a digest reference is used as given; a tag
         // is asked of the registry every time (it may have moved).
@@ -460,7 +503,7 @@ impl Puller {
                     .entry_dir(&image::cache_key(&digest))
                     .join("entry.json")
                     .is_file();
-                if !unpacked {
+                if layers && !unpacked {
                     for layer in &parsed.layers {
                         downloaded +=
                             u64::from(self.fetch_blob(&client, context, &layer.digest).await?);

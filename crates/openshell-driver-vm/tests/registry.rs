@@ -217,7 +217,12 @@ fn new_puller(state: &Path, insecure: &[&str], auth: Option<PathBuf>) -> Puller 
     Puller::new(&config, &ImageCache::new(state.join("images"))).expect("a puller")
 }
 
+/// What a boot does with an image pinned at create: fetch its layers, then
+/// unpack it.
 async fn ensure(puller: &Puller, image: &ResolvedImage) -> PathBuf {
+    image::fetch_layers(image, puller)
+        .await
+        .expect("the layers are fetched");
     let cache = puller.cache().clone();
     let image = image.clone();
     tokio::task::spawn_blocking(move || cache.ensure(&image))
@@ -283,7 +288,12 @@ async fn images_are_pulled_cached_and_failures_explained() {
     assert_eq!(path, puller.layout());
     assert!(!archive);
     assert_eq!(config.cmd, ["/bin/sh"]);
+    // Create time fetched the manifest and the config only (within the
+    // gateway's call timeout); the layer comes with the boot.
+    let at_create = blob_files(&puller);
+    assert_eq!(at_create.len(), 2, "manifest and config: {at_create:?}");
     let rootfs = ensure(&puller, &a).await;
+    assert_eq!(blob_files(&puller).len(), 3, "and the layer at boot");
     assert!(rootfs.join("bin/busybox").is_file(), "{}", rootfs.display());
     assert!(rootfs.join("bin/sh").symlink_metadata().is_ok());
 

@@ -205,6 +205,28 @@ fn log_file(run_dir: &Path) -> Result<std::fs::File> {
         .map_err(|e| Error::io("open", &path, e))
 }
 
+/// Starts passt with [`common_args`] and `how` (how it meets the VMM),
+/// tied to this process, its messages into `log`.
+fn spawn(
+    binary: &Path,
+    run_as: Option<&nix::unistd::User>,
+    dns: &[IpAddr],
+    how: &[&std::ffi::OsStr],
+    log: std::fs::File,
+) -> Result<Child> {
+    tied_to_us(binary, run_as)
+        .args(common_args(dns))
+        .args(how)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| Error::Spawn {
+            program: binary.to_owned(),
+            source: e,
+        })
+}
+
 /// A running passt.
 pub struct Passt {
     child: Child,
@@ -257,19 +279,17 @@ pub fn start_on_socket(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<
         let _ = nix::unistd::chown(&dir, Some(nobody.uid), Some(nix::unistd::Gid::from_raw(0)));
     }
     let socket = dir.join("passt.sock");
-    let mut child = tied_to_us(binary, nobody.as_ref())
-        .args(common_args(dns))
-        .arg("--one-off")
-        .arg("--socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| Error::Spawn {
-            program: binary.to_owned(),
-            source: e,
-        })?;
+    let mut child = spawn(
+        binary,
+        nobody.as_ref(),
+        dns,
+        &[
+            "--one-off".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ],
+        log,
+    )?;
     let deadline = Instant::now() + READY;
     loop {
         if socket.exists() {
@@ -323,18 +343,14 @@ pub fn start_on_fd(binary: &Path, run_dir: &Path, dns: &[IpAddr]) -> Result<(Pas
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )
     .map_err(|e| Error::io("hand a socket to", "passt", e.into()))?;
-    let child = tied_to_us(binary, unprivileged_user().as_ref())
-        .args(common_args(dns))
-        .arg("--fd")
-        .arg(theirs.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| Error::Spawn {
-            program: binary.to_owned(),
-            source: e,
-        })?;
+    let fd = theirs.as_raw_fd().to_string();
+    let child = spawn(
+        binary,
+        unprivileged_user().as_ref(),
+        dns,
+        &["--fd".as_ref(), fd.as_ref()],
+        log,
+    )?;
     drop(theirs);
     Ok((
         Passt {

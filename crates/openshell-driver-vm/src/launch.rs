@@ -216,6 +216,20 @@ impl SetupFailure {
         self as u8
     }
 
+    /// Reports this failure and `error` as a status line; returns the VMM
+    /// child's exit code for it.
+    pub fn report(self, error: &Error) -> u8 {
+        report_status(&StatusLine::SetupFailed {
+            at_us: monotonic_us(),
+            message: format!(
+                "{}: {}",
+                self.describe(),
+                driver_lifecycle::error_chain(error)
+            ),
+        });
+        self.code()
+    }
+
     pub fn from_code(code: i32) -> Option<Self> {
         [
             Self::Usage,

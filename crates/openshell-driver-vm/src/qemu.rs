@@ -190,16 +190,7 @@ pub fn qemu_args(
 }
 
 fn fail(error: &Error) -> u8 {
-    let failure = SetupFailure::Executor;
-    crate::launch::report_status(&StatusLine::SetupFailed {
-        at_us: monotonic_us(),
-        message: format!(
-            "{}: {}",
-            failure.describe(),
-            driver_lifecycle::error_chain(error)
-        ),
-    });
-    failure.code()
+    SetupFailure::Executor.report(error)
 }
 
 /// Runs the VM with QEMU; returns this process's exit code.

@@ -33,31 +33,19 @@ pub const PARENT_PID_ENV: &str = "OPENSHELL_VMM_PARENT_PID";
 /// reopening it does not truncate anything).
 const CONSOLE_PATH: &str = "/proc/self/fd/1";
 
-fn fail(failure: SetupFailure, error: &Error) -> u8 {
-    crate::launch::report_status(&StatusLine::SetupFailed {
-        at_us: monotonic_us(),
-        message: format!(
-            "{}: {}",
-            failure.describe(),
-            driver_lifecycle::error_chain(error)
-        ),
-    });
-    failure.code()
-}
-
 /// Runs the VMM. Returns an exit code only when the VM could not be
 /// started; otherwise libkrun ends the process.
 pub fn run(launch_file: &Path) -> u8 {
     if let Err(error) = arm_parent_death() {
-        return fail(SetupFailure::ParentGone, &error);
+        return SetupFailure::ParentGone.report(&error);
     }
     crate::launch::report_status(&StatusLine::Configuring {
         at_us: monotonic_us(),
     });
     let config = match LaunchConfig::read(launch_file) {
         Ok(config) => config,
-        Err(error @ Error::Io { .. }) => return fail(SetupFailure::LaunchFileMissing, &error),
-        Err(error) => return fail(SetupFailure::LaunchFileInvalid, &error),
+        Err(error @ Error::Io { .. }) => return SetupFailure::LaunchFileMissing.report(&error),
+        Err(error) => return SetupFailure::LaunchFileInvalid.report(&error),
     };
     if let crate::launch::Executor::Qemu { binary, accel } = &config.executor {
         return crate::qemu::run(&config, binary, *accel);
@@ -66,14 +54,14 @@ pub fn run(launch_file: &Path) -> u8 {
     raise_nofile_limit();
     let ctx = match configure(&config) {
         Ok(ctx) => ctx,
-        Err(error) => return fail(SetupFailure::KrunConfig, &error),
+        Err(error) => return SetupFailure::KrunConfig.report(&error),
     };
     start_root_watch();
     crate::launch::report_status(&StatusLine::Entering {
         at_us: monotonic_us(),
     });
     let error = ctx.start_enter();
-    fail(SetupFailure::KrunStart, &error)
+    SetupFailure::KrunStart.report(&error)
 }
 
 /// `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the parent is still the

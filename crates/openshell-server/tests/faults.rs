@@ -32,20 +32,6 @@ const QUICK_RECONCILE: &str = "reconcile_interval_secs = 0.3\norphan_grace_secs 
 /// A frozen driver is noticed by the probe long before a call times out.
 const QUICK_PROBE: &str = "driver_call_timeout_secs = 30\ndriver_probe_interval_secs = 0.2\ndriver_probe_timeout_secs = 0.5\n";
 
-/// One attached test driver `name` on `d.sock` (its calls logged in
-/// `calls`, started with `driver_args`) behind a gateway with
-/// `gateway_keys` in `[openshell.gateway]`.
-async fn one_driver(
-    dirs: &Dirs,
-    name: &str,
-    gateway_keys: &str,
-    driver_args: &[&str],
-) -> (AttachedDriver, Gateway) {
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), driver_args);
-    let config = write_config(dirs, &toml(&[(name, &driver.socket)], gateway_keys, ""));
-    (driver, Gateway::start(dirs, &config, &[]).await)
-}
-
 async fn wait_driver_state(
     client: &mut gw::gateway_client::GatewayClient<tonic::transport::Channel>,
     name: &str,
@@ -150,7 +136,7 @@ async fn a_required_driver_down_at_startup_stops_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_driver_is_unavailable_and_calls_fail_fast() {
     let dirs = Dirs::new();
-    let (driver, gateway) = one_driver(&dirs, "frozen", QUICK_PROBE, &[]).await;
+    let (driver, gateway) = one_driver(&dirs, "frozen", QUICK_PROBE, &[], &[]).await;
     let mut client = gateway.client().await;
     create(&mut client, "s1", "frozen").await;
     wait_phase(&mut client, "s1", SandboxPhase::Ready).await;
@@ -205,7 +191,7 @@ async fn a_frozen_driver_is_unavailable_and_calls_fail_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_to_a_driver_that_freezes_fails_fast() {
     let dirs = Dirs::new();
-    let (driver, gateway) = one_driver(&dirs, "frozen", QUICK_PROBE, &[]).await;
+    let (driver, gateway) = one_driver(&dirs, "frozen", QUICK_PROBE, &[], &[]).await;
     let mut client = gateway.client().await;
     create(&mut client, "s1", "frozen").await;
     wait_phase(&mut client, "s1", SandboxPhase::Ready).await;
@@ -232,7 +218,7 @@ async fn a_call_in_flight_to_a_driver_that_freezes_fails_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_converges_a_stopped_row_the_driver_runs() {
     let dirs = Dirs::new();
-    let (driver, gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[]).await;
+    let (driver, gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[], &[]).await;
     let mut client = gateway.client().await;
     let sandbox = create(&mut client, "s1", "d").await;
     wait_phase(&mut client, "s1", SandboxPhase::Ready).await;
@@ -272,7 +258,7 @@ async fn a_start_that_timed_out_converges_after_the_driver_thaws() {
     let keys = format!(
         "{QUICK_RECONCILE}driver_call_timeout_secs = 1\ndriver_probe_interval_secs = 600\n"
     );
-    let (driver, gateway) = one_driver(&dirs, "d", &keys, &[]).await;
+    let (driver, gateway) = one_driver(&dirs, "d", &keys, &[], &[]).await;
     let mut client = gateway.client().await;
     create(&mut client, "s1", "d").await;
     wait_phase(&mut client, "s1", SandboxPhase::Ready).await;
@@ -321,8 +307,14 @@ async fn wait_calls(driver: &AttachedDriver, rpc: &str, count: usize) {
 async fn creates_cut_off_by_a_dead_driver_say_unavailable_and_free_their_names() {
     let dirs = Dirs::new();
     let socket = dirs.path("d.sock");
-    let (mut stalled, gateway) =
-        one_driver(&dirs, "d", QUICK_RECONCILE, &["--stall", "CreateSandbox"]).await;
+    let (mut stalled, gateway) = one_driver(
+        &dirs,
+        "d",
+        QUICK_RECONCILE,
+        &["--stall", "CreateSandbox"],
+        &[],
+    )
+    .await;
     let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
     let mut creates = Vec::new();
     for name in &names {
@@ -380,8 +372,14 @@ async fn creates_cut_off_by_a_dead_driver_say_unavailable_and_free_their_names()
 async fn a_create_cut_off_by_a_gateway_kill_is_removed() {
     let dirs = Dirs::new();
     let socket = dirs.path("d.sock");
-    let (stalled, mut gateway) =
-        one_driver(&dirs, "d", QUICK_RECONCILE, &["--stall", "CreateSandbox"]).await;
+    let (stalled, mut gateway) = one_driver(
+        &dirs,
+        "d",
+        QUICK_RECONCILE,
+        &["--stall", "CreateSandbox"],
+        &[],
+    )
+    .await;
     let mut client = gateway.client().await;
     let pending = tokio::spawn(async move {
         client
@@ -411,7 +409,7 @@ async fn a_create_cut_off_by_a_gateway_kill_is_removed() {
 async fn starting_a_sandbox_the_driver_lost_says_what_to_do() {
     let dirs = Dirs::new();
     let socket = dirs.path("d.sock");
-    let (driver, gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[]).await;
+    let (driver, gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[], &[]).await;
     let mut client = gateway.client().await;
     create(&mut client, "lost", "d").await;
     wait_phase(&mut client, "lost", SandboxPhase::Ready).await;
@@ -448,7 +446,7 @@ async fn starting_a_sandbox_the_driver_lost_says_what_to_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_database_leaves_orphans_to_adopt_or_delete() {
     let dirs = Dirs::new();
-    let (_driver, mut gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[]).await;
+    let (_driver, mut gateway) = one_driver(&dirs, "d", QUICK_RECONCILE, &[], &[]).await;
     let mut client = gateway.client().await;
     for name in ["o1", "o2"] {
         create(&mut client, name, "d").await;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     AttachedDriver, Dirs, Gateway, PATIENCE, assert_status, by_name, create, create_request,
-    driver_info, preload_rows, rss_and_threads, run_cli, wait_phase, wait_until, write_config,
+    driver_info, one_driver, preload_rows, rss_and_threads, run_cli, wait_phase, wait_until,
+    write_config,
 };
 use openshell_proto::gateway::v1::watch_sandboxes_event::Payload;
 use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
@@ -83,9 +84,7 @@ async fn start_slowly(dirs: &Dirs, config: &std::path::Path) -> Gateway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_sandboxes_keep_their_driver_usable() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
-    let config = attached_config(&dirs, "big", &driver, "");
-    let mut gateway = Gateway::start(&dirs, &config, &[]).await;
+    let (_driver, mut gateway) = one_driver(&dirs, "big", "", &[], &[]).await;
     let mut client = gateway.client().await;
     let script = format!("echo {}", "x".repeat(240_000));
     for i in 0..20 {
@@ -177,9 +176,7 @@ async fn fifty_thousand_sandboxes_on_one_driver() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_are_refused_with_short_messages() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
-    let config = attached_config(&dirs, "d", &driver, "");
-    let gateway = Gateway::start(&dirs, &config, &[]).await;
+    let (_driver, gateway) = one_driver(&dirs, "d", "", &[], &[]).await;
     let mut client = gateway.client().await;
     let huge = "a".repeat(100_000);
     let short = |status: &tonic::Status| {
@@ -304,9 +301,7 @@ async fn oversized_requests_are_refused_with_short_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watching_an_unknown_driver_is_not_found() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
-    let config = attached_config(&dirs, "d", &driver, "");
-    let gateway = Gateway::start(&dirs, &config, &[]).await;
+    let (_driver, gateway) = one_driver(&dirs, "d", "", &[], &[]).await;
     let mut client = gateway.client().await;
     assert_status(
         client
@@ -339,9 +334,7 @@ async fn watching_an_unknown_driver_is_not_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_watches_are_capped() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
-    let config = attached_config(&dirs, "d", &driver, "");
-    let gateway = Gateway::start(&dirs, &config, &["--max-watches", "2"]).await;
+    let (_driver, gateway) = one_driver(&dirs, "d", "", &[], &["--max-watches", "2"]).await;
     let mut client = gateway.client().await;
     let open = async |client: &mut gw::gateway_client::GatewayClient<_>| {
         client
@@ -547,9 +540,7 @@ async fn unread_watches_are_cheap_and_catch_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_row_is_quarantined_not_fatal() {
     let dirs = Dirs::new();
-    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), &[]);
-    let config = attached_config(&dirs, "d", &driver, "");
-    let mut gateway = Gateway::start(&dirs, &config, &[]).await;
+    let (_driver, mut gateway) = one_driver(&dirs, "d", "", &[], &[]).await;
     let mut client = gateway.client().await;
     create(&mut client, "good", "").await;
     let bad_phase = create(&mut client, "bad-phase", "").await;

@@ -196,6 +196,29 @@ pub fn write_config(dirs: &Dirs, toml: &str) -> PathBuf {
     path
 }
 
+/// One attached test driver `name` on `d.sock` (its calls logged in
+/// `calls`, started with `driver_args`) behind a gateway with
+/// `gateway_keys` in `[openshell.gateway]` and `gateway_args` on its
+/// command line.
+pub async fn one_driver(
+    dirs: &Dirs,
+    name: &str,
+    gateway_keys: &str,
+    driver_args: &[&str],
+    gateway_args: &[&str],
+) -> (AttachedDriver, Gateway) {
+    let driver = AttachedDriver::start(&dirs.path("d.sock"), &dirs.path("calls"), driver_args);
+    let config = write_config(
+        dirs,
+        &format!(
+            "[openshell.gateway]\ncompute_drivers = [\"{name}@{}\"]\n{gateway_keys}",
+            driver.socket.display()
+        ),
+    );
+    let gateway = Gateway::start(dirs, &config, gateway_args).await;
+    (driver, gateway)
+}
+
 /// The standard arguments: private state and run dirs, the config file.
 pub fn base_args(dirs: &Dirs, config: &Path) -> Vec<String> {
     vec![

@@ -8,7 +8,10 @@
 //! Run: `cargo bench -p openshell-server --bench list_scale -- [N]`
 //! (default 50000). Prints; asserts nothing.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 mod support;
+use common::{preload_rows, status_field};
 use support::*;
 
 use std::path::Path;
@@ -17,59 +20,7 @@ use std::time::{Duration, Instant};
 
 use driver_lifecycle::DriverEndpoint;
 use openshell_proto::gateway::v1::gateway_client::GatewayClient;
-use openshell_proto::gateway::v1::{self as gw, SandboxPhase};
-use openshell_server::state::store::{SandboxRow, Store};
-
-fn status_field(pid: u32, name: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0)
-}
-
-fn preload_rows(state_dir: &Path, count: usize) {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .expect("state dir");
-    let store = Store::open(&state_dir.join("gateway.db")).expect("store");
-    let now = openshell_wire::time::now_millis();
-    let indexes: Vec<usize> = (0..count).collect();
-    for chunk in indexes.chunks(5000) {
-        store
-            .write(|tx| {
-                for index in chunk {
-                    tx.insert(&SandboxRow {
-                        id: openshell_test_driver::preloaded_id(*index),
-                        name: openshell_test_driver::preloaded_name(*index),
-                        driver: "bench".to_owned(),
-                        spec: gw::SandboxSpec {
-                            image: "test/busybox:latest".to_owned(),
-                            command: openshell_test_driver::PRELOADED_COMMAND
-                                .map(str::to_owned)
-                                .to_vec(),
-                            ..Default::default()
-                        },
-                        labels: std::collections::BTreeMap::new(),
-                        phase: SandboxPhase::Provisioning,
-                        observed: None,
-                        gateway_condition: None,
-                        instance_id: String::new(),
-                        resource_version: 1,
-                        created_at_ms: now,
-                        updated_at_ms: now,
-                    })?;
-                }
-                Ok(())
-            })
-            .expect("rows");
-    }
-}
+use openshell_proto::gateway::v1::{self as gw};
 
 async fn serving(socket: &Path, gateway: &mut Child) -> GatewayClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -149,7 +100,7 @@ async fn run(count: usize) {
     let driver_socket = dir.path().join("driver.sock");
     let gateway_socket = dir.path().join("run").join("gateway.sock");
     let t = Instant::now();
-    preload_rows(&state, count);
+    preload_rows(&state, "bench", count);
     let rows_took = t.elapsed();
     let _driver = Killed(
         Command::new(openshell_test_driver::binary_path())

@@ -22,7 +22,10 @@
 //! names another `openshell-gateway` to run, and `OPENSHELL_BENCH_GATEWAY_ARGS`
 //! adds flags to it (split at whitespace), e.g. `--watch-coalesce-ms 0`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 mod support;
+use common::rss_and_threads;
 use support::*;
 
 use std::collections::{HashMap, HashSet};
@@ -40,20 +43,6 @@ use tonic::transport::Channel;
 const SANDBOXES: usize = 2000;
 const CONCURRENCY: usize = 32;
 const LATENCY_CREATES: usize = 200;
-
-/// RSS (KiB) and threads of `pid`.
-fn rss_and_threads(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("Threads:"))
-}
 
 /// CPU time (user + system) `pid` has used.
 fn cpu_time(pid: u32) -> Duration {

@@ -519,16 +519,19 @@ pub fn run_cli(socket: &Path, args: &[&str]) -> (ExitStatus, String, String) {
 
 /// A process's resident memory (KiB) and thread count, from /proc.
 pub fn rss_and_threads(pid: u32) -> (u64, u64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("Threads:"))
+    (status_field(pid, "VmRSS:"), status_field(pid, "Threads:"))
+}
+
+/// The number in field `name` (with its colon) of `/proc/PID/status`, kB
+/// for sizes; 0 when the process or the field is gone.
+pub fn status_field(pid: u32, name: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Stores rows for the test driver's `--preload` sandboxes `0..count` in a

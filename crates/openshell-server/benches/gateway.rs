@@ -195,20 +195,7 @@ async fn run() {
     );
 
     // 2. CreateSandbox -> Ready.
-    let mut watch = client
-        .watch_sandboxes(gw::WatchSandboxesRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
-    loop {
-        let event = watch.message().await.expect("watch").expect("watch open");
-        if matches!(
-            event.payload,
-            Some(gw::watch_sandboxes_event::Payload::Synced(_))
-        ) {
-            break;
-        }
-    }
+    let mut watch = synced_watch(&mut client).await;
     let names: Vec<String> = (0..THROUGHPUT_SANDBOXES)
         .map(|i| format!("t{i:05}"))
         .collect();

@@ -258,20 +258,7 @@ async fn run(watches: usize, connections: usize) {
     println!("  idle gateway: RSS {:.1} MiB, {threads} threads", mib(rss));
 
     // 1. 2000 creates, 32 in flight.
-    let mut watch = client
-        .watch_sandboxes(gw::WatchSandboxesRequest::default())
-        .await
-        .expect("watch")
-        .into_inner();
-    loop {
-        let event = watch.message().await.expect("watch").expect("watch open");
-        if matches!(
-            event.payload,
-            Some(gw::watch_sandboxes_event::Payload::Synced(_))
-        ) {
-            break;
-        }
-    }
+    let mut watch = synced_watch(&mut client).await;
     let names: Vec<String> = (0..SANDBOXES).map(|i| format!("load-{i:05}")).collect();
     let wanted: HashSet<String> = names.iter().cloned().collect();
     let ready_at = tokio::spawn(async move {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use openshell_proto::gateway::v1::GetGatewayInfoRequest;
 use openshell_proto::gateway::v1::gateway_client::GatewayClient;
+use openshell_proto::gateway::v1::{self as gw, GetGatewayInfoRequest};
 use tonic::transport::Channel;
 
 /// A child process, killed and reaped when dropped.
@@ -69,5 +69,26 @@ pub async fn gateway_client(socket: &Path) -> GatewayClient<Channel> {
         }
         assert!(Instant::now() < deadline, "the gateway never served");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A watch of every sandbox, read past its initial listing (`synced`), so
+/// what comes next is changes.
+pub async fn synced_watch(
+    client: &mut GatewayClient<Channel>,
+) -> tonic::Streaming<gw::WatchSandboxesEvent> {
+    let mut watch = client
+        .watch_sandboxes(gw::WatchSandboxesRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    loop {
+        let event = watch.message().await.expect("watch").expect("watch open");
+        if matches!(
+            event.payload,
+            Some(gw::watch_sandboxes_event::Payload::Synced(_))
+        ) {
+            return watch;
+        }
     }
 }

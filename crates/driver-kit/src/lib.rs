@@ -8,7 +8,9 @@
 //!   1.x negotiation, the admission-policy string, conditions stamped in both
 //!   time encodings);
 //! - [`KeyLocks`]: one async lock per key (sandbox id), so changes to one
-//!   sandbox happen one at a time, in arrival order.
+//!   sandbox happen one at a time, in arrival order;
+//! - [`registry`]: registry settings checked alike by every driver that
+//!   pulls.
 //!
 //! It depends only on the generated protocol code: nothing here knows how
 //! a driver runs sandboxes or how it was started.
@@ -16,6 +18,7 @@
 pub mod contract;
 mod feed;
 mod locks;
+pub mod registry;
 
 pub use feed::{WatchFeed, WatchStream, deleted_event, platform_event, sandbox_event};
 pub use locks::{KeyGuard, KeyLocks};

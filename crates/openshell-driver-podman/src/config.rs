@@ -298,27 +298,11 @@ pub fn registry_of(image: &str) -> Option<&str> {
     looks_like_host.then_some(first)
 }
 
-/// Checks one `insecure_registries` entry: a bare `HOST[:PORT]`.
+/// Checks one `insecure_registries` entry (surrounding blanks ignored)
+/// and returns it lowercased, as the engine compares registry names.
 fn check_registry(entry: &str) -> Result<String> {
     let entry = entry.trim();
-    let bad = |why: &str| {
-        Error::Config(format!(
-            "insecure_registries entry {entry:?} is not valid ({why}); give HOST or HOST:PORT as \
-             in the image reference, e.g. \"127.0.0.1:5000\""
-        ))
-    };
-    if entry.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if entry.contains("://") {
-        return Err(bad("leave out the scheme"));
-    }
-    if let Some(c) = entry
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '_' | '[' | ']')))
-    {
-        return Err(bad(&format!("it contains {c:?}")));
-    }
+    openshell_driver_kit::registry::check_insecure_registry(entry).map_err(Error::Config)?;
     Ok(entry.to_ascii_lowercase())
 }
 

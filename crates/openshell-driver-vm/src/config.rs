@@ -437,34 +437,10 @@ impl Config {
             return Err("pull_timeout_secs must be at least 1".to_owned());
         }
         for entry in &self.insecure_registries {
-            check_registry(entry)?;
+            openshell_driver_kit::registry::check_insecure_registry(entry)?;
         }
         Ok(())
     }
-}
-
-/// Checks one `insecure_registries` entry: a bare `HOST[:PORT]`, as the
-/// registry part of an image reference spells it.
-fn check_registry(entry: &str) -> std::result::Result<(), String> {
-    let bad = |why: &str| {
-        format!(
-            "insecure_registries entry {entry:?} is not valid ({why}); give HOST or HOST:PORT as \
-             in the image reference, e.g. \"127.0.0.1:5000\""
-        )
-    };
-    if entry.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if entry.contains("://") {
-        return Err(bad("leave out the scheme"));
-    }
-    if let Some(c) = entry
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '_' | '[' | ']')))
-    {
-        return Err(bad(&format!("it contains {c:?}")));
-    }
-    Ok(())
 }
 
 /// `$XDG_STATE_HOME/openshell/vm-driver`, or `~/.local/state/...`.

@@ -86,31 +86,20 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// All three, or a usage error naming the missing flags.
     fn complete(&self) -> Result<openshell_wire::tls::ClientTls, CliError> {
-        match (&self.ca, &self.cert, &self.key) {
-            (Some(ca), Some(cert), Some(key)) => Ok(openshell_wire::tls::ClientTls {
-                ca: ca.clone(),
-                identity: openshell_wire::tls::KeyPair {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-            }),
-            _ => {
-                let missing: Vec<&str> = [
-                    (self.ca.is_none(), "--tls-ca"),
-                    (self.cert.is_none(), "--tls-cert"),
-                    (self.key.is_none(), "--tls-key"),
-                ]
-                .into_iter()
-                .filter_map(|(absent, flag)| absent.then_some(flag))
-                .collect();
-                Err(CliError::Usage(format!(
-                    "an https:// gateway needs the CA that signed its certificate and your \
-                     client certificate and key; missing: {} (or OPENSHELL_GATEWAY_TLS_CA, \
-                     OPENSHELL_GATEWAY_TLS_CERT, OPENSHELL_GATEWAY_TLS_KEY)",
-                    missing.join(", ")
-                )))
-            }
-        }
+        openshell_wire::tls::ClientTls::from_parts(
+            self.ca.as_ref(),
+            self.cert.as_ref(),
+            self.key.as_ref(),
+            ["--tls-ca", "--tls-cert", "--tls-key"],
+        )
+        .map_err(|missing| {
+            CliError::Usage(format!(
+                "an https:// gateway needs the CA that signed its certificate and your \
+                 client certificate and key; missing: {} (or OPENSHELL_GATEWAY_TLS_CA, \
+                 OPENSHELL_GATEWAY_TLS_CERT, OPENSHELL_GATEWAY_TLS_KEY)",
+                missing.join(", ")
+            ))
+        })
     }
 
     fn any(&self) -> bool {

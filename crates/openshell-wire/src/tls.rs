@@ -181,6 +181,31 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
+    /// The three files, each where it was given, or the `names` (of the CA,
+    /// the certificate and the key, in that order) of the ones missing,
+    /// for an error that says what to set.
+    pub fn from_parts(
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+        names: [&'static str; 3],
+    ) -> Result<Self, Vec<&'static str>> {
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Self {
+                ca: ca.clone(),
+                identity: KeyPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            }),
+            _ => Err([ca.is_none(), cert.is_none(), key.is_none()]
+                .into_iter()
+                .zip(names)
+                .filter_map(|(absent, name)| absent.then_some(name))
+                .collect()),
+        }
+    }
+
     /// The tonic client configuration, verifying the server as `host`.
     pub fn config(&self, host: &str) -> Result<ClientTlsConfig, TlsError> {
         let ca = read_pem("CA certificate", &self.ca, "a certificate")?;
@@ -334,6 +359,26 @@ pub fn explain(cause: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_files_name_the_missing_ones() {
+        let p = |s: &str| PathBuf::from(s);
+        let (ca, cert, key) = (p("/ca.pem"), p("/c.pem"), p("/k.pem"));
+        let names = ["ca", "cert", "key"];
+        let tls = ClientTls::from_parts(Some(&ca), Some(&cert), Some(&key), names).unwrap();
+        assert_eq!(
+            (tls.ca, tls.identity.cert, tls.identity.key),
+            (ca.clone(), cert, key.clone())
+        );
+        assert_eq!(
+            ClientTls::from_parts(Some(&ca), None, Some(&key), names).unwrap_err(),
+            ["cert"]
+        );
+        assert_eq!(
+            ClientTls::from_parts(None, None, None, names).unwrap_err(),
+            names
+        );
+    }
+
     use super::*;
 
     #[test]

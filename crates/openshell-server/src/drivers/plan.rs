@@ -61,38 +61,27 @@ impl DriverTls {
     /// All three files, or an error naming the missing ones and where to
     /// set them.
     pub fn complete(&self, driver: &str) -> Result<openshell_wire::tls::ClientTls, String> {
-        match (&self.ca, &self.cert, &self.key) {
-            (Some(ca), Some(cert), Some(key)) => Ok(openshell_wire::tls::ClientTls {
-                ca: ca.clone(),
-                identity: openshell_wire::tls::KeyPair {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-            }),
-            _ => {
-                let missing: Vec<&str> = [
-                    (self.ca.is_none(), "tls_ca"),
-                    (self.cert.is_none(), "tls_cert"),
-                    (self.key.is_none(), "tls_key"),
-                ]
-                .into_iter()
-                .filter_map(|(absent, key)| absent.then_some(key))
+        openshell_wire::tls::ClientTls::from_parts(
+            self.ca.as_ref(),
+            self.cert.as_ref(),
+            self.key.as_ref(),
+            ["tls_ca", "tls_cert", "tls_key"],
+        )
+        .map_err(|missing| {
+            let verb = if missing.len() == 1 { "is" } else { "are" };
+            let keys: Vec<String> = missing
+                .iter()
+                .map(|k| format!("{k} = \"/path.pem\""))
                 .collect();
-                let verb = if missing.len() == 1 { "is" } else { "are" };
-                let keys: Vec<String> = missing
-                    .iter()
-                    .map(|k| format!("{k} = \"/path.pem\""))
-                    .collect();
-                Err(format!(
-                    "driver '{driver}' is reached over TCP with mutual TLS, but {} {verb} not \
-                     set; set [openshell.drivers.{driver}] {} (or the gateway-wide \
-                     --driver-tls-ca, --driver-tls-cert, --driver-tls-key); \
-                     `openshell-gateway certs init` writes the files",
-                    missing.join(", "),
-                    keys.join(", ")
-                ))
-            }
-        }
+            format!(
+                "driver '{driver}' is reached over TCP with mutual TLS, but {} {verb} not \
+                 set; set [openshell.drivers.{driver}] {} (or the gateway-wide \
+                 --driver-tls-ca, --driver-tls-cert, --driver-tls-key); \
+                 `openshell-gateway certs init` writes the files",
+                missing.join(", "),
+                keys.join(", ")
+            )
+        })
     }
 }
 

@@ -44,6 +44,18 @@ pub struct AcquireContext {
 }
 
 impl AcquireContext {
+    /// How an attached or remote driver is dialled: retried with backoff
+    /// for up to `attach_timeout`.
+    fn attach_policy(&self) -> DialPolicy {
+        DialPolicy {
+            deadline: self.attach_timeout,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl AcquireContext {
     pub fn new(run_dir: PathBuf, state_dir: PathBuf, attach_timeout: Duration) -> Self {
         Self {
             run_dir,
@@ -216,11 +228,7 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
                 )));
             }
             let endpoint = DriverEndpoint::new(plan.name.clone(), socket.clone());
-            let policy = DialPolicy {
-                deadline: ctx.attach_timeout,
-                initial_backoff: Duration::from_millis(20),
-                max_backoff: Duration::from_millis(500),
-            };
+            let policy = ctx.attach_policy();
             let connections = openshell_wire::ConnectionCounter::new();
             let channel =
                 driver_lifecycle::connect_counting(&endpoint, policy, connections.clone())
@@ -240,11 +248,7 @@ pub async fn acquire(plan: &DriverPlan, ctx: &AcquireContext) -> Result<Acquired
             // The endpoint's "socket" is the URL: it only appears in
             // messages and `gateway info`.
             let endpoint = DriverEndpoint::new(plan.name.clone(), addr.to_string());
-            let policy = DialPolicy {
-                deadline: ctx.attach_timeout,
-                initial_backoff: Duration::from_millis(20),
-                max_backoff: Duration::from_millis(500),
-            };
+            let policy = ctx.attach_policy();
             let connections = openshell_wire::ConnectionCounter::new();
             let channel =
                 openshell_wire::tls::connect(addr, &tls, policy, Some(connections.clone()))

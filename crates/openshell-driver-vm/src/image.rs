@@ -398,7 +398,11 @@ pub async fn fetch_layers(image: &ResolvedImage, puller: &Puller) -> Result<()> 
     let ResolvedImage::Oci { source, digest, .. } = image else {
         return Ok(());
     };
-    if !matches!(ImageRef::parse(source), Ok(ImageRef::Registry(_))) {
+    // Already unpacked (every boot after the first): nothing to fetch, and
+    // no auth file to read or client to build.
+    if !matches!(ImageRef::parse(source), Ok(ImageRef::Registry(_)))
+        || puller.cache().is_unpacked(digest)
+    {
         return Ok(());
     }
     // Prune (exclusive) must not remove blobs while they are written.
@@ -646,6 +650,12 @@ impl ImageCache {
         self.dir.join(key)
     }
 
+    /// Whether the image with manifest `digest` is unpacked here already.
+    pub fn is_unpacked(&self, digest: &str) -> bool {
+        let entry = self.entry_dir(&cache_key(digest));
+        entry.join("entry.json").is_file() && entry.join("rootfs").is_dir()
+    }
+
     fn lock(&self, exclusive: bool, wait: bool) -> Result<Option<CacheLock>> {
         use nix::fcntl::{Flock, FlockArg};
         state::create_private_dir_all(&self.dir)?;
@@ -707,7 +717,7 @@ impl ImageCache {
         let rootfs = entry.join("rootfs");
         let _shared = self.lock_shared()?;
         let _one_at_a_time = self.unpacking.lock_blocking(&key);
-        if entry.join("entry.json").is_file() && rootfs.is_dir() {
+        if self.is_unpacked(digest) {
             return Ok(rootfs);
         }
         tracing::info!(image = %source, %digest, "unpacking image into the cache");

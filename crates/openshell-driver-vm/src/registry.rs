@@ -498,12 +498,7 @@ impl Puller {
                 })?;
                 downloaded += u64::from(self.fetch_blob(&client, context, &config.digest).await?);
                 // A manifest already unpacked needs none of its layers.
-                let unpacked = self
-                    .cache
-                    .entry_dir(&image::cache_key(&digest))
-                    .join("entry.json")
-                    .is_file();
-                if layers && !unpacked {
+                if layers && !self.cache.is_unpacked(&digest) {
                     for layer in &parsed.layers {
                         downloaded +=
                             u64::from(self.fetch_blob(&client, context, &layer.digest).await?);

@@ -7,12 +7,16 @@
 //!    Ready latency (seen on a watch), throughput until all are Ready;
 //! 2. with those 2000 stored: gateway RSS (from /proc), threads, and
 //!    create latency (one at a time) without watches;
-//! 3. WATCHES watches opened over CONNECTIONS connections and never read:
-//!    RSS, threads, and, once the gateway is idle again (the watches'
-//!    initial listings sent), create latency again; then the watches closed, and
-//!    RSS once more. Twice: held by this process (its HTTP/2 connections
-//!    still take in what their windows allow), and held by a child process
-//!    that is then stopped with SIGSTOP (nothing is taken in at all).
+//! 3. WATCHES watches opened over CONNECTIONS connections: RSS, threads,
+//!    and, once the gateway is idle again (the watches' initial listings
+//!    sent as far as they go), create latency again. Three times: held by a
+//!    child process that is stopped with SIGSTOP (nothing is taken in at
+//!    all; first, so its RSS is not mixed with what glibc keeps from
+//!    earlier watches), held by this process and never read (its HTTP/2
+//!    connections still take in what their windows allow, on the runtime
+//!    the creates run on), and held and read by a child process (as 1000
+//!    `openshell sandbox watch` would), with the CPU it spends reading.
+//!    RSS again after each set is closed.
 //!
 //! Run: `cargo bench -p openshell-server --bench watches -- [WATCHES]
 //! [CONNECTIONS]` (default 1000 watches, each on its own connection, as
@@ -130,13 +134,16 @@ async fn sequential_creates(
     count: usize,
 ) {
     let cpu = cpu_time(pid);
+    let own = cpu_time(std::process::id());
     let mut samples = sequential_create_calls(client, prefix, count).await;
     let cpu = cpu_time(pid).saturating_sub(cpu);
+    let own = cpu_time(std::process::id()).saturating_sub(own);
     println!(
-        "  create (one at a time, {count}): p50 {:.2} ms, p99 {:.2} ms; gateway CPU {:.2} ms per create",
+        "  create (one at a time, {count}): p50 {:.2} ms, p99 {:.2} ms; CPU per create: gateway {:.2} ms, this bench {:.2} ms",
         ms(percentile(&mut samples, 50)),
         ms(percentile(&mut samples, 99)),
-        ms(cpu) / count as f64
+        ms(cpu) / count as f64,
+        ms(own) / count as f64
     );
 }
 
@@ -157,8 +164,10 @@ async fn sequential_create_calls(
     samples
 }
 
-/// In the child: opens the watches, says so, then waits to be stopped.
-async fn hold(socket: &Path, watches: usize, connections: usize) {
+/// In the child: opens the watches, says so, then holds them, reading
+/// every event when `read` (as 1000 `openshell sandbox watch` would) or
+/// none (until it is stopped or killed).
+async fn hold(socket: &Path, watches: usize, connections: usize, read: bool) {
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         channels.push(channel(socket).await);
@@ -174,23 +183,50 @@ async fn hold(socket: &Path, watches: usize, connections: usize) {
                 .into_inner(),
         );
     }
+    if read {
+        for mut watch in held.drain(..) {
+            tokio::spawn(async move { while let Ok(Some(_)) = watch.message().await {} });
+        }
+    }
     println!("holding");
     std::future::pending::<()>().await;
+}
+
+/// A child process of this bench holding `watches` watches of the gateway
+/// on `socket` over `connections` connections, once it says it holds them.
+fn holder(socket: &Path, watches: usize, connections: usize, read: bool) -> std::process::Child {
+    let mode = if read { "read" } else { "hold" };
+    let mut holder = Command::new(std::env::current_exe().expect("own executable"))
+        .env(
+            HOLDER,
+            format!("{watches},{connections},{mode},{}", socket.display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the holder");
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the holder says it holds");
+    holder
 }
 
 const HOLDER: &str = "OPENSHELL_BENCH_HOLD_WATCHES";
 
 fn main() {
     if let Ok(spec) = std::env::var(HOLDER) {
-        let mut parts = spec.splitn(3, ',');
+        let mut parts = spec.splitn(4, ',');
         let watches = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
         let connections = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
+        let read = parts.next() == Some("read");
         let socket = PathBuf::from(parts.next().unwrap_or_default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(hold(&socket, watches, connections));
+        runtime.block_on(hold(&socket, watches, connections, read));
         return;
     }
     let args: Vec<usize> = std::env::args()
@@ -323,7 +359,46 @@ async fn run(watches: usize, connections: usize) {
     println!("  gateway RSS {:.1} MiB, {threads} threads", mib(rss));
     sequential_creates(&mut client, pid, "plain", LATENCY_CREATES).await;
 
-    // 3. Held watches, never read.
+    // 3. Held by a process that is then stopped: nothing is taken in at
+    //    all. First, so that what it costs is measured on a gateway that has
+    //    not yet served any watch (glibc keeps what earlier watches used).
+    let mut stopped = holder(&gateway_socket, watches, connections, false);
+    let holder_pid = nix::unistd::Pid::from_raw(i32::try_from(stopped.id()).expect("pid"));
+    nix::sys::signal::kill(holder_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let (rss_stopped, threads_stopped) = settled_rss(pid).await;
+    println!();
+    println!(
+        "{watches} watches over {connections} connections, held by a process stopped with SIGSTOP:"
+    );
+    println!(
+        "  gateway RSS {:.1} MiB ({:+.1} MiB from {:.1}), {threads_stopped} threads",
+        mib(rss_stopped),
+        mib(rss_stopped) - mib(rss),
+        mib(rss),
+    );
+    let quiet_after = quiet(pid).await;
+    let (rss_quiet, _) = rss_and_threads(pid);
+    println!(
+        "  gateway quiet after {:.1} s more (listings sent as far as they go): RSS {:.1} MiB",
+        quiet_after.as_secs_f64(),
+        mib(rss_quiet)
+    );
+    sequential_creates(&mut client, pid, "stopped", LATENCY_CREATES).await;
+    let (rss_stopped_after, _) = settled_rss(pid).await;
+    println!(
+        "  gateway RSS after those creates: {:.1} MiB",
+        mib(rss_stopped_after)
+    );
+    let _ = stopped.kill();
+    let _ = stopped.wait();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_gone, threads_gone) = settled_rss(pid).await;
+    println!(
+        "  after the holder is killed: RSS {:.1} MiB, {threads_gone} threads",
+        mib(rss_gone)
+    );
+
+    // 4. Held watches, never read.
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         channels.push(channel(&gateway_socket).await);
@@ -373,52 +448,22 @@ async fn run(watches: usize, connections: usize) {
     );
     sequential_creates(&mut client, pid, "closed", LATENCY_CREATES).await;
 
-    // 4. The same, held by a process that is then stopped.
-    let mut holder = Command::new(std::env::current_exe().expect("own executable"))
-        .env(
-            HOLDER,
-            format!("{watches},{connections},{}", gateway_socket.display()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the holder");
-    {
-        use std::io::BufRead as _;
-        let mut line = String::new();
-        std::io::BufReader::new(holder.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the holder says it holds");
-    }
-    let holder_pid = nix::unistd::Pid::from_raw(i32::try_from(holder.id()).expect("pid"));
-    nix::sys::signal::kill(holder_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    let (rss_stopped, threads_stopped) = settled_rss(pid).await;
+    // 5. Held and read by another process, as 1000 `openshell sandbox
+    //    watch` would: the creating client no longer shares a runtime with
+    //    the watches' connections.
+    let mut reader = Killed(holder(&gateway_socket, watches, connections, true));
     println!();
+    println!("{watches} watches over {connections} connections, held and read by another process:");
     println!(
-        "{watches} watches over {connections} connections, held by a process stopped with SIGSTOP:"
-    );
-    println!(
-        "  gateway RSS {:.1} MiB ({:+.1} MiB from {:.1}), {threads_stopped} threads",
-        mib(rss_stopped),
-        mib(rss_stopped) - mib(rss_closed),
-        mib(rss_closed),
-    );
-    println!(
-        "  gateway quiet after {:.1} s more",
+        "  gateway busy sending the initial listings: quiet after {:.1} s",
         quiet(pid).await.as_secs_f64()
     );
-    sequential_creates(&mut client, pid, "stopped", LATENCY_CREATES).await;
-    let (rss_stopped_after, _) = settled_rss(pid).await;
+    let reader_cpu = cpu_time(reader.0.id());
+    sequential_creates(&mut client, pid, "read", LATENCY_CREATES).await;
     println!(
-        "  gateway RSS after those creates: {:.1} MiB",
-        mib(rss_stopped_after)
+        "  the reading process's CPU: {:.2} ms per create",
+        ms(cpu_time(reader.0.id()).saturating_sub(reader_cpu)) / LATENCY_CREATES as f64
     );
-    let _ = holder.kill();
-    let _ = holder.wait();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_gone, threads_gone) = settled_rss(pid).await;
-    println!(
-        "  after the holder is killed: RSS {:.1} MiB, {threads_gone} threads",
-        mib(rss_gone)
-    );
+    let _ = reader.0.kill();
+    let _ = reader.0.wait();
 }

@@ -21,7 +21,8 @@
 //! - [`state`]: SQLite persistence; [`phases`]: public phase derivation.
 //! - [`config`] (command line and `gateway.toml`), [`settings`] (them
 //!   merged, drivers selected), [`server`] (startup and shutdown order),
-//!   [`certs`] (`openshell-gateway certs init`), [`error`].
+//!   [`certs`] (`openshell-gateway certs init`), [`error`], [`memory`]
+//!   (returning freed heap to the system).
 
 pub mod api;
 pub mod certs;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod drivers;
 pub mod error;
 pub mod gateway;
+pub mod memory;
 pub mod phases;
 pub mod server;
 pub mod settings;

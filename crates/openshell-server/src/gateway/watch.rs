@@ -39,6 +39,11 @@
 //!
 //! At most `max_watches` watches are open at once; one more is refused
 //! with `RESOURCE_EXHAUSTED`.
+//!
+//! What closed watches freed is given back to the system
+//! ([`crate::memory::release_free_heap`]) [`RELEASE_DELAY`] after a watch
+//! closes (the rest of a burst closes meanwhile), at most once per
+//! [`RELEASE_INTERVAL`]: glibc would otherwise keep it.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -51,7 +56,7 @@ use openshell_driver_kit::contract::truncate;
 use openshell_proto::gateway::v1::{self as gw, watch_sandboxes_event::Payload};
 use openshell_wire::limits::ECHO_BYTES;
 use prost::Message as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -75,6 +80,10 @@ const PAGE_ROWS: usize = 16;
 const PAGE_BYTES: usize = 16 * 1024;
 /// Bus events a watch takes in one go.
 const BUS_BATCH: usize = 256;
+/// How long after a watch closes freed memory is given back...
+pub const RELEASE_DELAY: Duration = Duration::from_secs(1);
+/// ...and how often at most.
+pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One event of a public watch: a message of its own, or a change from the
 /// feed encoded once and shared by every watch that sends it.
@@ -112,6 +121,8 @@ pub struct WatchLimits {
     paced: Arc<watch::Sender<u64>>,
     /// Whether the pacer was started (on the first watch).
     pacing: AtomicBool,
+    /// Told when a watch closes: wakes the task giving freed memory back.
+    closed: Arc<Notify>,
 }
 
 impl WatchLimits {
@@ -123,6 +134,7 @@ impl WatchLimits {
             coalesce: DEFAULT_WATCH_COALESCE,
             paced: Arc::new(watch::Sender::new(0)),
             pacing: AtomicBool::new(false),
+            closed: Arc::new(Notify::new()),
         }
     }
 
@@ -155,8 +167,8 @@ impl Gateway {
         self
     }
 
-    /// Starts the pacer, once: from the first watch, so that it runs on
-    /// the runtime serving the watches.
+    /// Starts the pacer and the memory releaser, once: from the first
+    /// watch, so that they run on the runtime serving the watches.
     fn start_pacer(&self) {
         if self.watches.pacing.swap(true, Ordering::AcqRel) {
             return;
@@ -166,6 +178,16 @@ impl Gateway {
             Arc::clone(&self.watches.paced),
             self.watches.coalesce,
             self.shutdown.clone(),
+        ));
+        tokio::spawn(release_after_closes(
+            Arc::clone(&self.watches.closed),
+            RELEASE_DELAY,
+            RELEASE_INTERVAL,
+            self.shutdown.clone(),
+            || {
+                let released = crate::memory::release_free_heap();
+                tracing::debug!(released, "gave freed memory back after watches closed");
+            },
         ));
     }
 
@@ -196,7 +218,7 @@ impl Gateway {
             }
             Some(driver)
         };
-        let slot = Arc::clone(&self.watches.slots)
+        let permit = Arc::clone(&self.watches.slots)
             .try_acquire_owned()
             .map_err(|_| {
                 Status::resource_exhausted(format!(
@@ -205,6 +227,10 @@ impl Gateway {
                     self.watches.max
                 ))
             })?;
+        let slot = Slot {
+            _permit: permit,
+            closed: Arc::clone(&self.watches.closed),
+        };
         self.start_pacer();
         let name = (!request.name.is_empty()).then_some(request.name);
         let watch = PublicWatch::new(Arc::clone(self), driver, name, slot);
@@ -244,6 +270,49 @@ async fn pace(
     }
 }
 
+/// Gives freed memory back (`release`, on a blocking thread) `delay`
+/// after `closed` is told a watch closed, then waits out the rest of
+/// `interval` before the next time. Ends at shutdown.
+async fn release_after_closes(
+    closed: Arc<Notify>,
+    delay: Duration,
+    interval: Duration,
+    stop: CancellationToken,
+    release: impl Fn() + Clone + Send + 'static,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = closed.notified() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let release = release.clone();
+        if let Err(error) = tokio::task::spawn_blocking(release).await {
+            tracing::warn!(%error, "giving freed memory back failed");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval.saturating_sub(delay)) => {}
+        }
+    }
+}
+
+/// A watch's place among the `max_watches`; giving it back wakes the
+/// memory releaser.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    closed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.closed.notify_one();
+    }
+}
+
 /// A name-ordered listing still to send: the initial one, or a driver's
 /// sandboxes after its availability changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,7 +345,7 @@ struct PublicWatch {
     feed: watch::Receiver<u64>,
     bus: broadcast::Receiver<BusEvent>,
     done: bool,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 fn event(payload: Payload) -> WatchItem {
@@ -290,7 +359,7 @@ impl PublicWatch {
         gateway: Arc<Gateway>,
         driver: Option<String>,
         name: Option<String>,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Self {
         // Subscribe before reading anything, so nothing falls between.
         let bus = gateway.subscribe();
@@ -705,6 +774,50 @@ mod tests {
         for _ in 0..8 {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// Closes in a burst release memory once, `delay` after the first;
+    /// a close during the interval that follows releases once more, when
+    /// the interval is over; nothing after shutdown.
+    #[tokio::test(start_paused = true)]
+    async fn closed_watches_release_memory_once_per_burst() {
+        use std::sync::atomic::AtomicUsize;
+        let closed = Arc::new(Notify::new());
+        let releases = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counted = Arc::clone(&releases);
+        let started = tokio::time::Instant::now();
+        let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&times);
+        let releaser = tokio::spawn(release_after_closes(
+            Arc::clone(&closed),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+            stop.clone(),
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                seen.lock().expect("times").push(started.elapsed());
+            },
+        ));
+        let released = || releases.load(Ordering::SeqCst);
+        for _ in 0..100 {
+            closed.notify_one();
+        }
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(released(), 0, "not before the delay");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(released(), 1, "once for the whole burst");
+        closed.notify_one();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(released(), 1, "not again within the interval");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(released(), 2, "once more after it");
+        let times = times.lock().expect("times").clone();
+        assert!(times[1] >= Duration::from_secs(10), "{times:?}");
+        stop.cancel();
+        closed.notify_one();
+        releaser.await.expect("releaser");
+        assert_eq!(released(), 2, "nothing after shutdown");
     }
 
     /// Ten changes pushed one by one, each giving the pacer and the watcher

@@ -40,7 +40,9 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn a_freed_heap_is_released() {
-        let blocks: Vec<Vec<u8>> = (0..20_000u32).map(|i| vec![i.to_le_bytes()[0]; 1000]).collect();
+        let blocks: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| vec![i.to_le_bytes()[0]; 1000])
+            .collect();
         // Keep one late block so the freed ones are not simply the top of
         // the heap, which free() itself would give back.
         let keep = vec![1u8; 1000];

@@ -180,7 +180,8 @@ fn select_backend(
                 ),
             )),
             (Err(problem), Err(why)) => Err(format!(
-                "hypervisor = auto found neither a usable KVM for libkrun ({problem}) nor QEMU                  ({why}); {install}"
+                "hypervisor = auto found neither a usable KVM for libkrun ({problem}) nor QEMU \
+                 ({why}); {install}"
             )),
         },
     }

@@ -362,8 +362,8 @@ async fn run(watches: usize, connections: usize) {
     // 3. Held by a process that is then stopped: nothing is taken in at
     //    all. First, so that what it costs is measured on a gateway that has
     //    not yet served any watch (glibc keeps what earlier watches used).
-    let mut stopped = holder(&gateway_socket, watches, connections, false);
-    let holder_pid = nix::unistd::Pid::from_raw(i32::try_from(stopped.id()).expect("pid"));
+    let stopped = Killed(holder(&gateway_socket, watches, connections, false));
+    let holder_pid = nix::unistd::Pid::from_raw(i32::try_from(stopped.0.id()).expect("pid"));
     nix::sys::signal::kill(holder_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     let (rss_stopped, threads_stopped) = settled_rss(pid).await;
     println!();
@@ -389,8 +389,7 @@ async fn run(watches: usize, connections: usize) {
         "  gateway RSS after those creates: {:.1} MiB",
         mib(rss_stopped_after)
     );
-    let _ = stopped.kill();
-    let _ = stopped.wait();
+    drop(stopped);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss_gone, threads_gone) = settled_rss(pid).await;
     println!(
@@ -451,7 +450,7 @@ async fn run(watches: usize, connections: usize) {
     // 5. Held and read by another process, as 1000 `openshell sandbox
     //    watch` would: the creating client no longer shares a runtime with
     //    the watches' connections.
-    let mut reader = Killed(holder(&gateway_socket, watches, connections, true));
+    let reader = Killed(holder(&gateway_socket, watches, connections, true));
     println!();
     println!("{watches} watches over {connections} connections, held and read by another process:");
     println!(
@@ -464,6 +463,5 @@ async fn run(watches: usize, connections: usize) {
         "  the reading process's CPU: {:.2} ms per create",
         ms(cpu_time(reader.0.id()).saturating_sub(reader_cpu)) / LATENCY_CREATES as f64
     );
-    let _ = reader.0.kill();
-    let _ = reader.0.wait();
+    drop(reader);
 }

@@ -541,17 +541,15 @@ async fn unread_watches_are_cheap_and_catch_up() {
     drop(watch);
     // glibc alone kept 90% of the growth; trimmed, about half is given back.
     let target = rss_before + rss_open.saturating_sub(rss_before) * 7 / 10;
-    let mut rss_closed = rss_open;
-    let deadline = Instant::now() + PATIENCE;
-    while rss_closed > target {
-        assert!(
-            Instant::now() < deadline,
-            "closing the watches left the gateway at {rss_closed} KiB: {rss_before} KiB before \
-             them, {rss_open} KiB with them"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        rss_closed = rss_and_threads(pid).0;
-    }
+    wait_until(
+        &format!(
+            "the gateway to shrink to {target} KiB once its watches closed ({rss_before} KiB \
+             before them, {rss_open} KiB with them)"
+        ),
+        || async move { rss_and_threads(pid).0 <= target },
+    )
+    .await;
+    let (rss_closed, _) = rss_and_threads(pid);
     eprintln!("closed: {rss_open} KiB -> {rss_closed} KiB ({rss_before} KiB before them)");
 }
 

@@ -359,6 +359,8 @@ pub fn explain(cause: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn client_files_name_the_missing_ones() {
         let p = |s: &str| PathBuf::from(s);
@@ -378,8 +380,6 @@ mod tests {
             names
         );
     }
-
-    use super::*;
 
     #[test]
     fn https_addresses_parse_with_hints() {

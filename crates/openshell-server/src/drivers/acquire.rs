@@ -44,18 +44,6 @@ pub struct AcquireContext {
 }
 
 impl AcquireContext {
-    /// How an attached or remote driver is dialled: retried with backoff
-    /// for up to `attach_timeout`.
-    fn attach_policy(&self) -> DialPolicy {
-        DialPolicy {
-            deadline: self.attach_timeout,
-            initial_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(500),
-        }
-    }
-}
-
-impl AcquireContext {
     pub fn new(run_dir: PathBuf, state_dir: PathBuf, attach_timeout: Duration) -> Self {
         Self {
             run_dir,
@@ -65,6 +53,16 @@ impl AcquireContext {
                 .ok()
                 .and_then(|exe| exe.parent().map(Path::to_path_buf)),
             search_path: std::env::var_os("PATH"),
+        }
+    }
+
+    /// How an attached or remote driver is dialled: retried with backoff
+    /// for up to `attach_timeout`.
+    fn attach_policy(&self) -> DialPolicy {
+        DialPolicy {
+            deadline: self.attach_timeout,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
         }
     }
 }
